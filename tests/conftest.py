@@ -1,0 +1,42 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real-speech"
+
+
+def write_wave(path, seconds=0.5, rate=16000, channels=1, seed=0, subtype="PCM_16"):
+    """A short noise-plus-tone file; real audio bytes so soundfile reads it like any recording."""
+    rng = np.random.RandomState(seed)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    x = 0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.05 * rng.randn(n)
+    if channels > 1:
+        x = np.stack([x] * channels, axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), x.astype(np.float32), rate, subtype=subtype)
+    return path
+
+
+def make_librispeech_split(root, chapters, seconds=0.5):
+    """chapters: {(speaker, chapter): [transcript, ...]} -> a LibriSpeech-layout split at root."""
+    root = Path(root)
+    for (spk, ch), texts in chapters.items():
+        folder = root / str(spk) / str(ch)
+        lines = []
+        for i, text in enumerate(texts):
+            uid = f"{spk}-{ch}-{i:04d}"
+            write_wave(folder / f"{uid}.flac", seconds=seconds, seed=i)
+            lines.append(f"{uid} {text}")
+        (folder / f"{spk}-{ch}.trans.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def shared_fixtures():
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip(f"shared real-speech fixtures not present at {SHARED_FIXTURES}")
+    return SHARED_FIXTURES

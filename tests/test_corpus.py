@@ -1,0 +1,160 @@
+import json
+
+import pytest
+
+from conftest import make_librispeech_split, write_wave
+from w2vcache.corpus import (
+    DATA_DIR,
+    build_corpus,
+    read_librilight,
+    read_manifest,
+    read_transcript_tree,
+)
+from w2vcache.errors import W2VCacheError
+
+
+@pytest.fixture
+def librispeech(tmp_path):
+    root = tmp_path / "LibriSpeech"
+    make_librispeech_split(root / "dev-clean", {(84, 121): ["HELLO THERE", "GOOD MORNING"], (1272, 135): ["YES"]})
+    make_librispeech_split(root / "dev-other", {(116, 288): ["A B", "C D"]})
+    make_librispeech_split(root / "test-clean", {(121, 123): ["ONE"]})
+    make_librispeech_split(root / "test-other", {(367, 130): ["TWO", "THREE"]})
+    return root
+
+
+def make_librilight(root):
+    """The librispeech_finetuning layout: 1h/{0..5}/{clean,other} and 9h/{clean,other}."""
+    speaker = 1000
+    for part in [f"1h/{i}" for i in range(6)] + ["9h"]:
+        for half in ("clean", "other"):
+            speaker += 1
+            make_librispeech_split(root / part / half, {(speaker, 7): [f"WORDS OF {speaker}"]}, seconds=0.1)
+    return root
+
+
+def test_librispeech_split_reader(librispeech):
+    utts = read_transcript_tree(librispeech / "dev-clean", "dev")
+    assert [u.id for u in utts] == ["1272-135-0000", "84-121-0000", "84-121-0001"]
+    assert utts[1].text == "HELLO THERE" and utts[1].split == "dev"
+    assert utts[1].path.endswith("dev-clean/84/121/84-121-0000.flac")
+
+
+def test_reader_errors(tmp_path, librispeech):
+    with pytest.raises(W2VCacheError, match="no such directory"):
+        read_transcript_tree(tmp_path / "absent", "x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(W2VCacheError, match=r"empty: no utterances"):
+        read_transcript_tree(tmp_path / "empty", "x")
+    # an audio file without a transcript line
+    write_wave(librispeech / "dev-clean/84/121/84-121-0009.flac")
+    with pytest.raises(W2VCacheError, match=r"1 audio file\(s\) have no transcript line: .*84-121-0009\.flac"):
+        read_transcript_tree(librispeech / "dev-clean", "dev")
+    # a transcript line without audio
+    (librispeech / "dev-clean/84/121/84-121-0009.flac").unlink()
+    (librispeech / "dev-clean/84/121/84-121-0000.flac").unlink()
+    with pytest.raises(W2VCacheError, match=r"1 transcript line\(s\) have no audio file: 84-121-0000"):
+        read_transcript_tree(librispeech / "dev-clean", "dev")
+
+
+def test_missing_transcript_fixture(shared_fixtures):
+    with pytest.raises(W2VCacheError, match=r"1003-2-0002\.flac"):
+        read_transcript_tree(shared_fixtures / "missing-transcript/LibriSpeech/dev-clean", "dev")
+
+
+def test_real_librispeech_fixture(shared_fixtures):
+    corpus = build_corpus(librispeech=shared_fixtures / "LibriSpeech", splits=["dev=dev-clean", "test=test-clean"])
+    assert len(corpus.splits["dev"]) == 11
+    first = corpus.splits["dev"][0]
+    assert first.id == "1272-128104-0000" and first.text.startswith("MISTER QUILTER")
+
+
+def test_librilight_subsets(tmp_path):
+    root = make_librilight(tmp_path / "librispeech_finetuning")
+    ten_min = read_librilight(tmp_path, "10min", "train")  # the folder above works too
+    one_h = read_librilight(root, "1h", "train")
+    ten_h = read_librilight(root, "10h", "train")
+    assert len(ten_min) == 2 and len(one_h) == 12 and len(ten_h) == 14
+    assert {u.id for u in ten_min} < {u.id for u in one_h} < {u.id for u in ten_h}
+    assert [u.id for u in ten_h] == sorted(u.id for u in ten_h)
+    with pytest.raises(W2VCacheError, match="unknown Libri-light set '5h'"):
+        read_librilight(root, "5h", "train")
+    (root / "9h" / "other").rename(root / "9h" / "gone")
+    with pytest.raises(W2VCacheError, match=r"9h/other: missing"):
+        read_librilight(root, "10h", "train")
+
+
+def test_standard_recipe(tmp_path, librispeech):
+    light = make_librilight(tmp_path / "ll" / "librispeech_finetuning")
+    corpus = build_corpus(librispeech=librispeech, librilight=light)
+    assert list(corpus.splits) == ["train", "dev", "test-clean", "test-other"]
+    assert len(corpus.splits["train"]) == 14
+    assert len(corpus.splits["dev"]) == 5  # dev-clean + dev-other
+    assert corpus.sources["dev"] == ["dev-clean", "dev-other"]
+    # LibriSpeech alone gives the dev and test splits
+    assert list(build_corpus(librispeech=librispeech).splits) == ["dev", "test-clean", "test-other"]
+
+
+def test_custom_splits_and_their_errors(tmp_path, librispeech):
+    corpus = build_corpus(librispeech=librispeech, splits=["a=dev-clean", f"b={librispeech / 'test-other'}"])
+    assert list(corpus.splits) == ["a", "b"] and len(corpus.splits["b"]) == 2
+    with pytest.raises(W2VCacheError, match="split 'a' is named twice"):
+        build_corpus(librispeech=librispeech, splits=["a=dev-clean", "a=dev-other"])
+    with pytest.raises(W2VCacheError, match="appears twice"):
+        build_corpus(librispeech=librispeech, splits=["a=dev-clean", "b=dev-clean"])
+    with pytest.raises(W2VCacheError, match="expected NAME=SOURCE"):
+        build_corpus(splits=["dev"])
+    with pytest.raises(W2VCacheError, match="'train-clean-100' not found"):
+        build_corpus(librispeech=librispeech, splits=["a=train-clean-100"])
+    with pytest.raises(W2VCacheError, match="needs --librilight"):
+        build_corpus(splits=["t=librilight-1h"])
+
+
+def test_manifests(tmp_path):
+    audio = tmp_path / "audio"
+    write_wave(audio / "x.wav")
+    write_wave(audio / "y.flac")
+    tsv = tmp_path / "m.tsv"
+    tsv.write_text("audio/x.wav\tHELLO WORLD\naudio/y.flac\tBYE\tutt-y\n")
+    utts = read_manifest(tsv, "dev")
+    assert [(u.id, u.text) for u in utts] == [("utt-y", "BYE"), ("x", "HELLO WORLD")]
+    assert utts[1].path == str((audio / "x.wav").resolve())
+    with_header = tmp_path / "h.tsv"
+    with_header.write_text("id\ttext\tpath\nA1\tHI\taudio/x.wav\n")
+    assert [(u.id, u.text) for u in read_manifest(with_header, "d")] == [("A1", "HI")]
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"audio": "audio/x.wav", "text": "HI", "id": "a"}) + "\n")
+    assert read_manifest(jsonl, "d")[0].id == "a"
+    # errors: missing audio, duplicate ids, empty, bad line
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("audio/nope.wav\tHI\n")
+    with pytest.raises(W2VCacheError, match=r"bad\.tsv: 1 line\(s\) name audio that does not exist: audio/nope\.wav \(line 1\)"):
+        read_manifest(bad, "d")
+    dup = tmp_path / "dup.tsv"
+    dup.write_text("audio/x.wav\tHI\tsame\naudio/y.flac\tHO\tsame\n")
+    with pytest.raises(W2VCacheError, match="duplicate utterance id.*same"):
+        read_manifest(dup, "d")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(W2VCacheError, match="lists no utterances"):
+        read_manifest(empty, "d")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "HI"}\n')
+    with pytest.raises(W2VCacheError, match=r"broken\.jsonl:1: needs \"audio\""):
+        read_manifest(broken, "d")
+    # a manifest as a split source
+    corpus = build_corpus(splits=[f"dev={tsv}"])
+    assert len(corpus.splits["dev"]) == 2
+
+
+def test_bundled_mini_corpus():
+    corpus = build_corpus()
+    assert list(corpus.splits) == ["train", "dev", "test-clean", "test-other"]
+    speakers = {name: {u.id.split("-")[0] for u in utts} for name, utts in corpus.splits.items()}
+    assert len(set().union(*speakers.values())) >= 8
+    test_speakers = speakers["test-clean"] | speakers["test-other"]
+    assert not speakers["train"] & test_speakers
+    texts = [u.text for u in corpus]
+    assert len(set(texts)) == len(texts)  # no sentence repeated
+    assert all(u.text == u.text.upper() for u in corpus)
+    assert all(u.path.startswith(str(DATA_DIR)) for u in corpus)

@@ -1,0 +1,102 @@
+"""Load 16 kHz mono audio with soundfile, refusing anything W2V would silently mis-read.
+
+W2V was trained on 16 kHz mono speech: a file at another rate or with several channels gives
+features that look fine and mean nothing, so they are refused with the fix in the message
+rather than resampled or mixed behind the user's back.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from .errors import W2VCacheError
+
+SAMPLE_RATE = 16000  # Hz, what every Wav2Vec 2.0 checkpoint was trained on
+# The W2V-Base CNN needs 400 samples (25 ms) for its first frame: receptive field 400, hop 320.
+MIN_SAMPLES = 400
+
+
+class AudioError(W2VCacheError):
+    """An audio file that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    num_samples: int
+    sample_rate: int
+    channels: int
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / self.sample_rate
+
+
+def _open_error(path, err: Exception) -> AudioError:
+    if not Path(path).exists():
+        return AudioError(path, "file not found")
+    if Path(path).suffix.lower() in (".raw", ".pcm"):
+        return AudioError(
+            path,
+            "headerless raw audio cannot be read; give it a header, e.g. "
+            f"`sox -t raw -r 16000 -e signed -b 16 -c 1 {path} out.wav`",
+        )
+    return AudioError(path, f"not a readable audio file ({err})")
+
+
+def audio_info(path) -> AudioInfo:
+    """Length, rate and channels from the header, without decoding the samples."""
+    try:
+        info = sf.info(str(path))
+    except Exception as err:  # soundfile raises several types for bad headers
+        raise _open_error(path, err) from None
+    return AudioInfo(int(info.frames), int(info.samplerate), int(info.channels))
+
+
+def check_format(path, info: AudioInfo, min_samples: int = MIN_SAMPLES) -> None:
+    """Raise AudioError unless the file is 16 kHz mono and long enough for one W2V frame."""
+    if info.sample_rate != SAMPLE_RATE:
+        raise AudioError(
+            path,
+            f"sample rate is {info.sample_rate} Hz, W2V needs {SAMPLE_RATE} Hz; "
+            f"convert it first, e.g. `sox {path} -r {SAMPLE_RATE} out.flac`",
+        )
+    if info.channels != 1:
+        raise AudioError(
+            path,
+            f"has {info.channels} channels, W2V needs mono; keep one channel first, "
+            f"e.g. `sox {path} out.flac remix 1`",
+        )
+    if info.num_samples < min_samples:
+        raise AudioError(
+            path,
+            f"only {info.num_samples} samples ({1000 * info.num_samples / SAMPLE_RATE:.1f} ms); "
+            f"W2V needs at least {min_samples} ({1000 * min_samples / SAMPLE_RATE:.0f} ms) "
+            "to produce one frame",
+        )
+
+
+def load_audio(path, min_samples: int = MIN_SAMPLES) -> np.ndarray:
+    """The samples of a 16 kHz mono file as float32 in [-1, 1] (1-D)."""
+    info = audio_info(path)
+    check_format(path, info, min_samples)
+    try:
+        samples, _ = sf.read(str(path), dtype="float32", always_2d=False)
+    except Exception as err:
+        raise AudioError(path, f"cannot decode the audio, the file may be truncated or corrupt ({err})") from None
+    # libsndfile returns what it could decode of a truncated file without complaint; the
+    # header's length tells us the file is incomplete.
+    if len(samples) < info.num_samples:
+        raise AudioError(
+            path,
+            f"truncated: the header promises {info.num_samples} samples but only "
+            f"{len(samples)} could be decoded",
+        )
+    if not np.all(np.isfinite(samples)):
+        raise AudioError(path, "contains NaN or infinite samples")
+    return samples

@@ -1,0 +1,290 @@
+"""Corpora as lists of utterances: LibriSpeech and Libri-light trees as downloaded, manifests,
+and the bundled mini corpus.
+
+One reader per layout, each returning `Utterance` records in a deterministic order (sorted by id),
+and `build_corpus`, which assembles named splits from them the way the command line asks:
+
+- nothing named: the mini corpus in `data/` (train, dev, test-clean, test-other);
+- `--librispeech DIR --librilight DIR`: the standard recipe (train = Libri-light 10 h,
+  dev = dev-clean + dev-other, test-clean, test-other);
+- `--split NAME=SOURCE[,SOURCE...]`: exactly the splits named, a source being a directory,
+  a manifest file, a LibriSpeech split name (`dev-clean`) or a Libri-light set (`librilight-1h`).
+"""
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .audio import audio_info
+from .errors import W2VCacheError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the bundled mini corpus
+AUDIO_SUFFIXES = (".flac", ".wav")
+TRANSCRIPT_SUFFIX = ".trans.txt"
+
+MINI_SPLITS = {
+    "train": ["train-clean", "train-other"],
+    "dev": ["dev-clean", "dev-other"],
+    "test-clean": ["test-clean"],
+    "test-other": ["test-other"],
+}
+STANDARD_SPLITS = {
+    "train": ["librilight-10h"],
+    "dev": ["dev-clean", "dev-other"],
+    "test-clean": ["test-clean"],
+    "test-other": ["test-other"],
+}
+# Libri-light's labelled set: 1h/ holds six 10-minute folds (0-5), 9h/ the other nine hours;
+# each has clean/ and other/ halves. The standard 10-minute set is fold 0.
+LIBRILIGHT_SETS = {
+    "10min": ["1h/0"],
+    "1h": [f"1h/{i}" for i in range(6)],
+    "10h": [f"1h/{i}" for i in range(6)] + ["9h"],
+}
+_SHOWN = 5  # offending items listed in an error before "and N more"
+
+
+@dataclass(frozen=True)
+class Utterance:
+    id: str
+    path: str  # absolute path of the audio file
+    text: str  # transcript as the corpus spells it; see text.normalize
+    split: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Corpus:
+    splits: dict[str, list[Utterance]]
+    sources: dict[str, list[str]]  # split -> the sources it was read from, for provenance
+
+    def __iter__(self):
+        for utterances in self.splits.values():
+            yield from utterances
+
+    def __len__(self) -> int:
+        return sum(len(u) for u in self.splits.values())
+
+
+def _listing(items) -> str:
+    items = sorted(map(str, items))
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+def read_transcript_tree(directory, split: str) -> list[Utterance]:
+    """Every utterance under a LibriSpeech-style tree (`*.trans.txt` beside the audio files).
+
+    Serves LibriSpeech splits and Libri-light folds alike: both keep `SPK-CH.trans.txt` lines
+    `SPK-CH-NNNN TRANSCRIPT` next to `SPK-CH-NNNN.flac`.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise W2VCacheError(f"{directory}: no such directory")
+    texts, where = {}, {}
+    for transcript in sorted(directory.rglob("*" + TRANSCRIPT_SUFFIX)):
+        for n, line in enumerate(transcript.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            uid, _, text = line.strip().partition(" ")
+            if uid in texts:
+                raise W2VCacheError(f"{transcript}:{n}: utterance {uid} is listed twice (also in {where[uid]})")
+            texts[uid], where[uid] = text.strip(), transcript
+    audio = {}
+    for suffix in AUDIO_SUFFIXES:
+        for path in directory.rglob("*" + suffix):
+            audio[path.name[: -len(suffix)]] = path
+    if not texts and not audio:
+        raise W2VCacheError(
+            f"{directory}: no utterances found (expected LibriSpeech layout: "
+            f"SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.flac with SPEAKER-CHAPTER{TRANSCRIPT_SUFFIX})"
+        )
+    no_text = [audio[u] for u in audio.keys() - texts.keys()]
+    if no_text:
+        raise W2VCacheError(f"{directory}: {len(no_text)} audio file(s) have no transcript line: {_listing(no_text)}")
+    no_audio = [f"{u} ({where[u]})" for u in texts.keys() - audio.keys()]
+    if no_audio:
+        raise W2VCacheError(
+            f"{directory}: {len(no_audio)} transcript line(s) have no audio file: {_listing(no_audio)}"
+        )
+    return [Utterance(u, str(audio[u].resolve()), texts[u], split) for u in sorted(texts)]
+
+
+def find_librispeech_split(root, name: str) -> Path:
+    """`root/name`, also accepting the folder above `LibriSpeech/` as downloaded."""
+    root = Path(root)
+    for candidate in (root / name, root / "LibriSpeech" / name):
+        if candidate.is_dir():
+            return candidate
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    raise W2VCacheError(
+        f"LibriSpeech split {name!r} not found in {root}" + (f" (it has: {', '.join(found)})" if found else "")
+    )
+
+
+def read_librilight(root, subset: str, split: str) -> list[Utterance]:
+    """Libri-light's labelled fine-tuning set: `10min`, `1h` or `10h` (= 1h + 9h)."""
+    if subset not in LIBRILIGHT_SETS:
+        raise W2VCacheError(f"unknown Libri-light set {subset!r}; choose one of {', '.join(LIBRILIGHT_SETS)}")
+    root = Path(root)
+    if (root / "librispeech_finetuning").is_dir():
+        root = root / "librispeech_finetuning"
+    utterances = []
+    for part in LIBRILIGHT_SETS[subset]:
+        for half in ("clean", "other"):
+            folder = root / part / half
+            if not folder.is_dir():
+                raise W2VCacheError(
+                    f"{folder}: missing; expected Libri-light's librispeech_finetuning layout "
+                    "(1h/0..5/{clean,other}, 9h/{clean,other})"
+                )
+            utterances += read_transcript_tree(folder, split)
+    return sorted(utterances, key=lambda u: u.id)
+
+
+def read_manifest(path, split: str) -> list[Utterance]:
+    """A TSV (`path<TAB>text[<TAB>id]`, optional header) or JSONL (`{"audio"|"path", "text", "id"?}`)
+    manifest; relative audio paths are resolved against the manifest's folder."""
+    path = Path(path)
+    rows = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                audio = record.get("audio", record.get("path"))
+                text = record.get("text", record.get("transcript"))
+            except (json.JSONDecodeError, AttributeError):
+                raise W2VCacheError(f"{path}:{n}: not a JSON object") from None
+            if audio is None or text is None:
+                raise W2VCacheError(f'{path}:{n}: needs "audio" (or "path") and "text" (or "transcript")')
+            rows.append((n, str(audio), str(text), record.get("id")))
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        header = [c.strip().lower() for c in lines[0]] if lines else []
+        columns = {"path": 0, "text": 1, "id": 2}
+        if {"path", "audio"} & set(header) and {"text", "transcript"} & set(header):
+            pick = lambda *names: next((header.index(n) for n in names if n in header), None)  # noqa: E731
+            columns = {"path": pick("path", "audio"), "text": pick("text", "transcript"), "id": pick("id")}
+            lines = [None] + lines[1:]  # keep line numbers right
+        for n, cells in enumerate(lines, 1):
+            if not cells or not any(c.strip() for c in cells):
+                continue
+            if len(cells) < 2:
+                raise W2VCacheError(f"{path}:{n}: expected 'audio path<TAB>transcript[<TAB>id]', got {cells!r}")
+            uid = cells[columns["id"]] if columns["id"] is not None and columns["id"] < len(cells) else None
+            rows.append((n, cells[columns["path"]], cells[columns["text"]], uid))
+    utterances, missing = [], []
+    for n, audio, text, uid in rows:
+        audio_path = (path.parent / audio).resolve()
+        if not audio_path.is_file():
+            missing.append(f"{audio} (line {n})")
+        uid = str(uid) if uid else audio_path.name.split(".")[0]
+        utterances.append(Utterance(uid, str(audio_path), text.strip(), split))
+    if missing:
+        raise W2VCacheError(f"{path}: {len(missing)} line(s) name audio that does not exist: {_listing(missing)}")
+    if not utterances:
+        raise W2VCacheError(f"{path}: the manifest lists no utterances")
+    seen, dups = set(), set()
+    for u in utterances:
+        (dups if u.id in seen else seen).add(u.id)
+    if dups:
+        raise W2VCacheError(f"{path}: duplicate utterance id(s): {_listing(dups)}")
+    return sorted(utterances, key=lambda u: u.id)
+
+
+def read_source(source: str, split: str, librispeech=None, librilight=None) -> list[Utterance]:
+    """One source of a split: a path (directory or manifest), a LibriSpeech split name, or
+    `librilight-10h|1h|10min`. Split names resolve under `librispeech`, else the bundled corpus."""
+    if source.startswith("librilight-"):
+        if librilight is None:
+            raise W2VCacheError(f"source {source!r} needs --librilight DIR (the librispeech_finetuning folder)")
+        return read_librilight(librilight, source.removeprefix("librilight-"), split)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "1h").is_dir() and (path / "9h").is_dir():
+            return read_librilight(path, "10h", split)
+        return read_transcript_tree(path, split)
+    if path.is_file():
+        return read_manifest(path, split)
+    if "/" in source or source.endswith((".tsv", ".jsonl")):
+        raise W2VCacheError(f"source {source!r}: no such file or directory")
+    root = librispeech if librispeech is not None else mini_corpus_dir()
+    return read_transcript_tree(find_librispeech_split(root, source), split)
+
+
+def mini_corpus_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        raise W2VCacheError(
+            f"the bundled mini corpus is not at {DATA_DIR}; install w2vcache from a clone "
+            "(`pip install -e .`) or name a corpus (--librispeech, --split)"
+        )
+    return DATA_DIR
+
+
+def parse_split_spec(spec: str) -> tuple[str, list[str]]:
+    name, sep, sources = spec.partition("=")
+    sources = [s.strip() for s in sources.split(",") if s.strip()]
+    if not sep or not name.strip() or not sources:
+        raise W2VCacheError(f"--split {spec!r}: expected NAME=SOURCE[,SOURCE...], e.g. dev=dev-clean,dev-other")
+    return name.strip(), sources
+
+
+def build_corpus(librispeech=None, librilight=None, splits: list[str] = ()) -> Corpus:
+    """The corpus the command line describes (see the module docstring)."""
+    plan: dict[str, list[str]] = {}
+    for spec in splits:
+        name, sources = parse_split_spec(spec)
+        if name in plan:
+            raise W2VCacheError(f"split {name!r} is named twice (--split {name}=...)")
+        plan[name] = sources
+    if not plan:
+        if librispeech is None and librilight is None:
+            plan = MINI_SPLITS
+        else:
+            # The standard recipe, as far as the named corpora reach: train needs Libri-light,
+            # dev and test need LibriSpeech.
+            plan = {
+                name: sources
+                for name, sources in STANDARD_SPLITS.items()
+                if (librilight if name == "train" else librispeech) is not None
+            }
+    corpus = Corpus({}, {})
+    origin: dict[str, str] = {}
+    for name, sources in plan.items():
+        utterances = []
+        for source in sources:
+            for u in read_source(source, name, librispeech, librilight):
+                if u.id in origin:
+                    raise W2VCacheError(
+                        f"utterance {u.id} appears twice: in {origin[u.id]} and in split {name} source {source}"
+                    )
+                origin[u.id] = f"split {name} source {source}"
+                utterances.append(u)
+        corpus.splits[name] = utterances
+        corpus.sources[name] = list(sources)
+    return corpus
+
+
+def summarize(corpus: Corpus) -> list[dict]:
+    """Per split: sources, utterances, speakers (LibriSpeech ids SPK-CH-NNNN) and hours of audio."""
+    rows = []
+    for name, utterances in corpus.splits.items():
+        seconds = sum(audio_info(u.path).seconds for u in utterances)
+        speakers = {u.id.split("-")[0] for u in utterances}
+        rows.append(
+            dict(
+                split=name,
+                sources=corpus.sources[name],
+                utterances=len(utterances),
+                speakers=len(speakers),
+                hours=seconds / 3600,
+            )
+        )
+    return rows
+

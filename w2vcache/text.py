@@ -1,0 +1,96 @@
+"""The character vocabulary, transcript normalisation, encoding and greedy CTC decoding.
+
+The 30 symbols are those of the Wav2Vec 2.0 LibriSpeech recipes: CTC blank, unknown, the word
+separator, the apostrophe and a-z. Transcripts are compared and scored in normalised form
+(lower case, single spaces), so WER never depends on how a corpus spells its transcripts.
+"""
+
+import re
+import string
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+
+BLANK = "<blank>"
+UNK = "<unk>"
+WORD_SEP = "|"
+VOCAB = (BLANK, UNK, WORD_SEP, "'", *string.ascii_lowercase)
+assert len(VOCAB) == 30
+BLANK_ID = VOCAB.index(BLANK)
+UNK_ID = VOCAB.index(UNK)
+SEP_ID = VOCAB.index(WORD_SEP)
+SYMBOL_TO_ID = {s: i for i, s in enumerate(VOCAB)}
+
+# How an unknown symbol is written when decoded text is shown: one character, so that a word
+# containing it stays one word for WER.
+UNK_CHAR = "?"
+
+# Punctuation carries no sound: dropped rather than counted as unknown symbols, so that
+# manifests with ordinary written text ("Hello, world.") are usable as they are. Hyphens and
+# slashes separate words ("well-known" -> "well known").
+_DROPPED = re.compile(r"[.,!?;:\"()\[\]{}«»“”„…]")
+_SPACED = re.compile(r"[-–—/_]")
+_APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "`": "'", "´": "'"})
+
+
+def normalize(text: str) -> str:
+    """Lower-case, plain apostrophes, punctuation dropped, accents removed, single spaces."""
+    text = unicodedata.normalize("NFKD", text.translate(_APOSTROPHES))
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = _SPACED.sub(" ", _DROPPED.sub("", text.lower()))
+    return " ".join(text.split())
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    unknown: Counter = field(default_factory=Counter)  # symbol -> count, for the report
+
+
+def encode(text: str) -> Encoded:
+    """Normalise and map to symbol ids; words are joined by the separator symbol."""
+    ids, unknown = [], Counter()
+    for i, word in enumerate(normalize(text).split(" ")):
+        if i:
+            ids.append(SEP_ID)
+        for c in word:
+            if c in SYMBOL_TO_ID:
+                ids.append(SYMBOL_TO_ID[c])
+            else:
+                ids.append(UNK_ID)
+                unknown[c] += 1
+    if ids == [] or ids == [SEP_ID]:
+        return Encoded([], unknown)
+    return Encoded(ids, unknown)
+
+
+def ids_to_text(ids) -> str:
+    """Symbol ids (already collapsed) to words separated by single spaces."""
+    chars = []
+    for i in ids:
+        i = int(i)
+        if i == BLANK_ID:
+            continue
+        chars.append(" " if i == SEP_ID else UNK_CHAR if i == UNK_ID else VOCAB[i])
+    return " ".join("".join(chars).split())
+
+
+def ctc_collapse(ids) -> list[int]:
+    """Greedy CTC rule: merge runs of the same symbol, then drop blanks."""
+    out, prev = [], None
+    for i in ids:
+        i = int(i)
+        if i != prev and i != BLANK_ID:
+            out.append(i)
+        prev = i
+    return out
+
+
+def greedy_decode(logits, lengths=None) -> list[str]:
+    """Best-path decoding of a (batch, frames, symbols) array; `lengths` limits each row."""
+    best = logits.argmax(-1)
+    texts = []
+    for b in range(best.shape[0]):
+        row = best[b] if lengths is None else best[b, : int(lengths[b])]
+        texts.append(ids_to_text(ctc_collapse(row.tolist())))
+    return texts
