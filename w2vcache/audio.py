@@ -16,6 +16,7 @@ from .errors import W2VCacheError
 SAMPLE_RATE = 16000  # Hz, what every Wav2Vec 2.0 checkpoint was trained on
 # The W2V-Base CNN needs 400 samples (25 ms) for its first frame: receptive field 400, hop 320.
 MIN_SAMPLES = 400
+INEXACT_LENGTH_FORMATS = ("MP3", "OGG")  # soundfile format names whose headers estimate the length
 
 
 class AudioError(W2VCacheError):
@@ -53,9 +54,14 @@ def audio_info(path) -> AudioInfo:
     """Length, rate and channels from the header, without decoding the samples."""
     try:
         info = sf.info(str(path))
+        frames = info.frames
+        # MP3 and Ogg headers only estimate the length; the exact count (which fixes the number
+        # of W2V frames) needs a full decode. Such files are rare in speech corpora.
+        if info.format in INEXACT_LENGTH_FORMATS:
+            frames = len(sf.read(str(path), dtype="float32", always_2d=True)[0])
     except Exception as err:  # soundfile raises several types for bad headers
         raise _open_error(path, err) from None
-    return AudioInfo(int(info.frames), int(info.samplerate), int(info.channels))
+    return AudioInfo(int(frames), int(info.samplerate), int(info.channels))
 
 
 def check_format(path, info: AudioInfo, min_samples: int = MIN_SAMPLES) -> None:
@@ -79,6 +85,26 @@ def check_format(path, info: AudioInfo, min_samples: int = MIN_SAMPLES) -> None:
             f"W2V needs at least {min_samples} ({1000 * min_samples / SAMPLE_RATE:.0f} ms) "
             "to produce one frame",
         )
+
+
+TAIL_SAMPLES = 1024  # samples read at the end of a file to prove it is all there
+
+
+def check_complete(path, info: AudioInfo) -> None:
+    """Raise AudioError if the file ends before its header says it does.
+
+    Reads only the last samples (a seek, which FLAC does through its seek table), so a corpus of
+    thousands of files is checked in seconds; an interrupted download is the usual culprit.
+    """
+    want = min(TAIL_SAMPLES, info.num_samples)
+    try:
+        with sf.SoundFile(str(path)) as f:
+            f.seek(info.num_samples - want)
+            got = len(f.read(want, dtype="float32"))
+    except Exception as err:
+        raise AudioError(path, f"truncated or corrupt: cannot read its last samples ({err})") from None
+    if got < want:
+        raise AudioError(path, f"truncated: the header promises {info.num_samples} samples, the data ends sooner")
 
 
 def load_audio(path, min_samples: int = MIN_SAMPLES) -> np.ndarray:

@@ -79,3 +79,87 @@ def corpus_command(librispeech, librilight, splits, as_json):
     click.echo(
         f"{'total':<12} {sum(r['utterances'] for r in rows):>10} {'':>8} {sum(r['hours'] for r in rows):>8.3f}"
     )
+
+
+@main.command("extract")
+@click.option("--model", default="builtin:tiny", show_default=True,
+              help="Hugging Face id, local save_pretrained directory, or builtin:tiny|tiny-ln|base.")
+@corpus_options
+@click.option("--store", default="features.zarr", show_default=True, help="Where to write the feature store.")
+@click.option("--layers", default="all", show_default=True, help="Layers to store: all, or e.g. 0,4-8.")
+@click.option("--cnn", "include_cnn", is_flag=True, help="Also store the CNN feature encoder's output.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--batch-seconds", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
+              help="Padded audio per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--compute-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Half-precision autocast on GPU (recorded in the store).")
+@click.option("--shard", metavar="I/N", help="Fill only this worker's share of the store (torchrun ranks do this by themselves).")
+@click.option("--skip-bad", is_flag=True, help="Record unusable audio files in the store and go on.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of --model.")
+@click.option("--chunk-frames", type=click.IntRange(min=1), hidden=True, help="Store layout: frames per chunk.")
+@click.option("--block-chunks", type=click.IntRange(min=1), hidden=True, help="Store layout: chunks per block.")
+def extract_command(librispeech, librilight, splits, **options):
+    """Extract every layer of a frozen W2V into a feature store (resumable: re-run to finish)."""
+    from .corpus import build_corpus
+    from .extract import ExtractConfig, extract
+
+    corpus = build_corpus(librispeech, librilight, list(splits))
+    result = extract(corpus, ExtractConfig(**options))
+    click.echo(
+        f"{result.store}: wrote {result.blocks_written} block(s), {result.utterances_written} utterances, "
+        f"{result.audio_seconds / 3600:.3f} h of audio in {result.seconds:.1f} s ({result.speed:.1f}x real time)"
+    )
+    for split, skipped in result.skipped.items():
+        click.echo(f"skipped in {split}: " + ", ".join(f"{s['id']} ({s['reason']})" for s in skipped))
+
+
+def _size(n) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+@main.command("info")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def info_command(store, as_json):
+    """What is in a feature store: splits, utterances, hours, layers, completeness, provenance."""
+    from .store import info
+
+    about = info(store)
+    if as_json:
+        click.echo(json.dumps(about, indent=2))
+        return
+    prov, model = about["provenance"], about["provenance"].get("model", {})
+    layers = list(about["layers"])
+    click.echo(f"store      {about['path']} (format {about['format_version']}, {_size(about['bytes']['total'])} on disk)")
+    click.echo(f"model      {model.get('name')}  revision {model.get('revision') or '-'}  weights sha256 {str(model.get('weight_hash'))[:16]}")
+    click.echo(f"features   {len(layers)} layers ({layers[0]}..{layers[-1]}), {about['dtype']}, "
+               f"dim {max(about['layers'].values())}, {prov.get('frame_rate')} frames/s, compute {prov.get('compute_dtype')}")
+    click.echo(f"created    {prov.get('created')}  " + " ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if v))
+    click.echo(f"\n{'split':<12} {'utterances':>10} {'hours':>8} {'frames':>10} {'complete':>12} {'skipped':>8}  source")
+    for name, split in about["splits"].items():
+        done = "yes" if split["complete"] else f"{split['blocks_done']}/{split['blocks']} blocks"
+        click.echo(f"{name:<12} {split['utterances']:>10} {split['hours']:>8.3f} {split['frames']:>10} "
+                   f"{done:>12} {len(split['skipped']):>8}  {split['source']}")
+    for name, split in about["splits"].items():
+        for s in split["skipped"]:
+            click.echo(f"skipped    {name}/{s['id']}: {s['path']}: {s['reason']}")
+
+
+@main.command("verify")
+@click.argument("store")
+def verify_command(store):
+    """Check every chunk's checksum, the offsets, ids, transcripts and completeness."""
+    from .store import verify
+
+    report = verify(store)
+    for problem in report.problems:
+        click.echo(f"FAIL {problem}")
+    if not report.ok:
+        raise click.ClickException(f"{store}: {len(report.problems)} problem(s) in {report.chunks_checked} chunks checked")
+    click.echo(f"OK {store}: {report.chunks_checked} chunks checked, all intact and complete")

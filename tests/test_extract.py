@@ -1,0 +1,239 @@
+"""Extraction end to end: exactness against the model, resume after SIGKILL, shards, refusals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from conftest import write_wave
+from w2vcache.audio import load_audio
+from w2vcache.backbone import forward_layers, load_backbone
+from w2vcache.cli import main
+from w2vcache.corpus import build_corpus
+from w2vcache.extract import ExtractConfig, extract, length_batches, plan_splits, provenance, select_layers
+from w2vcache.errors import W2VCacheError
+from w2vcache.store import FeatureStore, open_store
+
+# A small corpus from the bundled one: 34 utterances, 80 s of audio, two splits.
+SPLITS = ["--split", "dev=dev-clean", "--split", "test=test-other"]
+# Tiny chunks and blocks, so that even this corpus spans many blocks (resume, shard units).
+LAYOUT = ["--chunk-frames", "64", "--block-chunks", "4", "--batch-seconds", "8"]
+
+
+def small_corpus():
+    return build_corpus(splits=["dev=dev-clean", "test=test-other"])
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, list(args))
+    return result
+
+
+def arrays(path) -> dict:
+    """Every array of every split, read with plain zarr."""
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+    for split in root.attrs["w2vcache"]["splits"]:
+        for name, array in root[split].arrays():
+            out[f"{split}/{name}"] = array[...]
+    return out
+
+
+def assert_same_store(a, b):
+    x, y = arrays(a), arrays(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The store an uninterrupted single-worker run makes."""
+    path = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    result = run_cli("extract", "--store", str(path), *SPLITS, *LAYOUT)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_select_layers():
+    assert select_layers("all", 4) == ["layer00", "layer01", "layer02", "layer03", "layer04"]
+    assert select_layers("0,2-3", 4) == ["layer00", "layer02", "layer03"]
+    with pytest.raises(W2VCacheError, match="outside the model's layers 0-4"):
+        select_layers("3-5", 4)
+    with pytest.raises(W2VCacheError, match="'x' is not a layer number"):
+        select_layers("x", 4)
+
+
+def test_length_batches_bound_padded_size():
+    lengths = [100, 120, 130, 300, 310, 1000]
+    batches = length_batches(lengths, 400)
+    assert batches == [slice(0, 3), slice(3, 4), slice(4, 5), slice(5, 6)]
+    for b in batches[:-1]:
+        assert max(lengths[b]) * len(lengths[b.start:b.stop]) <= 400 or b.stop - b.start == 1
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-ln"])
+def test_stored_features_equal_the_model_on_each_utterance_alone(tmp_path, model):
+    """Mixed-length batches, group-norm and layer-norm variants: every utterance's stored features
+    equal a batch-of-one forward, to float16 rounding in a float16 store and tightly in float32."""
+    corpus = small_corpus()
+    backbone = load_backbone(model)
+    for dtype, atol in (("float32", 2e-5), ("float16", None)):
+        path = tmp_path / f"{dtype}.zarr"
+        extract(corpus, ExtractConfig(model=model, store=str(path), dtype=dtype, include_cnn=True,
+                                      batch_seconds=12, chunk_frames=64, block_chunks=4), progress=False)
+        store = open_store(path)
+        assert list(store.layers) == ["cnn"] + [f"layer{i:02d}" for i in range(5)]
+        for u in corpus.splits["dev"][:8]:
+            outputs, frames = forward_layers(backbone, [load_audio(u.path)], include_cnn=True)
+            for name, alone in zip(store.layers, outputs):
+                alone = alone[0, : frames[0]].numpy()
+                stored = store.read("dev", name, u.id)
+                assert stored.shape == alone.shape
+                if dtype == "float32":
+                    np.testing.assert_allclose(stored, alone, atol=atol, rtol=1e-5, err_msg=f"{u.id} {name}")
+                else:
+                    # float16 rounds to 11 significant bits: relative error at most 2**-11
+                    np.testing.assert_allclose(stored.astype(np.float32), alone, rtol=2**-11, atol=1e-5,
+                                               err_msg=f"{u.id} {name}")
+
+
+def test_info_verify_and_provenance(reference):
+    result = run_cli("info", str(reference), "--json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    about = json.loads(result.output)
+    assert about["splits"]["dev"]["utterances"] == 12 and about["splits"]["dev"]["complete"]
+    prov = about["provenance"]
+    assert prov["model"]["name"] == "builtin:tiny"
+    assert prov["model"]["weight_hash"] == load_backbone("builtin:tiny").weight_hash()
+    assert prov["frame_rate"] == 50.0 and prov["sample_rate"] == 16000
+    assert len(prov["vocabulary"]) == 30 and prov["versions"]["torch"] == torch.__version__
+    table = run_cli("info", str(reference))
+    assert "dev" in table.output and "builtin:tiny" in table.output
+    ok = run_cli("verify", str(reference))
+    assert ok.exit_code == 0 and "OK" in ok.output
+
+
+def test_verify_names_the_corrupt_chunk(tmp_path, reference):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(reference, copy)
+    chunk = copy / "dev" / "layer02" / "c" / "3" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    result = run_cli("verify", str(copy))
+    assert result.exit_code == 1
+    assert "dev/layer02 chunk 3" in result.output
+    assert result.output.count("FAIL") == 1
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference):
+    """Kill a real extraction with SIGKILL at several points; re-running finishes the store, recomputing
+    only unfinished blocks, and the result equals the uninterrupted store."""
+    path = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "w2vcache", "extract", "--store", str(path), *SPLITS, *LAYOUT]
+    total_blocks = sum(open_store(reference).status(s).n_blocks for s in ("dev", "test"))
+
+    def done_blocks():
+        return sum(len(list((path / s / "done" / "c").glob("*"))) for s in ("dev", "test") if (path / s).exists())
+
+    kills = 0
+    for target in (0, 3, total_blocks // 2 + 1):  # before creation ends, early, mid-way
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:
+            if (target == 0 and path.exists()) or (target and done_blocks() >= target):
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.005)
+        proc.wait()
+    assert kills >= 2, "extraction finished before it could be killed"
+    finished_before = sum(open_store(path).status(s).blocks_done for s in ("dev", "test"))
+    assert finished_before < total_blocks
+    result = run_cli("extract", "--store", str(path), *SPLITS, *LAYOUT)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {total_blocks - finished_before} block(s)" in result.output
+    assert_same_store(path, reference)
+    assert run_cli("verify", str(path)).exit_code == 0
+
+
+def test_two_shard_workers_at_once_equal_one_worker(tmp_path, reference):
+    path = tmp_path / "sharded.zarr"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "w2vcache", "extract", "--store", str(path), *SPLITS, *LAYOUT, "--shard", f"{i}/2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert_same_store(path, reference)
+
+
+def test_torchrun_ranks_are_shards(tmp_path, monkeypatch, reference):
+    path = tmp_path / "ranks.zarr"
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        result = run_cli("extract", "--store", str(path), *SPLITS, *LAYOUT)
+        assert result.exit_code == 0, result.output
+    assert_same_store(path, reference)
+
+
+def test_second_writer_is_refused(tmp_path):
+    path = tmp_path / "busy.zarr"
+    corpus = small_corpus()
+    config = ExtractConfig(store=str(path))
+    backbone = load_backbone(config.model)
+    layers = select_layers("all", backbone.num_layers)
+    plans = plan_splits(corpus, backbone, progress=False)
+    with FeatureStore.create(path, provenance(backbone, config, layers), plans,
+                             {n: backbone.hidden_size for n in layers}):
+        result = run_cli("extract", "--store", str(path), *SPLITS)
+        assert result.exit_code == 1
+        assert f"pid {os.getpid()}" in result.output and "Traceback" not in result.output
+    assert run_cli("extract", "--store", str(path), *SPLITS).exit_code == 0  # lock released
+
+
+def test_other_settings_on_an_existing_store_are_refused(reference):
+    for option, named in ((["--dtype", "float32"], "dtype: store has float16, asked for float32"),
+                          (["--layers", "0-2"], "layers"),
+                          (["--model", "builtin:tiny-ln"], "weight_hash")):
+        result = run_cli("extract", "--store", str(reference), *SPLITS, *LAYOUT, *option)
+        assert result.exit_code == 1
+        assert named in result.output, result.output
+
+
+def test_bad_audio_stops_with_its_path_or_is_skipped(tmp_path):
+    good = [write_wave(tmp_path / f"a{i}.flac", seconds=0.5 + 0.1 * i, seed=i) for i in range(6)]
+    long = write_wave(tmp_path / "long.flac", seconds=3.0)
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(long.read_bytes()[: long.stat().st_size // 2])
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("".join(f"{p.name}\tWORDS {i}\n" for i, p in enumerate(good)) + "cut.flac\tCUT\n")
+    store = tmp_path / "s.zarr"
+    args = ["extract", "--store", str(store), "--split", f"dev={manifest}", "--chunk-frames", "16", "--block-chunks", "2"]
+    result = run_cli(*args)
+    assert result.exit_code == 1
+    assert "cut.flac" in result.output and "truncated" in result.output and "--skip-bad" in result.output
+    result = run_cli(*args, "--skip-bad")
+    assert result.exit_code == 0, result.output
+    assert "skipped in dev: cut" in result.output
+    info = run_cli("info", str(store))
+    assert "cut.flac" in info.output and "truncated" in info.output
+    assert [u.id for u in open_store(store).utterances("dev")] == [p.stem for p in good]

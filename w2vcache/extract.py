@@ -1,0 +1,348 @@
+"""Corpus -> frozen W2V -> feature store, once.
+
+The work is cut into the store's blocks (runs of similar-length utterances whose frames start on a
+chunk boundary), so resuming after a kill, sharding over workers and marking progress are all the
+store's business; this module only fills blocks. Three stages overlap so the model never waits:
+a loader thread decodes the next batches' audio, the main thread runs the model, and a writer
+thread casts, cuts and writes the features of the batch before.
+"""
+
+import json
+import os
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from . import record, text
+from .audio import AudioError, audio_info, check_complete, check_format, load_audio
+from .backbone import CNN_LAYER, SAMPLE_RATE, Backbone, forward_layers, layer_name, load_backbone
+from .corpus import Corpus
+from .errors import W2VCacheError
+from .store import FeatureStore, SplitPlan
+
+DEFAULT_STORE = "features.zarr"
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RUNS_GROUP = "_runs"  # inside the store: one group per extraction run, its record as attributes
+PREFETCH_BATCHES = 2  # batches decoded ahead of the model; more only costs memory
+
+
+@dataclass
+class ExtractConfig:
+    model: str = "builtin:tiny"
+    store: str = DEFAULT_STORE
+    layers: str = "all"  # "all", or indices and ranges: "0,4-8"
+    include_cnn: bool = False  # also store the CNN feature encoder's output as layer "cnn"
+    dtype: str = "float16"  # how features are stored
+    batch_seconds: float = 64.0  # padded audio per forward pass
+    device: str = "cpu"
+    compute_dtype: str = "float32"  # float16 / bfloat16 autocast, for GPUs
+    shard: str | None = None  # "I/N": this worker fills blocks b with b % N == I
+    skip_bad: bool = False  # record unusable audio files in the store and go on
+    revision: str | None = None  # hub revision of the model
+    chunk_frames: int | None = None  # store layout overrides (tests, tuning); None: store default
+    block_chunks: int | None = None
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    shard: tuple[int, int] | None
+    blocks_written: int
+    utterances_written: int
+    audio_seconds: float
+    seconds: float
+    skipped: dict[str, list[dict]] = field(default_factory=dict)
+
+    @property
+    def speed(self) -> float:
+        """Audio seconds extracted per second of wall time."""
+        return self.audio_seconds / self.seconds if self.seconds else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+def select_layers(spec: str, num_layers: int) -> list[str]:
+    """'all' | '8' | '0,4-8' -> layer names, validated against the model's depth."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return [layer_name(i) for i in range(num_layers + 1)]
+    chosen = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            lo, hi = int(lo), int(hi or lo)
+        except ValueError:
+            raise W2VCacheError(f"layers {spec!r}: {part!r} is not a layer number or range like 4-8") from None
+        if not 0 <= lo <= hi <= num_layers:
+            raise W2VCacheError(
+                f"layers {spec!r}: {part} is outside the model's layers 0-{num_layers} "
+                f"(0 = transformer input, 1-{num_layers} = block outputs)"
+            )
+        chosen += [layer_name(i) for i in range(lo, hi + 1) if layer_name(i) not in chosen]
+    return chosen
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """'I/N' -> (I, N); with no --shard, torchrun's RANK/WORLD_SIZE make each rank a shard."""
+    if spec is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ["RANK"]), world) if world > 1 and "RANK" in os.environ else None
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise W2VCacheError(f"--shard {spec!r}: expected I/N, e.g. 0/4 for the first of four workers") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise W2VCacheError(f"--shard {spec}: needs 0 <= I < N")
+    return i, n
+
+
+def _device(config: ExtractConfig) -> str:
+    device = config.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise W2VCacheError(f"--device {config.device}: no CUDA GPU is available here")
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise W2VCacheError(f"--compute-dtype {config.compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+    if config.compute_dtype != "float32" and not device.startswith("cuda"):
+        raise W2VCacheError(f"--compute-dtype {config.compute_dtype} needs --device cuda")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: every utterance's frame count, known from the audio header before any compute
+
+
+def plan_splits(corpus: Corpus, backbone: Backbone, skip_bad: bool = False, progress: bool = True) -> dict[str, SplitPlan]:
+    """Per split, (id, transcript, path, frames) of every usable utterance.
+
+    Every file's header is checked (rate, channels, length) and its last samples read (a
+    truncated file fails there), so bad files are found before any compute: they stop the run,
+    or with `skip_bad` are left out and recorded in the store. A file whose middle is corrupt
+    is only found when it is decoded; that stops extraction, keeping every finished block.
+    """
+    plans = {}
+    bar = tqdm(total=len(corpus), desc="checking audio", unit="file", disable=not progress, leave=False)
+    for split, utterances in corpus.splits.items():
+        plan = SplitPlan([], source=", ".join(corpus.sources.get(split, [])))
+        for u in utterances:
+            bar.update()
+            try:
+                info = audio_info(u.path)
+                check_format(u.path, info, backbone.receptive_field)
+                check_complete(u.path, info)
+            except AudioError as err:
+                if not skip_bad:
+                    raise W2VCacheError(
+                        f"utterance {u.id} (split {split}): {err}; fix or remove the file, "
+                        "or pass --skip-bad to record it in the store and go on"
+                    ) from None
+                plan.skipped.append({"id": u.id, "path": u.path, "reason": err.reason})
+                continue
+            plan.utterances.append((u.id, u.text, u.path, backbone.num_frames(info.num_samples)))
+        if not plan.utterances:
+            raise W2VCacheError(f"split {split}: no usable utterances (all {len(plan.skipped)} were skipped)")
+        plans[split] = plan
+    bar.close()
+    return plans
+
+
+def provenance(backbone: Backbone, config: ExtractConfig, layers: list[str]) -> dict:
+    """What the store's features are: compared field by field when a run resumes a store."""
+    return {
+        "model": backbone.describe(),
+        "layers": layers,
+        "sample_rate": SAMPLE_RATE,
+        "frame_rate": backbone.frame_rate,
+        "dtype": config.dtype,
+        "compute_dtype": config.compute_dtype,
+        "vocabulary": list(text.VOCAB),
+        "versions": record.versions(),
+        "created": record.now(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Filling blocks
+
+
+def length_batches(lengths, max_samples: int) -> list[slice]:
+    """Consecutive runs (utterances already sorted by length) whose padded size fits max_samples."""
+    batches, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest_if_added = max(longest, n)
+        if i > start and longest_if_added * (i - start + 1) > max_samples:
+            batches.append(slice(start, i))
+            start, longest_if_added = i, n
+        longest = longest_if_added
+    if start < len(lengths):
+        batches.append(slice(start, len(lengths)))
+    return batches
+
+
+def _load_batches(blocks, receptive_field: int, max_samples: int, out: queue.Queue, stop: threading.Event):
+    """Loader thread: (block, batch slice, waves) for every batch, in store order; then None."""
+    try:
+        for block in blocks:
+            samples = [audio_info(p).num_samples for p in block.paths]
+            for batch in length_batches(samples, max_samples):
+                waves = []
+                for i in range(batch.start, batch.stop):
+                    try:
+                        waves.append(load_audio(block.paths[i], receptive_field))
+                    except AudioError as err:
+                        raise W2VCacheError(
+                            f"utterance {block.ids[i]} (split {block.split}): {err}; every finished "
+                            "block is kept: replace the file with a good copy and re-run the same "
+                            "command to resume"
+                        ) from None
+                while not stop.is_set():
+                    try:
+                        out.put((block, batch, waves), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+        out.put(None)
+    except BaseException as err:  # handed to the main thread, which re-raises it
+        out.put(err)
+
+
+class _BlockFiller:
+    """Writer side: appends each utterance's features to its block and marks finished blocks done."""
+
+    def __init__(self, store: FeatureStore):
+        self.store, self.writer, self.block = store, None, None
+
+    def abandon(self):
+        """After a failure: stop the unfinished block's writer threads; the block stays pending."""
+        if self.writer is not None:
+            self.writer.__exit__(W2VCacheError, None, None)
+
+    def add(self, block, batch: slice, features: dict[str, np.ndarray], frames: list[int]):
+        if block is not self.block:
+            self.writer, self.block = self.store.block_writer(block), block
+        for b, n in enumerate(frames):
+            self.writer.append({name: x[b, :n] for name, x in features.items()})
+        if batch.stop == len(block.ids):
+            self.writer.close()
+            self.store.mark_done(block)
+            self.writer = self.block = None
+
+
+def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[str], config: ExtractConfig,
+                progress: bool = True) -> tuple[int, int, float]:
+    """Run the model over `blocks` and write them; returns (blocks, utterances, audio seconds)."""
+    include_cnn = CNN_LAYER in layers
+    names = backbone.layer_names(include_cnn=include_cnn)
+    keep = [names.index(name) for name in layers]
+    store_dtype = getattr(torch, config.dtype)
+    compute = COMPUTE_DTYPES[config.compute_dtype]
+    device = next(backbone.model.parameters()).device
+    max_samples = int(config.batch_seconds * SAMPLE_RATE)
+    total = sum(n for b in blocks for n in b.lengths) / backbone.frame_rate / 3600
+    bar = tqdm(total=total, desc="extracting", unit="h audio", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}, {postfix}]")
+    loaded: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    stop = threading.Event()
+    loader = threading.Thread(target=_load_batches, args=(blocks, backbone.receptive_field, max_samples, loaded, stop),
+                              daemon=True)
+    filler, pending = _BlockFiller(store), []
+    started, seconds_done, utterances = time.perf_counter(), 0.0, 0
+    loader.start()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            while (item := loaded.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                block, batch, waves = item
+                with torch.autocast(device.type, dtype=compute, enabled=compute is not torch.float32):
+                    outputs, frames = forward_layers(backbone, waves, include_cnn=include_cnn)
+                # Cast on the device (cheap there), then one host copy per layer.
+                features = {layers[k]: outputs[i].to(store_dtype).cpu().numpy() for k, i in enumerate(keep)}
+                pending.append(writer.submit(filler.add, block, batch, features, frames))
+                # At most two batches in flight: bounded memory, and a write error surfaces promptly.
+                while len(pending) > 2:
+                    pending.pop(0).result()
+                seconds_done += sum(len(w) for w in waves) / SAMPLE_RATE
+                utterances += len(waves)
+                bar.update(sum(frames) / backbone.frame_rate / 3600)
+                bar.set_postfix_str(f"{seconds_done / (time.perf_counter() - started):.1f}x real time")
+            for future in pending:
+                future.result()
+    except BaseException:
+        filler.abandon()
+        raise
+    finally:
+        stop.set()
+        bar.close()
+    return len(blocks), utterances, seconds_done
+
+
+def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: bool = True) -> ExtractResult:
+    """Fill (or resume) the store at config.store with every chosen layer of every utterance."""
+    started = time.perf_counter()
+    device = _device(config)
+    shard = parse_shard(config.shard)
+    if config.dtype not in ("float16", "float32"):
+        raise W2VCacheError(f"--dtype {config.dtype!r}: choose float16 or float32")
+    backbone = load_backbone(config.model, device=device, revision=config.revision)
+    layers = select_layers(config.layers, backbone.num_layers)
+    if config.include_cnn:
+        layers = [CNN_LAYER, *layers]
+    plans = plan_splits(corpus, backbone, config.skip_bad, progress)
+    dims = {name: backbone.config.conv_dim[-1] if name == CNN_LAYER else backbone.hidden_size for name in layers}
+    with FeatureStore.create(
+        config.store,
+        provenance(backbone, config, layers),
+        plans,
+        layers=dims,
+        dtype=config.dtype,
+        shard=shard,
+        chunk_frames=config.chunk_frames,
+        block_chunks=config.block_chunks,
+    ) as store:
+        blocks = [b for split in plans for b in store.pending_blocks(split)]
+        n_blocks, n_utts, audio_seconds = fill_blocks(store, blocks, backbone, layers, config, progress)
+    result = ExtractResult(
+        store=str(config.store),
+        shard=shard,
+        blocks_written=n_blocks,
+        utterances_written=n_utts,
+        audio_seconds=audio_seconds,
+        seconds=time.perf_counter() - started,
+        skipped={split: plan.skipped for split, plan in plans.items() if plan.skipped},
+    )
+    _write_run_record(config, device, result)
+    return result
+
+
+def _write_run_record(config: ExtractConfig, device: str, result: ExtractResult) -> None:
+    """One group per run inside the store, its attributes saying what ran, where, with which
+    versions and how fast. A group of its own, so concurrent shard workers never race on it."""
+    name = f"extract-{record.now().replace(':', '').replace('+', '')}-{socket.gethostname()}-{os.getpid()}"
+    group = zarr.open_group(str(config.store), path=f"{RUNS_GROUP}/{name}", mode="a", zarr_format=3)
+    group.attrs.update(json.loads(json.dumps(
+        {
+            "command": record.command_line(),
+            "config": asdict(config),
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
+            "versions": record.versions(),
+            "finished": record.now(),
+            "result": asdict(result) | {"audio_seconds_per_second": result.speed},
+        },
+        default=str,
+    )))
