@@ -291,14 +291,19 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
     return len(blocks), utterances, seconds_done
 
 
-def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: bool = True) -> ExtractResult:
-    """Fill (or resume) the store at config.store with every chosen layer of every utterance."""
+def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: bool = True,
+            backbone: Backbone | None = None) -> ExtractResult:
+    """Fill (or resume) the store at config.store with every chosen layer of every utterance.
+
+    `backbone`: an already loaded config.model (a notebook extracting several corpora loads it once).
+    """
     started = time.perf_counter()
     device = _device(config)
     shard = parse_shard(config.shard)
     if config.dtype not in ("float16", "float32"):
         raise W2VCacheError(f"--dtype {config.dtype!r}: choose float16 or float32")
-    backbone = load_backbone(config.model, device=device, revision=config.revision)
+    if backbone is None:
+        backbone = load_backbone(config.model, device=device, revision=config.revision)
     layers = select_layers(config.layers, backbone.num_layers)
     if config.include_cnn:
         layers = [CNN_LAYER, *layers]
