@@ -252,9 +252,10 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
     compute = COMPUTE_DTYPES[config.compute_dtype]
     device = next(backbone.model.parameters()).device
     max_samples = int(config.batch_seconds * SAMPLE_RATE)
-    total = sum(n for b in blocks for n in b.lengths) / backbone.frame_rate / 3600
-    bar = tqdm(total=total, desc="extracting", unit="h audio", disable=not progress,
-               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}, {postfix}]")
+    # Counted in frames (exact integers), shown in hours of audio.
+    bar = tqdm(total=sum(n for b in blocks for n in b.lengths), desc="extracting", unit="h audio",
+               unit_scale=1 / (backbone.frame_rate * 3600), disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}{postfix}]")
     loaded: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     stop = threading.Event()
     loader = threading.Thread(target=_load_batches, args=(blocks, backbone.receptive_field, max_samples, loaded, stop),
@@ -278,7 +279,7 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                     pending.pop(0).result()
                 seconds_done += sum(len(w) for w in waves) / SAMPLE_RATE
                 utterances += len(waves)
-                bar.update(sum(frames) / backbone.frame_rate / 3600)
+                bar.update(sum(frames))
                 bar.set_postfix_str(f"{seconds_done / (time.perf_counter() - started):.1f}x real time")
             for future in pending:
                 future.result()
