@@ -163,3 +163,41 @@ def verify_command(store):
     if not report.ok:
         raise click.ClickException(f"{store}: {len(report.problems)} problem(s) in {report.chunks_checked} chunks checked")
     click.echo(f"OK {store}: {report.chunks_checked} chunks checked, all intact and complete")
+
+
+@main.command("probe")
+@click.option("--store", default="features.zarr", show_default=True, help="Feature store path or URL.")
+@click.option("--layer", "layers", default="all", show_default=True, help="A layer (8), a list or range (0-12), or all.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run per layer and seed.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate.")
+@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
+@click.option("--decay-from-epoch", type=float, default=5.0, show_default=True,
+              help="Hold the peak until this many epochs are done, then decay linearly to 0.")
+@click.option("--lstm-layers", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True, help="LSTM units per direction.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--batch-frames", type=click.IntRange(min=1), default=16000, show_default=True,
+              help="Padded frames per batch.")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--dev-split", default="dev", show_default=True)
+@click.option("--test-splits", default="test-clean,test-other", show_default=True)
+@click.option("--memory-budget", type=float, default=8.0, show_default=True,
+              help="GB of one split's layer to hold in memory; larger layers are read batch by batch.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", default="runs", show_default=True, help="Runs directory.")
+def probe_command(store, layers, seeds, epochs, lr, warmup_epochs, decay_from_epoch, lstm_layers, hidden, dropout,
+                  batch_frames, train_split, dev_split, test_splits, memory_budget, device, out):
+    """Train BiLSTM-CTC probes on cached layers; finished runs are skipped, killed ones resume."""
+    from .probe import ProbeConfig, probe
+    from .train import TrainConfig
+
+    result = probe(
+        store, layers, seeds, out,
+        ProbeConfig(lstm_layers=lstm_layers, hidden=hidden, dropout=dropout, batch_frames=batch_frames),
+        TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, decay_from_epoch=decay_from_epoch,
+                    dev_split=dev_split, test_splits=tuple(s for s in test_splits.split(",") if s)),
+        train_split=train_split, memory_budget=int(memory_budget * 2**30), device=device,
+    )
+    click.echo(f"{len(result.finished)} run(s) trained, {len(result.skipped)} already finished, "
+               f"in {result.seconds:.1f} s; results under {out}/probe")

@@ -1,0 +1,27 @@
+import pytest
+
+from w2vcache.evaluate import error_rates
+
+
+def test_corpus_level_wer_known_answer():
+    refs = ["the cat sat on the mat", "hello world"]
+    hyps = ["the cat sit on mat", "hello there world"]
+    # utterance 1: 1 substitution (sat->sit) + 1 deletion (the) = 2 edits of 6 words
+    # utterance 2: 1 insertion (there) = 1 edit of 2 words
+    rates = error_rates(refs, hyps)
+    assert rates.word_edits == 3 and rates.words == 8
+    assert rates.wer == pytest.approx(3 / 8)  # corpus level, not the mean of 2/6 and 1/2
+    assert rates.utterances == 2
+
+
+def test_cer_known_answer_and_normalisation():
+    # normalisation makes case and punctuation free: "HELLO, World." == "hello world"
+    rates = error_rates(["HELLO, World."], ["hello world"])
+    assert rates.wer == 0 and rates.cer == 0
+    rates = error_rates(["abcd"], ["abxd"])
+    assert rates.cer == pytest.approx(1 / 4) and rates.wer == 1.0
+
+
+def test_empty_reference_counts_insertions():
+    rates = error_rates(["", "a b"], ["x y", "a b"])
+    assert rates.word_edits == 2 and rates.words == 2 and rates.wer == 1.0

@@ -1,0 +1,157 @@
+"""Probes on the bundled corpus's features from the built-in model: training, run records, resume,
+the sweep, and every refusal."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from w2vcache.cli import main
+from w2vcache.corpus import build_corpus
+from w2vcache.errors import W2VCacheError
+from w2vcache.extract import ExtractConfig, extract
+from w2vcache.probe import ProbeConfig, length_batches, parse_layer_list, probe
+from w2vcache.train import TrainConfig
+
+SMALL = ["--hidden", "32", "--lstm-layers", "1", "--batch-frames", "1500", "--lr", "2e-3"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "features.zarr"
+    extract(build_corpus(), ExtractConfig(store=str(path)), progress=False)
+    return path
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_probe_lowers_ctc_loss_and_writes_a_complete_run(store, tmp_path):
+    result = cli("probe", "--store", store, "--layer", "3", "--epochs", "4", *SMALL, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "probe" / "layer03" / "seed0"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "result.json"}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["train_loss"] < 0.8 * metrics[0]["train_loss"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["kind"] == "probe" and config["layer"] == 3 and config["seed"] == 0
+    assert config["train"]["epochs"] == 4 and config["model"]["hidden"] == 32
+    assert config["data"]["model"]["name"] == "builtin:tiny" and config["versions"]["torch"] == torch.__version__
+    res = json.loads((run / "result.json").read_text())
+    assert res["status"] == "finished" and 1 <= res["best_epoch"] <= 4
+    best = min(metrics, key=lambda m: m["dev_wer"])
+    assert res["dev"]["wer"] == pytest.approx(best["dev_wer"])  # the best-dev weights are the ones tested
+    for split, words in (("dev", 260), ("test-clean", 205)):
+        assert res[split]["words"] == words and 0 <= res[split]["wer"] <= 2
+    assert res["test-other"]["utterances"] == 22
+
+
+def test_killed_run_resumes_to_the_same_result(store, tmp_path):
+    args = ["probe", "--store", str(store), "--layer", "1", "--epochs", "3", *SMALL, "--dropout", "0.2"]
+    whole = cli(*args, "--out", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    killed = tmp_path / "killed"
+    metrics = killed / "probe" / "layer01" / "seed0" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "w2vcache", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (metrics.parent / "result.json").exists()
+    resumed = cli(*args, "--out", killed)
+    assert resumed.exit_code == 0, resumed.output
+    a = json.loads((tmp_path / "whole/probe/layer01/seed0/result.json").read_text())
+    b = json.loads((metrics.parent / "result.json").read_text())
+    for key in ("best_epoch", "dev", "test-clean", "test-other"):
+        assert a[key] == b[key], key
+    wa = torch.load(tmp_path / "whole/probe/layer01/seed0/best.pt")
+    wb = torch.load(metrics.parent / "best.pt")
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+
+
+def test_sweep_over_layers_and_seeds_skips_finished_runs(store, tmp_path):
+    args = ["probe", "--store", store, "--layer", "0-1", "--seeds", "0,1", "--epochs", "1", *SMALL, "--out", tmp_path]
+    first = cli(*args)
+    assert first.exit_code == 0, first.output
+    assert "4 run(s) trained, 0 already finished" in first.output
+    runs = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("probe/*/*"))
+    assert runs == ["probe/layer00/seed0", "probe/layer00/seed1", "probe/layer01/seed0", "probe/layer01/seed1"]
+    again = cli(*args)
+    assert "0 run(s) trained, 4 already finished" in again.output
+
+
+def test_layer_lists_and_batches():
+    available = [f"layer{i:02d}" for i in range(5)]
+    assert parse_layer_list("all", available) == available
+    assert parse_layer_list("1,3-4", available) == ["layer01", "layer03", "layer04"]
+    with pytest.raises(W2VCacheError, match="no layer 8; it has layer00"):
+        parse_layer_list("8", available)
+    assert length_batches([10, 10, 20, 30], 40) == [[0, 1], [2], [3]]
+
+
+def test_refusals(store, tmp_path):
+    out = ["--out", tmp_path / "runs", "--epochs", "1", *SMALL]
+    missing_layer = cli("probe", "--store", store, "--layer", "9", *out)
+    assert missing_layer.exit_code == 1 and "no layer 9" in missing_layer.output
+    missing_split = cli("probe", "--store", store, "--layer", "1", "--dev-split", "valid", *out)
+    assert missing_split.exit_code == 1 and "valid" in missing_split.output and "dev" in missing_split.output
+    no_store = cli("probe", "--store", tmp_path / "nope.zarr", "--layer", "1", *out)
+    assert no_store.exit_code == 1 and "nope.zarr" in no_store.output
+
+    # another vocabulary
+    other = tmp_path / "other.zarr"
+    shutil.copytree(store, other)
+    root = zarr.open_group(str(other), mode="r+")
+    meta = dict(root.attrs["w2vcache"])
+    meta["provenance"] = dict(meta["provenance"], vocabulary=["<blank>", "a", "b"])
+    root.attrs["w2vcache"] = meta
+    vocab = cli("probe", "--store", other, "--layer", "1", *out)
+    assert vocab.exit_code == 1 and "another vocabulary" in vocab.output
+
+    # resuming a run on features of another model
+    runs = tmp_path / "resume"
+    proc_args = ["probe", "--store", store, "--layer", "1", "--out", runs, "--epochs", "2", *SMALL[:-2], "--lr", "2e-3"]
+    assert cli(*proc_args).exit_code == 0
+    run = runs / "probe/layer01/seed0"
+    (run / "result.json").unlink()  # pretend it was killed after epoch 2
+    ln_store = tmp_path / "ln.zarr"
+    extract(build_corpus(), ExtractConfig(model="builtin:tiny-ln", store=str(ln_store)), progress=False)
+    proc_args[2] = ln_store
+    mixed = cli(*proc_args)
+    assert mixed.exit_code == 1 and "weight_hash" in mixed.output and "unfinished run with other settings" in mixed.output
+
+
+def test_incomplete_split_is_refused(tmp_path):
+    # A store whose dev split is only partly extracted: kill-free, by filling some blocks only.
+    from w2vcache.backbone import load_backbone
+    from w2vcache.extract import fill_blocks, plan_splits, provenance, select_layers
+    from w2vcache.store import FeatureStore
+
+    backbone = load_backbone("builtin:tiny")
+    config = ExtractConfig(store=str(tmp_path / "partial.zarr"), chunk_frames=64, block_chunks=2)
+    layers = select_layers("all", backbone.num_layers)
+    plans = plan_splits(build_corpus(), backbone, progress=False)
+    with FeatureStore.create(config.store, provenance(backbone, config, layers), plans,
+                             {n: backbone.hidden_size for n in layers}, chunk_frames=64, block_chunks=2) as s:
+        blocks = [b for split in plans for b in s.pending_blocks(split) if not (split == "dev" and b.index > 0)]
+        fill_blocks(s, blocks, backbone, layers, config, progress=False)
+    with pytest.raises(W2VCacheError, match=r"dev.*(incomplete|not extracted|missing)"):
+        probe(config.store, "1", "0", tmp_path / "runs", ProbeConfig(hidden=8, lstm_layers=1),
+              TrainConfig(epochs=1), progress=False)

@@ -1,0 +1,271 @@
+"""Frozen-feature probes: a BiLSTM-CTC trained on one cached layer, and the layer sweep.
+
+The probe reads features from the store only: W2V is never run. A split's layer is held in
+memory as stored (float16: 2.8 GB for W2V-Base over Libri-light's 10 h) and converted per batch;
+a layer larger than the memory budget is read from the store batch by batch instead, each batch
+being a run of neighbouring utterances (the store keeps them sorted by length), so a read touches
+few chunks.
+"""
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from . import text
+from .errors import W2VCacheError
+from .store import open_store
+from .train import RESULT, TrainConfig, seed_everything, train
+
+DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's layer kept in memory; larger ones stream
+
+
+@dataclass
+class ProbeConfig:
+    lstm_layers: int = 3
+    hidden: int = 1024  # per direction
+    dropout: float = 0.0  # between LSTM layers and before the output layer
+    batch_frames: int = 16000  # padded frames per batch (320 s of audio at 50 frames/s)
+
+
+class Probe(nn.Module):
+    """Bidirectional LSTM over one layer's frames, a linear layer to the 30 symbols."""
+
+    def __init__(self, input_dim: int, config: ProbeConfig):
+        super().__init__()
+        self.lstm = nn.LSTM(input_dim, config.hidden, num_layers=config.lstm_layers, bidirectional=True,
+                            batch_first=True, dropout=config.dropout if config.lstm_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(2 * config.hidden, len(text.VOCAB))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, dim) padded features -> (batch, frames, symbols) log-probabilities."""
+        # Packed: the LSTM never computes on padding.
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
+        return self.output(self.dropout(out)).log_softmax(-1)
+
+
+@dataclass
+class Batch:
+    features: torch.Tensor  # (B, T, D) float32
+    lengths: torch.Tensor  # (B,)
+    targets: torch.Tensor  # (sum of target lengths,)
+    target_lengths: torch.Tensor
+    references: list[str]
+
+    @property
+    def frames(self) -> int:
+        return int(self.lengths.sum())
+
+
+class SplitFeatures:
+    """One split's layer: in memory as stored when it fits the budget, else read batch by batch."""
+
+    def __init__(self, store, split: str, layer: str, memory_budget: int):
+        self.store, self.split, self.layer = store, split, layer
+        utterances = store.utterances(split)  # refuses a missing split, with the list of splits
+        if layer not in store.layers:
+            raise W2VCacheError(f"store {store.path} has no layer {layer}; it has {', '.join(store.layers)}")
+        self.ids = [u.id for u in utterances]
+        self.texts = [u.text for u in utterances]
+        self.lengths = np.array([u.length for u in utterances])
+        nbytes = int(self.lengths.sum()) * store.layers[layer] * np.dtype(store.dtype).itemsize
+        self.in_memory = nbytes <= memory_budget
+        if self.in_memory:
+            self.frames, self.offsets = store.read_layer(split, layer)  # refuses an incomplete split
+        else:
+            status = store.status(split)
+            if not status.complete:
+                raise W2VCacheError(
+                    f"store {store.path}: split {split} is incomplete ({status.blocks_done}/{status.n_blocks} blocks); "
+                    "re-run the same extract command to finish it"
+                )
+
+    def get(self, indices: list[int]) -> list[np.ndarray]:
+        if self.in_memory:
+            return [self.frames[self.offsets[i]: self.offsets[i] + self.lengths[i]] for i in indices]
+        return self.store.read_batch(self.split, self.layer, indices)
+
+
+def length_batches(lengths, max_frames: int) -> list[list[int]]:
+    """Runs of neighbouring utterances (the store sorts them by length) within max_frames padded."""
+    batches, current, longest = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and max(longest, n) * (len(current) + 1) > max_frames:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class ProbeTask:
+    """The probe experiment as the training loop sees it."""
+
+    def __init__(self, store, layer: str, config: ProbeConfig, train_config: TrainConfig, train_split: str = "train",
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu"):
+        self.config, self.seed, self.device = config, train_config.seed, torch.device(device)
+        self.splits = {
+            split: SplitFeatures(store, split, layer, memory_budget)
+            for split in (train_split, train_config.dev_split, *train_config.test_splits)
+        }
+        self.train_split = train_split
+        self.batches = {name: length_batches(s.lengths, config.batch_frames) for name, s in self.splits.items()}
+        self.model = Probe(store.layers[layer], config).to(self.device)
+        self.ctc = nn.CTCLoss(blank=text.BLANK_ID, zero_infinity=False)
+        self.unknown = {}
+
+    def _batch(self, split: str, indices: list[int]) -> Batch:
+        source = self.splits[split]
+        feats = source.get(indices)
+        x = torch.zeros(len(feats), max(len(f) for f in feats), feats[0].shape[1])
+        for b, f in enumerate(feats):
+            x[b, : len(f)] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+        encoded = [text.encode(source.texts[i]) for i in indices]
+        for e in encoded:
+            for symbol, count in e.unknown.items():
+                self.unknown[symbol] = self.unknown.get(symbol, 0) + count
+        return Batch(
+            features=x.to(self.device),
+            lengths=torch.tensor([len(f) for f in feats]),
+            targets=torch.tensor([i for e in encoded for i in e.ids], dtype=torch.long),
+            target_lengths=torch.tensor([len(e.ids) for e in encoded]),
+            references=[source.texts[i] for i in indices],
+        )
+
+    def train_batches(self, epoch: int):
+        order = list(self.batches[self.train_split])
+        random.Random(self.seed * 100_003 + epoch).shuffle(order)  # the same order on a resumed run
+        return _Lazy([lambda idx=idx: self._batch(self.train_split, idx) for idx in order])
+
+    def eval_batches(self, split: str):
+        return (self._batch(split, idx) for idx in self.batches[split])
+
+    def start_epoch(self, epoch: int) -> None:
+        pass  # the whole probe trains from the first epoch
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        log_probs = self.model(batch.features, batch.lengths)
+        return self.ctc(log_probs.transpose(0, 1), batch.targets, batch.lengths, batch.target_lengths)
+
+    def decode(self, batch: Batch) -> tuple[list[str], list[str]]:
+        log_probs = self.model(batch.features, batch.lengths)
+        return batch.references, text.greedy_decode(log_probs.cpu(), batch.lengths)
+
+
+class _Lazy:
+    """A list of batch makers that builds each batch when iterated (len() known up front)."""
+
+    def __init__(self, makers):
+        self.makers = makers
+
+    def __len__(self):
+        return len(self.makers)
+
+    def __iter__(self):
+        return (make() for make in self.makers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+def parse_layer_list(spec: str, available: list[str]) -> list[str]:
+    """'8' | '0-12' | '1,3,5' | 'all' | 'cnn' -> layer names present in the store."""
+    if spec.strip() == "all":
+        return list(available)
+    names = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part in available:
+            names.append(part)
+            continue
+        try:
+            lo, _, hi = part.partition("-")
+            lo, hi = int(lo), int(hi or lo)
+        except ValueError:
+            raise W2VCacheError(f"--layer {spec!r}: {part!r} is not a layer number, range (0-12) or name") from None
+        for i in range(lo, hi + 1):
+            name = f"layer{i:02d}"
+            if name not in available:
+                raise W2VCacheError(f"--layer {spec!r}: the store has no layer {i}; it has {', '.join(available)}")
+            names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def parse_seeds(spec: str) -> list[int]:
+    try:
+        return [int(s) for s in str(spec).split(",") if s.strip()]
+    except ValueError:
+        raise W2VCacheError(f"--seeds {spec!r}: expected integers such as 0,1,2") from None
+
+
+def run_dir(out, layer: str, seed: int) -> Path:
+    return Path(out) / "probe" / layer / f"seed{seed}"
+
+
+@dataclass
+class SweepResult:
+    finished: list[str] = field(default_factory=list)  # run directories trained now
+    skipped: list[str] = field(default_factory=list)  # run directories already finished
+    seconds: float = 0.0
+
+
+def check_store(store) -> None:
+    vocabulary = store.provenance.get("vocabulary")
+    if vocabulary is not None and list(vocabulary) != list(text.VOCAB):
+        raise W2VCacheError(
+            f"store {store.path} was made with another vocabulary ({len(vocabulary)} symbols: "
+            f"{''.join(s for s in vocabulary if len(s) == 1)}); this w2vcache uses {len(text.VOCAB)}"
+        )
+
+
+def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: ProbeConfig = ProbeConfig(),
+          train_config: TrainConfig = TrainConfig(), train_split: str = "train",
+          memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu", progress: bool = True) -> SweepResult:
+    """Train a probe on each (layer, seed); runs already finished are skipped, killed ones resume."""
+    started = time.perf_counter()
+    store = open_store(store_url)
+    check_store(store)
+    result = SweepResult()
+    for layer in parse_layer_list(layers, list(store.layers)):
+        for seed in parse_seeds(seeds):
+            directory = run_dir(out, layer, seed)
+            if (directory / RESULT).exists():
+                result.skipped.append(str(directory))
+                continue
+            tc = TrainConfig(**{**asdict(train_config), "seed": seed})
+            seed_everything(seed)
+            task = ProbeTask(store, layer, config, tc, train_split, memory_budget, device)
+            layer_index = int(layer[5:]) if layer.startswith("layer") else None
+            run_record = {
+                "kind": "probe",
+                "experiment": layer,
+                "layer": layer_index,
+                "reinit": [],
+                "seed": seed,
+                "model": asdict(config),
+                "store": str(store_url),
+                "device": device,
+                "data": {
+                    "train_split": train_split,
+                    "layer": layer,
+                    "model": {k: store.provenance.get("model", {}).get(k) for k in ("name", "revision", "weight_hash")},
+                    "dtype": store.dtype,
+                    "frame_rate": store.provenance.get("frame_rate"),
+                },
+            }
+            if progress:
+                print(f"probe {layer} seed {seed} -> {directory}")
+            train(task, tc, directory, run_record, progress=progress)
+            result.finished.append(str(directory))
+    result.seconds = time.perf_counter() - started
+    return result

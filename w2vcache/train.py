@@ -1,0 +1,245 @@
+"""The one training loop. Probe and fine-tune differ only in the `Task` they hand it.
+
+Adam, the tri-stage learning-rate schedule (linear warm-up, hold, linear decay to 0) stepped per
+update, gradient-norm clipping, validation WER after every epoch, the best-validation weights
+tested at the end, a checkpoint after every epoch so a killed run resumes where it stopped, and
+the run directory of docs/RUNS.md.
+"""
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import record
+from .errors import W2VCacheError
+from .evaluate import error_rates
+
+CHECKPOINT = "checkpoint.pt"  # last finished epoch: model, optimizer, schedule, RNG
+BEST = "best.pt"  # weights of the epoch with the lowest dev WER
+METRICS = "metrics.jsonl"
+RESULT = "result.json"
+CONFIG = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-4  # peak learning rate
+    warmup_epochs: float = 1.0  # linear warm-up from 0 to lr
+    decay_from_epoch: float = 5.0  # hold until here (start of epoch 6), then linear decay to 0 at the end
+    clip_norm: float = 1.0
+    grad_accum: int = 1  # batches per update
+    seed: int = 0
+    dev_split: str = "dev"
+    test_splits: tuple[str, ...] = ("test-clean", "test-other")
+
+
+class Task(Protocol):
+    """What the loop needs from an experiment; batches are opaque to it."""
+
+    model: torch.nn.Module
+
+    def train_batches(self, epoch: int) -> list: ...  # the epoch's batches, deterministic given seed and epoch
+
+    def eval_batches(self, split: str) -> Iterable: ...
+
+    def loss(self, batch) -> torch.Tensor: ...  # mean CTC loss of the batch
+
+    def decode(self, batch) -> tuple[list[str], list[str]]: ...  # references, hypotheses
+
+    def start_epoch(self, epoch: int) -> None: ...  # which parameters train this epoch
+
+
+def tri_stage(update: int, updates_per_epoch: int, config: TrainConfig) -> float:
+    """Learning rate of update `update` (0-based) as a fraction of the peak.
+
+    Warm-up: (update + 1) / warmup_updates, so the first update already moves and the last
+    warm-up update reaches the peak. Hold at 1. Decay: (total - update) / (total - decay_start),
+    so the last update of the last epoch uses 1 / decay_updates of the peak and the rate
+    reaches 0 exactly at the end.
+    """
+    warmup = config.warmup_epochs * updates_per_epoch
+    decay_start = config.decay_from_epoch * updates_per_epoch
+    total = config.epochs * updates_per_epoch
+    if update < warmup:
+        return (update + 1) / warmup
+    if update < decay_start or total <= decay_start:
+        return 1.0
+    return max(0.0, (total - update) / (total - decay_start))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _save(obj, path: Path) -> None:
+    """torch.save atomically: a kill mid-write leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _read_metrics(run_dir: Path, upto_epoch: int) -> list[dict]:
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [m for m in lines if m["epoch"] <= upto_epoch]
+
+
+def evaluate(task: Task, split: str) -> dict:
+    task.model.eval()
+    refs, hyps = [], []
+    with torch.inference_mode():
+        for batch in task.eval_batches(split):
+            r, h = task.decode(batch)
+            refs += r
+            hyps += h
+    return error_rates(refs, hyps).to_dict()
+
+
+def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: bool = True) -> dict:
+    """Train `task.model` in `run_dir`, resuming from its checkpoint if one is there.
+
+    `run_record` is written to config.json (with this config, versions and the command line) when
+    the run starts, and must match the one already there when it resumes.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    record_now = dict(run_record, train=asdict(config))
+    saved_config = run_dir / CONFIG
+    if saved_config.exists() and (run_dir / CHECKPOINT).exists():
+        _check_same_run(json.loads(saved_config.read_text()), json.loads(json.dumps(record_now, default=str)), run_dir)
+    else:
+        record.write_json(saved_config, dict(record_now, versions=record.versions(),
+                                             command=record.command_line(), started=record.now()))
+
+    model = task.model
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    updates_per_epoch = math.ceil(len(task.train_batches(0)) / config.grad_accum)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: tri_stage(u, updates_per_epoch, config))
+    first_epoch, best = 0, {"epoch": None, "dev_wer": math.inf}
+    if (run_dir / CHECKPOINT).exists():
+        state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        first_epoch, best = state["epoch"], state["best"]
+    metrics = _read_metrics(run_dir, first_epoch)
+    (run_dir / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+    for epoch in range(first_epoch, config.epochs):
+        epoch_started = time.perf_counter()
+        task.start_epoch(epoch)
+        model.train()
+        batches = task.train_batches(epoch)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        loss_sum, loss_n, frames, data_wait, skipped = 0.0, 0, 0, 0.0, 0
+        optimizer.zero_grad(set_to_none=True)
+        iterator, step = iter(bar), 0
+        while True:
+            t = time.perf_counter()
+            batch = next(iterator, None)
+            data_wait += time.perf_counter() - t
+            if batch is None:
+                break
+            loss = task.loss(batch)
+            if not torch.isfinite(loss):
+                skipped += 1  # e.g. a transcript longer than its frames: CTC has no path
+            else:
+                (loss / config.grad_accum).backward()
+                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            step += 1
+            if step % config.grad_accum == 0 or step == len(batches):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            frames += getattr(batch, "frames", 0)
+            elapsed = time.perf_counter() - epoch_started
+            bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", fps=f"{frames / elapsed:.0f}")
+        train_seconds = time.perf_counter() - epoch_started
+        dev = evaluate(task, config.dev_split)
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(loss_n, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+            "updates": schedule.last_epoch,
+            "dev_wer": dev["wer"],
+            "dev_cer": dev["cer"],
+            "seconds": time.perf_counter() - epoch_started,
+            "train_seconds": train_seconds,
+            "data_wait_seconds": data_wait,
+            "frames_per_second": frames / train_seconds if train_seconds else 0.0,
+            "batches_without_ctc_path": skipped,
+        }
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
+                       f"dev WER {100 * dev['wer']:.2f}%, CER {100 * dev['cer']:.2f}% ({entry['seconds']:.1f} s)")
+        if dev["wer"] < best["dev_wer"] or best["epoch"] is None:
+            best = {"epoch": epoch + 1, "dev_wer": dev["wer"]}
+            _save(model.state_dict(), run_dir / BEST)
+        with open(run_dir / METRICS, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        _save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "best": best},
+              run_dir / CHECKPOINT)
+
+    eval_started = time.perf_counter()
+    model.load_state_dict(torch.load(run_dir / BEST, weights_only=True))
+    result = dict(
+        {k: run_record.get(k) for k in ("kind", "experiment", "layer", "reinit", "seed")},
+        status="finished",
+        best_epoch=best["epoch"],
+        epochs=config.epochs,
+    )
+    for split in (config.dev_split, *config.test_splits):
+        result[split] = evaluate(task, split)
+    result["timings"] = {
+        "total_s": sum(m["seconds"] for m in _read_metrics(run_dir, config.epochs)) + time.perf_counter() - eval_started,
+        "train_s": sum(m["train_seconds"] for m in _read_metrics(run_dir, config.epochs)),
+        "test_s": time.perf_counter() - eval_started,
+        "this_session_s": time.perf_counter() - started,
+    }
+    result["finished"] = record.now()
+    record.write_json(run_dir / RESULT, result)
+    return result
+
+
+# Parts of the run record that may change between the start of a run and its resumption.
+# The store may be read from another place (a copy, a URL) and the run continued on another device.
+_VOLATILE = ("versions", "command", "started", "store", "device")
+
+
+def _check_same_run(saved: dict, now: dict, run_dir: Path) -> None:
+    """Resuming with other settings or other features would silently mix two experiments."""
+    diffs = []
+
+    def walk(a, b, where):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if not where and k in _VOLATILE:
+                    continue
+                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+        elif a != b:
+            diffs.append(f"{where}: run has {a!r}, now {b!r}")
+
+    walk(saved, now, "")
+    if diffs:
+        raise W2VCacheError(
+            f"{run_dir} holds an unfinished run with other settings ({'; '.join(diffs[:5])}); "
+            "use another --out or delete that run directory to start afresh"
+        )
