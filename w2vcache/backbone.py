@@ -442,6 +442,33 @@ def forward_layers(
     return outputs, lengths
 
 
+def encode(
+    backbone: Backbone,
+    waves: Sequence[torch.Tensor],
+    mask_frames: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """The last layer for training: like `forward_layers` (same exact batching, same input
+    normalisation) but with gradients, and an optional `mask_frames(hidden, lengths)` applied
+    to the transformer input (SpecAugment-style time masking) as W2V fine-tuning does.
+
+    Returns (B, T_max, D) and each utterance's frame count.
+    """
+    model = backbone.model
+    lengths = [backbone.num_frames(w.shape[0]) for w in waves]
+    if backbone.normalize:
+        waves = [normalize_wave(w) for w in waves]
+    cnn = _cnn_features(model, list(waves), lengths)
+    projected = model.feature_projection(cnn)
+    hidden = projected[0] if isinstance(projected, tuple) else projected
+    if mask_frames is not None:
+        hidden = mask_frames(hidden, lengths)
+    mask = _frame_mask(lengths, hidden.device)
+    if model.config.model_type in BATCH_EXACT_MODEL_TYPES:
+        return model.encoder(hidden, attention_mask=mask).last_hidden_state, lengths
+    alone = [model.encoder(hidden[i : i + 1, :n]).last_hidden_state[0] for i, n in enumerate(lengths)]
+    return nn.utils.rnn.pad_sequence(alone, batch_first=True), lengths
+
+
 def _encoder_layers(model: nn.Module, cnn: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
     """Feature projection and transformer on CNN features: [layer00, ..., layerNN], each (B, T, D).
 

@@ -5,11 +5,14 @@ the function it wraps. A `W2VCacheError` is shown as a one-line error, never as 
 """
 
 import json
+import os
 
 import click
 
 from . import __version__
 from .errors import W2VCacheError
+from .report_cli import report_command
+from .share_cli import copy_command, export_command, pack_command
 
 
 class Group(click.Group):
@@ -28,6 +31,10 @@ def main():
     Extract every layer of a frozen W2V once into a feature store, train cheap BiLSTM-CTC
     probes on any layer, fine-tune with re-initialised top layers, and report WER.
     """
+
+
+for command in (report_command, copy_command, pack_command, export_command):
+    main.add_command(command)
 
 
 def corpus_options(command):
@@ -201,3 +208,59 @@ def probe_command(store, layers, seeds, epochs, lr, warmup_epochs, decay_from_ep
     )
     click.echo(f"{len(result.finished)} run(s) trained, {len(result.skipped)} already finished, "
                f"in {result.seconds:.1f} s; results under {out}/probe")
+
+
+@main.command("finetune")
+@click.option("--model", default="builtin:tiny", show_default=True,
+              help="Hugging Face id, local save_pretrained directory, or builtin:tiny|tiny-ln|base.")
+@corpus_options
+@click.option("--reinit", "reinits", multiple=True, default=["none"], show_default=True,
+              help="Transformer blocks to re-initialise first (1-based): none, 12, 11,12, 10-12. Repeatable: one experiment each.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run per re-init set and seed.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate.")
+@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
+@click.option("--decay-from-epoch", type=float, default=5.0, show_default=True)
+@click.option("--freeze-epochs", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Epochs during which only the CTC head trains.")
+@click.option("--train-feature-encoder", is_flag=True, help="Also train the CNN feature encoder (frozen by default).")
+@click.option("--mask-time-prob", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="SpecAugment-style time masking: share of frames masked (0 turns it off).")
+@click.option("--mask-time-length", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--final-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--batch-seconds", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
+              help="Padded audio per batch, over all ranks.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True, help="Audio-loading processes.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: mixed precision on GPU.")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--dev-split", default="dev", show_default=True)
+@click.option("--test-splits", default="test-clean,test-other", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (torchrun ranks take cuda:LOCAL_RANK).")
+@click.option("--revision", help="Hub revision of --model.")
+@click.option("--out", default="runs", show_default=True, help="Runs directory.")
+def finetune_command(model, librispeech, librilight, splits, reinits, seeds, epochs, lr, warmup_epochs,
+                     decay_from_epoch, freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length,
+                     final_dropout, batch_seconds, grad_accum, num_workers, precision, train_split, dev_split,
+                     test_splits, device, revision, out):
+    """Fine-tune W2V with a CTC head, top blocks re-initialised first (torchrun for several GPUs)."""
+    from .corpus import build_corpus
+    from .finetune import FinetuneConfig, finetune, parse_reinit
+    from .probe import parse_seeds
+    from .train import TrainConfig
+
+    result = finetune(
+        build_corpus(librispeech, librilight, list(splits)), model,
+        [parse_reinit(r) for r in reinits], parse_seeds(seeds), out,
+        FinetuneConfig(freeze_epochs=freeze_epochs, train_feature_encoder=train_feature_encoder,
+                       final_dropout=final_dropout, mask_time_prob=mask_time_prob, mask_time_length=mask_time_length,
+                       batch_seconds=batch_seconds, num_workers=num_workers, precision=precision),
+        TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, decay_from_epoch=decay_from_epoch,
+                    grad_accum=grad_accum, dev_split=dev_split,
+                    test_splits=tuple(s for s in test_splits.split(",") if s)),
+        train_split=train_split, device=device, revision=revision,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
+        click.echo(f"{len(result.finished)} run(s) trained, {len(result.skipped)} already finished, "
+                   f"in {result.seconds:.1f} s; results under {out}/finetune")

@@ -2,8 +2,9 @@
 
 The store receives plain numpy arrays; it knows nothing about models or audio. `extract.py` plans
 the splits (ids, transcripts, audio paths, frame counts), calls `FeatureStore.create`, then fills
-the blocks `pending_blocks` hands out. Probes read it with `open_store`. docs/STORE.md documents
-the layout for people who read it with plain `zarr`.
+the blocks `pending_blocks` hands out. Probes read it with `open_store`, from a local directory,
+any fsspec URL (s3://, gs://, https://) or a packed .zip (share.py). docs/STORE.md documents the
+layout for people who read it with plain `zarr`.
 
 Layout (one split shown; every array's chunks end in a crc32c checksum that zarr checks on read):
 
@@ -24,6 +25,7 @@ padding), so no two blocks share a chunk and writers of different blocks never t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -32,6 +34,7 @@ import shutil
 import socket
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 from w2vcache.errors import W2VCacheError
 
@@ -69,6 +73,11 @@ INDEX_ARRAYS = ("ids", "texts", "paths", "lengths", "offsets", "blocks", "done")
 VOLATILE_PROVENANCE = ("created", "package_versions", "versions", "host", "command")
 
 LOCK_DIR = ".locks"
+HTTP_PROTOCOLS = ("http", "https")  # read-only, and no listing: bytes on disk are unknown there
+EXISTS_CONCURRENCY = 10  # chunk-existence checks in flight at once (as zarr's async.concurrency)
+# The fsspec package each common protocol needs, for the message when it is not installed.
+FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp",
+                   "https": "aiohttp", "az": "adlfs", "abfs": "adlfs"}
 ALL_LOCK = "all"
 CREATE_LOCK = "create"
 CREATE_WAIT_S = 600  # how long a creator waits for another live creator before giving up
@@ -605,6 +614,12 @@ class FeatureStore:
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._index: dict[str, _SplitIndex] = {}
         self._written: set[tuple[str, int]] = set()
+        self._layers_written: dict[tuple[str, int], set[str]] = {}  # by write_layer
+        self._owned_store: Any = None  # a store open_store opened (a zip pack's handle), closed by close()
+        # How to open the store again in a forked child (a DataLoader worker): the parent's http
+        # session belongs to the parent's event loop, and a pack's file offset would be shared.
+        self._reopen: Callable[[], tuple[zarr.Group, Any]] | None = None
+        self._opened_in = os.getpid()
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -708,10 +723,12 @@ class FeatureStore:
         return index.ids, index.texts, index.lengths.tolist()
 
     def close(self) -> None:
-        """Release the writer lock (if any). Reading stays possible."""
+        """Release the writer lock (if any) and a pack's file handle. Reading stays possible."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._owned_store is not None:
+            _close_store(self._owned_store)
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -761,13 +778,21 @@ class FeatureStore:
 
     # -- access helpers -----------------------------------------------------------------------
 
+    def _check_fork(self) -> None:
+        if self._opened_in != os.getpid() and self._reopen is not None:
+            self._root, self._owned_store = self._reopen()
+            self._arrays.clear()
+        self._opened_in = os.getpid()
+
     def _group(self, split: str) -> zarr.Group:
+        self._check_fork()
         if split not in self._meta["splits"]:
             raise W2VCacheError(f"store {self.path} has no split {split!r}; it has "
                                 f"{', '.join(self._meta['splits'])}")
         return self._root[split]
 
     def _array(self, split: str, name: str) -> zarr.Array:
+        self._check_fork()
         key = (split, name)
         if key not in self._arrays:
             if name not in INDEX_ARRAYS and name not in self._meta["layers"]:
@@ -931,13 +956,42 @@ class FeatureStore:
             for k in range(len(block.ids)):
                 writer.append({layer: x[starts[k]: starts[k + 1]] for layer, x in features.items()})
 
-    def mark_done(self, block: Block) -> None:
-        """Record that every layer of `block` is written (after `write_block` or a BlockWriter)."""
+    def write_layer(self, block: Block, layer: str, frames: np.ndarray) -> None:
+        """Write one layer of a whole block: frames is (block.n_frames, dim), utterances end to end.
+
+        Layer by layer a block needs one layer in memory, not all of them (copying a store does
+        this). Every chunk of the block is written whole, padding included; `mark_done` once every
+        layer is written.
+        """
         self._check_writable()
         self._check_block(block)
-        if (block.split, block.index) not in self._written:
-            raise W2VCacheError(f"store {self.path}: {block.split} block {block.index} was not "
-                                f"written by this writer; write it before marking it done")
+        if layer not in self._meta["layers"]:
+            raise W2VCacheError(f"store {self.path} has no layer {layer!r}; it has "
+                                f"{', '.join(self._meta['layers'])}")
+        where = f"store {self.path}: {block.split} block {block.index}: {layer} features"
+        x = _convert_features(frames, (block.n_frames, self.layers[layer]), self.dtype, where)
+        chunk = self.chunk_frames(block.split)
+        rows = -(-block.n_frames // chunk) * chunk  # up to the chunk boundary where the next block starts
+        padded = np.zeros((rows, x.shape[1]), dtype=self.dtype)
+        padded[: block.n_frames] = x
+        self._array(block.split, layer)[block.frame_offset: block.frame_offset + rows] = padded
+        self._layers_written.setdefault((block.split, block.index), set()).add(layer)
+
+    def mark_done(self, block: Block) -> None:
+        """Record that every layer of `block` is written (by `write_block`, a BlockWriter, or
+        `write_layer` for each layer)."""
+        self._check_writable()
+        self._check_block(block)
+        key = (block.split, block.index)
+        if key not in self._written:
+            by_layer = self._layers_written.get(key, set())
+            missing = [layer for layer in self._meta["layers"] if layer not in by_layer]
+            if not by_layer:
+                raise W2VCacheError(f"store {self.path}: {block.split} block {block.index} was not "
+                                    f"written by this writer; write it before marking it done")
+            if missing:
+                raise W2VCacheError(f"store {self.path}: {block.split} block {block.index}: layers "
+                                    f"{missing} were not written; write them before marking it done")
         done = self._array(block.split, "done")
         done[block.index] = 1
         index = self._split_index(block.split)
@@ -1022,21 +1076,8 @@ class BlockWriter:
         self._next += 1
 
     def _convert(self, layer: str, utt_id: str, length: int, x: Any) -> np.ndarray:
-        x = np.asarray(x)
-        dim = self.layers[layer]
-        if x.shape != (length, dim):
-            raise W2VCacheError(f"{self._where()}: utterance {utt_id}: {layer} features have "
-                                f"shape {x.shape}, expected ({length}, {dim}) (frames, dim)")
-        with np.errstate(over="ignore"):  # overflow is detected below, with a better message
-            y = x.astype(self.store.dtype, copy=False)
-        if not np.isfinite(y).all():
-            if not np.isfinite(x).all():
-                raise W2VCacheError(f"{self._where()}: utterance {utt_id}: {layer} features "
-                                    f"contain NaN or infinity")
-            raise W2VCacheError(f"{self._where()}: utterance {utt_id}: {layer} features reach "
-                                f"{np.abs(x).max():.4g}, beyond {self.store.dtype}'s range; "
-                                f"create the store with dtype float32")
-        return y
+        return _convert_features(x, (length, self.layers[layer]), self.store.dtype,
+                                 f"{self._where()}: utterance {utt_id}: {layer} features")
 
     def _flush(self) -> None:
         """Write the current chunk of every layer: whole chunks only, never read back."""
@@ -1064,6 +1105,21 @@ class BlockWriter:
             self._pool.shutdown()
         self._closed = True
         self.store._written.add((self.block.split, self.block.index))
+
+
+def _convert_features(x: Any, shape: tuple[int, int], dtype: str, what: str) -> np.ndarray:
+    """x as `dtype`, refusing a wrong shape, NaN/infinity, and values beyond dtype's range."""
+    x = np.asarray(x)
+    if x.shape != shape:
+        raise W2VCacheError(f"{what} have shape {x.shape}, expected {shape} (frames, dim)")
+    with np.errstate(over="ignore"):  # overflow is detected below, with a better message
+        y = x.astype(dtype, copy=False)
+    if not np.isfinite(y).all():
+        if not np.isfinite(x).all():
+            raise W2VCacheError(f"{what} contain NaN or infinity")
+        raise W2VCacheError(f"{what} reach {np.abs(x).max():.4g}, beyond {dtype}'s range; "
+                            f"create the store with dtype float32")
+    return y
 
 
 def _check_shard(shard: Any, label: str) -> tuple[int, int] | None:
@@ -1119,24 +1175,107 @@ def _find_bad_chunk(array: zarr.Array, selection: slice | int) -> int | None:
 # Opening, verify, info
 
 
-def _open_group(path_or_store: Any, label: str) -> zarr.Group:
+def _protocol(url: str) -> str | None:
+    """'s3' for 's3://bucket/x', the first protocol of a chained URL ('zip::https://...'), or None."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)(::|://)", url)
+    return match[1].lower() if match and len(match[1]) > 1 else None  # 'C:\\x' is a path
+
+
+def _reading_store(path: Any, label: str) -> tuple[Any, bool]:
+    """A read-only zarr store for `path`, and whether the caller owns it (must close it).
+
+    Local directories open as a read-only LocalStore, a local zip file (a pack) as a ZipStore,
+    anything else with a protocol as a read-only FsspecStore; a remote .zip is read in place
+    through fsspec's zip file system (the server must answer range requests).
+    """
+    if not isinstance(path, str):
+        return path, False  # a zarr Store (or StorePath) given by the caller
+    protocol = _protocol(path)
+    if protocol == "file" and "::" not in path:
+        path, protocol = path[len("file://"):], None
+    if protocol is None:
+        local = Path(path)
+        if local.is_file():
+            if not zipfile.is_zipfile(local):
+                raise W2VCacheError(f"{label} is a file but not a zip pack; a store is a directory, "
+                                    f"a .zip made by `w2vcache pack`, or a URL")
+            return ZipStore(local, mode="r"), True
+        if not local.is_dir():
+            raise W2VCacheError(f"no store at {label}")
+        return LocalStore(local, read_only=True), True
+    if path.rstrip("/").lower().endswith(".zip") and "::" not in path:
+        path = f"zip::{path.rstrip('/')}"
     try:
-        return zarr.open_group(path_or_store, mode="r", zarr_format=3, use_consolidated=False)
+        return FsspecStore.from_url(path, read_only=True), True
+    except ImportError as e:
+        package = FSSPEC_PACKAGES.get(protocol, f"the fsspec implementation of {protocol}://")
+        raise W2VCacheError(f"reading {label} needs {package}: pip install {package} ({e})") from None
+    except ValueError as e:
+        raise W2VCacheError(f"cannot read {label}: {e}") from None
+    except Exception as e:
+        if _is_access_error(e):
+            raise W2VCacheError(f"cannot read {label}: {type(e).__name__}: {e}") from None
+        raise
+
+
+def _is_access_error(e: Exception) -> bool:
+    """An error reaching a store (missing file, network, permission), as opposed to a bug."""
+    if isinstance(e, (OSError, zipfile.BadZipFile, asyncio.TimeoutError)):
+        return True
+    try:
+        import aiohttp
+    except ImportError:
+        return False
+    return isinstance(e, aiohttp.ClientError)
+
+
+def _close_store(store: Any) -> None:
+    """Release what opening a store took: a zip file's handle (other stores hold nothing)."""
+    if isinstance(store, ZipStore) and store._is_open:
+        store.close()
+
+
+def _open_group(path_or_store: Any, label: str) -> tuple[zarr.Group, Any]:
+    """The store's root group opened read-only, and the store object to close (or None)."""
+    store, owned = _reading_store(path_or_store, label)
+    try:
+        return zarr.open_group(store, mode="r", zarr_format=3, use_consolidated=False), store if owned else None
     except FileNotFoundError:
-        raise W2VCacheError(f"no store at {label}") from None
-    except (ValueError, OSError) as e:
-        raise W2VCacheError(f"{label} is not a readable zarr v3 store: {e}") from None
+        error = f"no store at {label} (no zarr v3 group there: {label}/zarr.json is missing)"
+    except zipfile.BadZipFile as e:
+        error = f"{label} is not a readable zip pack: {e}"
+    except ValueError as e:
+        error = f"{label} is not a readable zarr v3 store: {e}"
+    except Exception as e:
+        if not _is_access_error(e):
+            raise
+        error = f"cannot read {label}: {type(e).__name__}: {e}"
+    if owned:
+        _close_store(store)
+    raise W2VCacheError(error)
 
 
 def open_store(path: Any) -> FeatureStore:
-    """Open a store read-only: a local path, an fsspec URL, or any zarr store object.
+    """Open a store read-only: a local path, an fsspec URL, a .zip pack, or any zarr store object.
 
-    Nothing under the store is ever modified through it.
+    URLs: "s3://bucket/features.zarr", "gs://...", "https://host/features.zarr" (read-only),
+    "features.zip" or "https://host/features.zip" (a pack, read in place). Credentials come from the
+    environment the way the fsspec package of that protocol finds them (s3fs, gcsfs, ...).
+    Nothing under the store is ever modified through it. `close()` releases a pack's file handle.
     """
     label = _store_label(path)
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
-    return FeatureStore(_open_group(path, label), label)
+    group, owned = _open_group(path, label)
+    try:
+        store = FeatureStore(group, label)
+    except BaseException:
+        _close_store(owned)
+        raise
+    store._owned_store = owned
+    if owned is not None:
+        store._reopen = lambda: _open_group(path, label)
+    return store
 
 
 def verify(path: Any) -> VerifyReport:
@@ -1147,8 +1286,11 @@ def verify(path: Any) -> VerifyReport:
     except W2VCacheError as e:
         report.problems.append(str(e))
         return report
-    for split in store.splits:
-        _verify_split(store, split, report)
+    try:
+        for split in store.splits:
+            _verify_split(store, split, report)
+    finally:
+        store.close()
     return report
 
 
@@ -1265,10 +1407,9 @@ def _read_chunkwise(array: zarr.Array, name: str, report: VerifyReport) -> np.nd
 def _verify_chunks(array: zarr.Array, name: str, first: int, last: int, report: VerifyReport) -> None:
     """Chunks first..last-1 (along frames) must exist and decode."""
     step = array.chunks[0]
-    store = array.store_path.store
-    for c in range(first, last):
-        key = f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, 0))}"
-        if not sync(store.exists(key)):
+    keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, 0))}" for c in range(first, last)]
+    for c, exists in zip(range(first, last), _keys_exist(array.store_path.store, keys)):
+        if not exists:
             report.problems.append(f"{name} chunk {c}: missing (its block is marked done)")
     report.chunks_checked += last - first
     try:
@@ -1283,29 +1424,86 @@ def _verify_chunks(array: zarr.Array, name: str, first: int, last: int, report: 
             report.problems.append(f"{name} chunk {c}: checksum mismatch or unreadable ({e})")
 
 
-def _stored_bytes(measure: Callable[[], int]) -> int | None:
-    """Bytes on disk, or None where the store cannot list its keys (e.g. plain https)."""
+def _keys_exist(store: Any, keys: list[str]) -> list[bool]:
+    """store.exists for each key, many at once: one request per key on a remote store."""
+    async def check_all() -> list[bool]:
+        limit = asyncio.Semaphore(EXISTS_CONCURRENCY)
+
+        async def check(key: str) -> bool:
+            async with limit:
+                return await store.exists(key)
+
+        return await asyncio.gather(*(check(key) for key in keys))
+
+    return sync(check_all())
+
+
+def _key_sizes(store: Any) -> dict[str, int] | None:
+    """{key: bytes} of every key under the store, listed once; None where it cannot be listed.
+
+    Plain http(s) has no listing (a server's HTML index is not one to rely on): None there.
+    """
+    if isinstance(store, LocalStore):
+        root = Path(store.root)
+        return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    if isinstance(store, ZipStore):
+        if not store._is_open:
+            store._sync_open()
+        return {i.filename: i.compress_size for i in store._zf.infolist() if not i.is_dir()}
+    if isinstance(store, FsspecStore):
+        protocols = store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
+        if set(protocols) & set(HTTP_PROTOCOLS):
+            return None
+        found = sync(store.fs._find(store.path, withdirs=False, detail=True))
+        prefix = store.path.rstrip("/") + "/" if store.path.strip("/") else ""
+        return {path.removeprefix(prefix): int(entry.get("size") or 0) for path, entry in found.items()}
+
+    async def list_sizes() -> dict[str, int]:
+        return {key: await store.getsize(key) async for key in store.list()}
+
+    return sync(list_sizes())
+
+
+def _bytes_on_disk(store: FeatureStore) -> dict:
+    """Stored bytes per layer (all splits) and in total; None for each where they are unknown."""
+    zarr_store, root = store._root.store_path.store, store._root.store_path.path
     try:
-        return int(measure())
-    except (NotImplementedError, OSError, TypeError):
-        return None
-
-
-def _add(a: int | None, b: int | None) -> int | None:
-    return None if a is None or b is None else a + b
+        sizes = _key_sizes(zarr_store)
+    except (NotImplementedError, OSError, TypeError, ValueError):
+        sizes = None
+    if sizes is None:
+        return {"layers": dict.fromkeys(store.layers), "total": None}
+    prefix = f"{root}/" if root else ""
+    sizes = {k.removeprefix(prefix): n for k, n in sizes.items() if k.startswith(prefix)}
+    layers = dict.fromkeys(store.layers, 0)
+    for key, n in sizes.items():
+        split, _, rest = key.partition("/")
+        layer = rest.partition("/")[0]
+        if split in store.splits and layer in layers:  # <split>/<layer>/zarr.json and its chunks
+            layers[layer] += n
+    total = sum(sizes.values())
+    if isinstance(zarr_store, ZipStore):
+        total = os.path.getsize(zarr_store.path)  # the pack file itself, headers included
+    return {"layers": layers, "total": total}
 
 
 def info(path: Any) -> dict:
-    """A JSON-safe summary: splits, sizes, completeness, layers, bytes on disk, provenance."""
+    """A JSON-safe summary: splits, sizes, completeness, layers, bytes on disk, provenance.
+
+    Bytes on disk are None (unknown) where the store cannot be listed: plain http(s).
+    """
     store = open_store(path)
+    try:
+        return _info(store)
+    finally:
+        store.close()
+
+
+def _info(store: FeatureStore) -> dict:
     splits = {}
-    layer_bytes = dict.fromkeys(store.layers, 0)
     for split in store.splits:
         attrs = store.split_attrs(split)
         status = store.status(split)
-        for layer in store.layers:
-            layer_bytes[layer] = _add(layer_bytes[layer], _stored_bytes(
-                lambda: store._array(split, layer).nbytes_stored()))
         splits[split] = {
             "utterances": status.n_utterances,
             "frames": attrs.get("n_frames"),
@@ -1326,7 +1524,6 @@ def info(path: Any) -> dict:
         "dtype": store.dtype,
         "compression": meta.get("compression"),
         "splits": splits,
-        "bytes": {"layers": layer_bytes, "total": _stored_bytes(
-            lambda: sync(store._root.store_path.store.getsize_prefix(store._root.store_path.path)))},
+        "bytes": _bytes_on_disk(store),
         "provenance": store.provenance,
     }

@@ -17,6 +17,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import record
@@ -118,11 +119,14 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # Under torchrun every rank trains; rank 0 alone writes the run directory.
+    distributed = dist.is_initialized()
+    writer = not distributed or dist.get_rank() == 0
     record_now = dict(run_record, train=asdict(config))
     saved_config = run_dir / CONFIG
     if saved_config.exists() and (run_dir / CHECKPOINT).exists():
         _check_same_run(json.loads(saved_config.read_text()), json.loads(json.dumps(record_now, default=str)), run_dir)
-    else:
+    elif writer:
         record.write_json(saved_config, dict(record_now, versions=record.versions(),
                                              command=record.command_line(), started=record.now()))
 
@@ -138,8 +142,9 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
         first_epoch, best = state["epoch"], state["best"]
-    metrics = _read_metrics(run_dir, first_epoch)
-    (run_dir / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if writer:  # drop lines of an epoch whose checkpoint a kill prevented
+        metrics = _read_metrics(run_dir, first_epoch)
+        (run_dir / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
     for epoch in range(first_epoch, config.epochs):
         epoch_started = time.perf_counter()
@@ -186,17 +191,21 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
             "frames_per_second": frames / train_seconds if train_seconds else 0.0,
             "batches_without_ctc_path": skipped,
         }
-        if progress:
+        if progress and writer:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
                        f"dev WER {100 * dev['wer']:.2f}%, CER {100 * dev['cer']:.2f}% ({entry['seconds']:.1f} s)")
         if dev["wer"] < best["dev_wer"] or best["epoch"] is None:
             best = {"epoch": epoch + 1, "dev_wer": dev["wer"]}
-            _save(model.state_dict(), run_dir / BEST)
-        with open(run_dir / METRICS, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        _save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "best": best},
-              run_dir / CHECKPOINT)
+            if writer:
+                _save(model.state_dict(), run_dir / BEST)
+        if writer:
+            with open(run_dir / METRICS, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            _save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "best": best},
+                  run_dir / CHECKPOINT)
+        if distributed:
+            dist.barrier()  # the other ranks may read best.pt / checkpoint.pt next
 
     eval_started = time.perf_counter()
     model.load_state_dict(torch.load(run_dir / BEST, weights_only=True))
@@ -215,7 +224,10 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
         "this_session_s": time.perf_counter() - started,
     }
     result["finished"] = record.now()
-    record.write_json(run_dir / RESULT, result)
+    if writer:
+        record.write_json(run_dir / RESULT, result)
+    if distributed:
+        dist.barrier()  # nobody moves on to the next run before this one's result exists
     return result
 
 

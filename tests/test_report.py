@@ -1,0 +1,420 @@
+"""report: run directories written by hand (docs/RUNS.md) -> table, CSV, JSON, figure, command line.
+
+Every expected number is worked out by hand from the metrics written below: three values a-d, a,
+a+d have mean a and sample standard deviation d; two values a, b have mean (a+b)/2 and sample
+standard deviation |a-b|/sqrt(2) (0.02/sqrt(2) = 0.0141 -> "1.41" %).
+"""
+
+import csv
+import json
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from w2vcache.errors import W2VCacheError
+from w2vcache.report import find_runs, summarize, write_report
+from w2vcache.report_cli import report_command
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SPLITS = ("dev", "test-clean", "test-other")
+
+# (dev WER, test-clean WER, test-other WER, dev CER, test-clean CER, test-other CER) per seed.
+PROBES = {
+    0: {0: (0.50, 0.48, 0.70, 0.20, 0.19, 0.30),
+        1: (0.52, 0.50, 0.72, 0.22, 0.21, 0.32),
+        2: (0.54, 0.52, 0.74, 0.24, 0.23, 0.34)},
+    4: {0: (0.20, 0.19, 0.35, 0.08, 0.07, 0.15),  # seed 2 unfinished: n=2
+        1: (0.22, 0.21, 0.39, 0.10, 0.09, 0.17)},
+    8: {0: (0.10, 0.09, 0.20, 0.03, 0.02, 0.07),
+        1: (0.12, 0.11, 0.23, 0.04, 0.03, 0.08),
+        2: (0.14, 0.13, 0.26, 0.05, 0.04, 0.09)},
+    12: {0: (0.30, 0.28, 0.45, 0.12, 0.11, 0.20)},  # seed 1 failed: n=1
+}
+# The published fine-tuning means (none 10.71/19.47, 12: 10.93/19.58, ...) spread by 0.1 %.
+FINETUNES = {
+    (): {0: (0.09, 0.1061, 0.1937, 0.03, 0.04, 0.08),
+         1: (0.10, 0.1071, 0.1947, 0.03, 0.04, 0.08),
+         2: (0.11, 0.1081, 0.1957, 0.03, 0.04, 0.08)},
+    (12,): {0: (0.10, 0.1083, 0.1948, 0.03, 0.04, 0.08),
+            1: (0.11, 0.1093, 0.1958, 0.03, 0.04, 0.08),
+            2: (0.12, 0.1103, 0.1968, 0.03, 0.04, 0.08)},
+    (11, 12): {0: (0.10, 0.1072, 0.1935, 0.03, 0.04, 0.08),  # seed 1 failed: n=2
+               2: (0.10, 0.1092, 0.1955, 0.03, 0.04, 0.08)},
+    (10, 11, 12): {0: (0.12, 0.1139, 0.2108, 0.04, 0.05, 0.09),
+                   1: (0.13, 0.1149, 0.2118, 0.04, 0.05, 0.09),
+                   2: (0.14, 0.1159, 0.2128, 0.04, 0.05, 0.09)},
+}
+
+# Markdown cells, by hand from the values above.
+PROBE_TABLE = {
+    "0": {"seeds": "0,1,2", "dev WER": "52.00 ± 2.00 (n=3)", "test-clean WER": "50.00 ± 2.00 (n=3)",
+          "test-other WER": "72.00 ± 2.00 (n=3)", "dev CER": "22.00 ± 2.00 (n=3)",
+          "test-clean CER": "21.00 ± 2.00 (n=3)", "test-other CER": "32.00 ± 2.00 (n=3)"},
+    "4": {"seeds": "0,1", "dev WER": "21.00 ± 1.41 (n=2)", "test-clean WER": "20.00 ± 1.41 (n=2)",
+          "test-other WER": "37.00 ± 2.83 (n=2)", "dev CER": "9.00 ± 1.41 (n=2)",
+          "test-clean CER": "8.00 ± 1.41 (n=2)", "test-other CER": "16.00 ± 1.41 (n=2)"},
+    "8": {"seeds": "0,1,2", "dev WER": "12.00 ± 2.00 (n=3)", "test-clean WER": "11.00 ± 2.00 (n=3)",
+          "test-other WER": "23.00 ± 3.00 (n=3)", "dev CER": "4.00 ± 1.00 (n=3)",
+          "test-clean CER": "3.00 ± 1.00 (n=3)", "test-other CER": "8.00 ± 1.00 (n=3)"},
+    "12": {"seeds": "0", "dev WER": "30.00 (n=1)", "test-clean WER": "28.00 (n=1)",
+           "test-other WER": "45.00 (n=1)", "dev CER": "12.00 (n=1)",
+           "test-clean CER": "11.00 (n=1)", "test-other CER": "20.00 (n=1)"},
+}
+FINETUNE_TABLE = {
+    "none": {"seeds": "0,1,2", "dev WER": "10.00 ± 1.00 (n=3)", "test-clean WER": "10.71 ± 0.10 (n=3)",
+             "test-other WER": "19.47 ± 0.10 (n=3)", "Δ dev": "+0.00", "Δ test-clean": "+0.00",
+             "Δ test-other": "+0.00", "dev CER": "3.00 ± 0.00 (n=3)", "test-clean CER": "4.00 ± 0.00 (n=3)",
+             "test-other CER": "8.00 ± 0.00 (n=3)"},
+    "12": {"seeds": "0,1,2", "dev WER": "11.00 ± 1.00 (n=3)", "test-clean WER": "10.93 ± 0.10 (n=3)",
+           "test-other WER": "19.58 ± 0.10 (n=3)", "Δ dev": "+1.00", "Δ test-clean": "+0.22",
+           "Δ test-other": "+0.11", "dev CER": "3.00 ± 0.00 (n=3)", "test-clean CER": "4.00 ± 0.00 (n=3)",
+           "test-other CER": "8.00 ± 0.00 (n=3)"},
+    "11,12": {"seeds": "0,2", "dev WER": "10.00 ± 0.00 (n=2)", "test-clean WER": "10.82 ± 0.14 (n=2)",
+              "test-other WER": "19.45 ± 0.14 (n=2)", "Δ dev": "+0.00", "Δ test-clean": "+0.11",
+              "Δ test-other": "-0.02", "dev CER": "3.00 ± 0.00 (n=2)", "test-clean CER": "4.00 ± 0.00 (n=2)",
+              "test-other CER": "8.00 ± 0.00 (n=2)"},
+    "10,11,12": {"seeds": "0,1,2", "dev WER": "13.00 ± 1.00 (n=3)", "test-clean WER": "11.49 ± 0.10 (n=3)",
+                 "test-other WER": "21.18 ± 0.10 (n=3)", "Δ dev": "+3.00", "Δ test-clean": "+0.78",
+                 "Δ test-other": "+1.71", "dev CER": "4.00 ± 0.00 (n=3)", "test-clean CER": "5.00 ± 0.00 (n=3)",
+                 "test-other CER": "9.00 ± 0.00 (n=3)"},
+}
+NOT_INCLUDED = [
+    "- not included: probe/layer04/seed2 (unfinished, 4 of 10 epochs done)",
+    "- not included: probe/layer07/seed0 (unfinished)",
+    "- not included: probe/layer12/seed1 (failed: CUDA out of memory)",
+    "- not included: finetune/reinit-11-12/seed1 (failed: loss is NaN at epoch 3)",
+]
+
+
+def experiment(kind, layer, reinit):
+    if kind == "probe":
+        return f"layer{layer:02d}"
+    return "reinit-" + ("-".join(map(str, reinit)) if reinit else "none")
+
+
+def write_run(root, kind, seed, values=None, layer=None, reinit=(), status="finished", epochs_done=10,
+              error=None, splits=SPLITS, lr=1e-4, prefix="", name=None):
+    """One run directory as probe/finetune write it: config.json, metrics.jsonl, result.json."""
+    name = name or experiment(kind, layer, reinit)
+    directory = root / prefix / kind / name / f"seed{seed}"
+    directory.mkdir(parents=True)
+    ident = {"kind": kind, "experiment": name, "layer": layer, "reinit": list(reinit), "seed": seed}
+    config = {**ident, "train": {"epochs": 10, "lr": lr, "seed": seed}, "model": {"hidden": 1024},
+              "data": {"store": "features.zarr"}, "versions": {}, "command": ["w2vcache", kind],
+              "started": "2026-11-25T12:00:00+00:00"}
+    (directory / "config.json").write_text(json.dumps(config))
+    with open(directory / "metrics.jsonl", "w") as f:
+        for epoch in range(1, epochs_done + 1):
+            f.write(json.dumps({"epoch": epoch, "train_loss": 1.0, "lr": 1e-4, "dev_wer": 0.5, "dev_cer": 0.2,
+                                "seconds": 1.0, "updates": 4}) + "\n")
+    if status == "unfinished":
+        return directory
+    result = {**ident, "status": status, "best_epoch": 7, "epochs": 10,
+              "timings": {"total_s": 1.0, "train_s": 0.8, "eval_s": 0.2}, "finished": "2026-11-25T13:00:00+00:00"}
+    if status == "failed":
+        result["error"] = error
+    else:
+        wers, cers = values[: len(values) // 2], values[len(values) // 2:]
+        for split, wer, cer in zip(splits, wers, cers):
+            result[split] = {"wer": wer, "cer": cer, "words": 1000, "utterances": 100}
+    (directory / "result.json").write_text(json.dumps(result))
+    return directory
+
+
+def write_probes(root, **kw):
+    for layer, seeds in PROBES.items():
+        for seed, values in seeds.items():
+            write_run(root, "probe", seed, values, layer=layer, **kw)
+    write_run(root, "probe", 2, layer=4, status="unfinished", epochs_done=4, **kw)
+    write_run(root, "probe", 0, layer=7, status="unfinished", epochs_done=0, **kw)  # nothing finished at 7
+    write_run(root, "probe", 1, layer=12, status="failed", error="CUDA out of memory\nTraceback ...", **kw)
+
+
+def write_finetunes(root, **kw):
+    for reinit, seeds in FINETUNES.items():
+        for seed, values in seeds.items():
+            write_run(root, "finetune", seed, values, reinit=reinit, **kw)
+    write_run(root, "finetune", 1, reinit=(11, 12), status="failed", error="loss is NaN at epoch 3", **kw)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    write_probes(root)
+    write_finetunes(root)
+    return root
+
+
+def markdown_tables(text):
+    """{section heading: {first cell: {column: cell}}} for every table in the Markdown."""
+    tables, heading, header = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading, header = line[3:], None
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if header is None:
+                header = cells
+            elif not set(line) <= set("|-: "):
+                tables.setdefault(heading, {})[cells[0]] = dict(zip(header[1:], cells[1:]))
+        else:
+            header = None
+    return tables
+
+
+def runner():
+    """A CliRunner that keeps stderr apart from stdout (click 8.1 needs asking; 8.2 always does)."""
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    length, chunk = struct.unpack(">I4s", data[8:16])
+    assert chunk == b"IHDR" and length == 13
+    return struct.unpack(">II", data[16:24])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_find_runs_reads_every_run_with_its_status(runs):
+    found = find_runs(runs)
+    assert len(found) == 9 + 3 + 11 + 1  # finished probes, other probes, finished fine-tunes, failed
+    by_name = {r.name: r for r in found}
+    assert by_name["probe/layer04/seed2"].status == "unfinished"
+    assert by_name["probe/layer04/seed2"].epochs_done == 4
+    assert by_name["probe/layer12/seed1"].status == "failed"
+    assert by_name["probe/layer12/seed1"].error.startswith("CUDA out of memory")
+    run = by_name["finetune/reinit-11-12/seed2"]
+    assert (run.kind, run.experiment, run.layer, run.reinit, run.seed) == ("finetune", "reinit-11-12", None, [11, 12], 2)
+    assert run.metrics == {"dev": {"wer": 0.10, "cer": 0.03}, "test-clean": {"wer": 0.1092, "cer": 0.04},
+                           "test-other": {"wer": 0.1955, "cer": 0.08}}
+    assert run.best_epoch == 7 and run.status == "finished"
+
+
+def test_markdown_table_has_every_number_worked_out_by_hand(runs, tmp_path):
+    written = write_report(runs, tmp_path / "out")
+    text = written["md"].read_text()
+    tables = markdown_tables(text)
+    probes = tables["Probes (frozen W2V layer, BiLSTM-CTC)"]
+    tunes = tables["Fine-tuning (W2V + CTC head, re-initialised blocks)"]
+    assert list(probes) == ["0", "4", "8", "12"]  # by layer; layer 7 has no finished run
+    assert probes == PROBE_TABLE
+    assert list(tunes) == ["none", "12", "11,12", "10,11,12"]
+    assert tunes == FINETUNE_TABLE
+    assert "Best layer: 8 (lowest mean dev WER, 12.00 %)." in text
+    lines = text.splitlines()
+    assert [line for line in lines if line.startswith("- not included")] == NOT_INCLUDED
+    assert "![WER by layer and by re-initialised blocks](report.png)" in text
+
+
+def test_summarize_rows_and_deltas(runs):
+    rows = summarize(find_runs(runs))
+    assert [(r.kind, r.label, r.n) for r in rows] == [
+        ("probe", "0", 3), ("probe", "4", 2), ("probe", "8", 3), ("probe", "12", 1),
+        ("finetune", "none", 3), ("finetune", "12", 3), ("finetune", "11,12", 2), ("finetune", "10,11,12", 3)]
+    layer8 = rows[2]
+    assert layer8.wer["dev"].mean == pytest.approx(0.12) and layer8.wer["dev"].std == pytest.approx(0.02)
+    assert layer8.cer["test-other"].mean == pytest.approx(0.08) and layer8.cer["test-other"].std == pytest.approx(0.01)
+    assert rows[1].wer["test-other"].std == pytest.approx(0.04 / 2 ** 0.5)
+    assert rows[3].wer["dev"].std is None and rows[3].not_included == ["probe/layer12/seed1"]
+    assert rows[1].not_included == ["probe/layer04/seed2"]
+    assert layer8.delta_wer == {}
+    reinit_10_11_12 = rows[7]
+    assert reinit_10_11_12.delta_wer["test-clean"] == pytest.approx(0.1149 - 0.1071)
+    assert reinit_10_11_12.delta_wer["test-other"] == pytest.approx(0.2118 - 0.1947)
+    assert rows[6].delta_wer["test-other"] == pytest.approx(0.1945 - 0.1947)
+    assert rows[6].seeds == [0, 2]
+
+
+def test_csv_and_json(runs, tmp_path):
+    written = write_report(runs, tmp_path / "out")
+    with open(written["csv"], newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert [(r["kind"], r["layer"], r["reinit"]) for r in lines] == [
+        ("probe", "0", ""), ("probe", "4", ""), ("probe", "8", ""), ("probe", "12", ""),
+        ("finetune", "", "none"), ("finetune", "", "12"), ("finetune", "", "11,12"), ("finetune", "", "10,11,12")]
+    layer8, layer12, reinit12 = lines[2], lines[3], lines[5]
+    assert (layer8["experiment"], layer8["n"], layer8["seeds"]) == ("layer08", "3", "0 1 2")
+    assert float(layer8["dev_wer_mean"]) == pytest.approx(0.12)  # fractions, not percent
+    assert float(layer8["dev_wer_std"]) == pytest.approx(0.02)
+    assert float(layer8["test-other_wer_std"]) == pytest.approx(0.03)
+    assert float(layer8["test-clean_cer_mean"]) == pytest.approx(0.03)
+    assert layer8["dev_wer_n"] == "3" and layer8["test-clean_wer_delta"] == ""
+    assert layer12["dev_wer_std"] == "" and float(layer12["dev_wer_mean"]) == pytest.approx(0.30)
+    assert float(reinit12["test-clean_wer_delta"]) == pytest.approx(0.0022)
+    assert float(reinit12["test-other_wer_delta"]) == pytest.approx(0.0011)
+    assert float(reinit12["dev_wer_delta"]) == pytest.approx(0.01)
+
+    report = json.loads(written["json"].read_text())
+    assert report["splits"] == ["dev", "test-clean", "test-other"]
+    assert report["best_layer"] == {"layer": 8, "experiment": "layer08", "by": "dev wer"}
+    assert len(report["rows"]) == 8 and len(report["runs"]) == 24
+    row = report["rows"][2]
+    assert row["layer"] == 8 and row["seeds"] == [0, 1, 2] and row["delta_wer"] is None
+    assert row["wer"]["test-other"]["mean"] == pytest.approx(0.23)
+    assert row["wer"]["test-other"]["std"] == pytest.approx(0.03) and row["wer"]["test-other"]["n"] == 3
+    assert report["rows"][3]["wer"]["dev"]["std"] is None
+    assert report["rows"][4]["delta_wer"] == {"dev": 0.0, "test-clean": 0.0, "test-other": 0.0}
+    statuses = {r["name"]: r["status"] for r in report["runs"]}
+    assert statuses["probe/layer07/seed0"] == "unfinished" and statuses["finetune/reinit-11-12/seed1"] == "failed"
+    assert [r["name"] for r in report["not_included"]] == [
+        "probe/layer04/seed2", "probe/layer07/seed0", "probe/layer12/seed1", "finetune/reinit-11-12/seed1"]
+    assert report["notes"] == []
+
+
+def test_figure_is_a_png_of_the_documented_size(runs, tmp_path):
+    written = write_report(runs, tmp_path / "out", formats=())
+    assert set(written) == {"png"}
+    assert png_size(written["png"]) == (1000, 400)  # two panels of 5 x 4 inches at 100 dpi
+
+
+def test_probes_only(tmp_path):
+    root = tmp_path / "runs"
+    write_probes(root)
+    written = write_report(root)
+    assert written["png"].parent == root / "report"
+    assert png_size(written["png"]) == (500, 400)  # one panel
+    text = written["md"].read_text()
+    assert markdown_tables(text) == {"Probes (frozen W2V layer, BiLSTM-CTC)": PROBE_TABLE}
+    assert "Fine-tuning" not in text and "Δ" not in text
+    # The report folder inside RUNS is not mistaken for a run on the next report.
+    assert len(find_runs(root)) == 12 and write_report(root)["md"].read_text() == text
+
+
+def test_finetunes_only_without_baseline_and_with_another_test_split(tmp_path):
+    root = tmp_path / "runs"
+    splits = ("test-clean", "test-other", "test-noisy")
+    for seed, values in {0: (0.11, 0.20, 0.30, 0.04, 0.08, 0.12), 1: (0.13, 0.22, 0.36, 0.05, 0.09, 0.13)}.items():
+        write_run(root, "finetune", seed, values, reinit=(12,), splits=splits)
+    write_run(root, "finetune", 0, (0.15, 0.25, 0.40, 0.05, 0.10, 0.15), reinit=(11, 12), splits=splits)
+    written = write_report(root)
+    assert png_size(written["png"]) == (500, 400)
+    text = written["md"].read_text()
+    assert "Probes" not in text and "Best layer" not in text
+    assert "Δ: not computed, no fine-tuning baseline (re-init none) has finished." in text
+    assert markdown_tables(text) == {"Fine-tuning (W2V + CTC head, re-initialised blocks)": {
+        "12": {"seeds": "0,1", "test-clean WER": "12.00 ± 1.41 (n=2)", "test-other WER": "21.00 ± 1.41 (n=2)",
+               "test-noisy WER": "33.00 ± 4.24 (n=2)", "Δ test-clean": "-", "Δ test-other": "-",
+               "Δ test-noisy": "-", "test-clean CER": "4.50 ± 0.71 (n=2)",
+               "test-other CER": "8.50 ± 0.71 (n=2)", "test-noisy CER": "12.50 ± 0.71 (n=2)"},
+        "11,12": {"seeds": "0", "test-clean WER": "15.00 (n=1)", "test-other WER": "25.00 (n=1)",
+                  "test-noisy WER": "40.00 (n=1)", "Δ test-clean": "-", "Δ test-other": "-",
+                  "Δ test-noisy": "-", "test-clean CER": "5.00 (n=1)",
+                  "test-other CER": "10.00 (n=1)", "test-noisy CER": "15.00 (n=1)"},
+    }}
+    report = json.loads(written["json"].read_text())
+    assert report["splits"] == ["test-clean", "test-other", "test-noisy"] and report["best_layer"] is None
+    assert report["rows"][0]["delta_wer"] == {"test-clean": None, "test-other": None, "test-noisy": None}
+    with open(written["csv"], newline="") as f:
+        assert float(next(csv.DictReader(f))["test-noisy_wer_mean"]) == pytest.approx(0.33)
+
+
+def test_probe_without_dev_picks_best_layer_by_test_clean(tmp_path):
+    root = tmp_path / "runs"
+    for layer, wer in ((6, 0.30), (8, 0.20), (10, 0.25)):
+        write_run(root, "probe", 0, (wer, wer, 0.1, 0.1), layer=layer, splits=("test-clean", "test-other"))
+    text = write_report(root)["md"].read_text()
+    assert "Best layer: 8 (lowest mean test-clean WER, 20.00 %)." in text
+
+
+def test_cnn_output_probe_comes_before_layer_0(tmp_path):
+    # probe.py names the CNN-output experiment "cnn" and gives it no layer number.
+    root = tmp_path / "runs"
+    write_run(root, "probe", 0, (0.60, 0.60, 0.8, 0.3, 0.3, 0.4), layer=0)
+    write_run(root, "probe", 0, (0.05, 0.05, 0.1, 0.02, 0.02, 0.05), name="cnn")
+    written = write_report(root)
+    text = written["md"].read_text()
+    assert list(markdown_tables(text)["Probes (frozen W2V layer, BiLSTM-CTC)"]) == ["cnn", "0"]
+    assert "Best layer: cnn (lowest mean dev WER, 5.00 %)." in text
+    assert json.loads(written["json"].read_text())["best_layer"] == {"layer": None, "experiment": "cnn", "by": "dev wer"}
+    assert png_size(written["png"]) == (500, 400)
+
+
+def test_failed_run_shows_the_line_of_its_error_that_matters(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "probe", 0, (0.1, 0.1, 0.1, 0.1), layer=8, splits=("test-clean", "test-other"))
+    write_run(root, "probe", 1, layer=8, status="failed",
+              error='Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: CUDA error')
+    assert "- not included: probe/layer08/seed1 (failed: RuntimeError: CUDA error)" in write_report(root)["md"].read_text()
+
+
+def test_runs_at_any_depth_and_differing_configs_are_noted(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "probe", 0, (0.10, 0.10, 0.2, 0.05, 0.05, 0.1), layer=8, prefix="alice/sweep")
+    write_run(root, "probe", 1, (0.12, 0.12, 0.2, 0.05, 0.05, 0.1), layer=8, prefix="bob", lr=3e-4)
+    written = write_report(root)
+    text = written["md"].read_text()
+    assert markdown_tables(text)["Probes (frozen W2V layer, BiLSTM-CTC)"]["8"]["dev WER"] == "11.00 ± 1.41 (n=2)"
+    assert "- note: probe layer08: seeds averaged together differ in train.lr" in text
+    assert {r.name for r in find_runs(root)} == {"alice/sweep/probe/layer08/seed0", "bob/probe/layer08/seed1"}
+
+
+def test_user_mistakes_name_the_path(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "probe" / "layer08").mkdir(parents=True)
+    with pytest.raises(W2VCacheError, match=f"{empty}: no run directories"):
+        write_report(empty)
+    with pytest.raises(W2VCacheError, match="no such directory"):
+        find_runs(tmp_path / "missing")
+
+    waiting = tmp_path / "waiting"
+    write_run(waiting, "probe", 0, layer=3, status="unfinished", epochs_done=2)
+    with pytest.raises(W2VCacheError, match=r"no finished runs yet: probe/layer03/seed0 \(unfinished, 2 of 10"):
+        write_report(waiting)
+
+    broken = tmp_path / "broken"
+    run = write_run(broken, "probe", 0, (0.1, 0.1, 0.1, 0.1, 0.1, 0.1), layer=8)
+    (run / "result.json").write_text('{"kind": "probe", ')
+    with pytest.raises(W2VCacheError, match=f"{run / 'result.json'}: not valid JSON"):
+        find_runs(broken)
+    (run / "result.json").write_text(json.dumps({"kind": "probe", "layer": 9, "seed": 0, "status": "finished",
+                                                 "dev": {"wer": 0.1, "cer": 0.1}}))
+    with pytest.raises(W2VCacheError, match=f"{run}: result.json says layer 9 but config.json says 8"):
+        find_runs(broken)
+
+    twice = tmp_path / "twice"
+    write_run(twice, "probe", 0, (0.1, 0.1, 0.1, 0.1, 0.1, 0.1), layer=8)
+    write_run(twice, "probe", 0, (0.1, 0.1, 0.1, 0.1, 0.1, 0.1), layer=8, prefix="copy")
+    with pytest.raises(W2VCacheError, match="seed 0 of probe layer08 is also finished in"):
+        write_report(twice)
+
+
+def test_cli_prints_the_table_and_the_paths(runs, tmp_path):
+    result = runner().invoke(report_command, [str(runs)])
+    assert result.exit_code == 0, result.output
+    tables = markdown_tables(result.stdout)
+    assert tables["Probes (frozen W2V layer, BiLSTM-CTC)"] == PROBE_TABLE
+    assert tables["Fine-tuning (W2V + CTC head, re-initialised blocks)"] == FINETUNE_TABLE
+    assert all(line in result.stdout.splitlines() for line in NOT_INCLUDED)
+    out = runs / "report"
+    assert result.stderr.splitlines() == [f"figure: {out / 'report.png'}", f"table: {out / 'report.md'}",
+                                          f"table: {out / 'report.csv'}", f"table: {out / 'report.json'}"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.json", "report.md", "report.png"]
+
+    other = tmp_path / "elsewhere"
+    result = runner().invoke(report_command, [str(runs), "--out", str(other), "--format", "csv",
+                                                 "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in other.iterdir()) == ["report.csv", "report.json", "report.png"]
+    assert "| 8 | 0,1,2 | 12.00 ± 2.00 (n=3) |" in result.stdout  # the table is printed all the same
+
+    result = runner().invoke(report_command, [str(runs), "--out", str(tmp_path / "bare"), "--no-figure"])
+    assert result.exit_code == 0 and not (tmp_path / "bare" / "report.png").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(report_command, [str(tmp_path / "empty")])
+    assert result.exit_code == 1
+    assert f"Error: {tmp_path / 'empty'}: no run directories" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(report_command, [str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = CliRunner().invoke(report_command, [str(tmp_path / "empty"), "--format", "xlsx"])
+    assert result.exit_code == 2 and "xlsx" in result.output

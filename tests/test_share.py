@@ -1,0 +1,502 @@
+"""Sharing a store: subset copies (resumable), packs, HDF5 exports, and reading over http and zip."""
+
+import functools
+import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from w2vcache.corpus import build_corpus
+from w2vcache.errors import W2VCacheError
+from w2vcache.extract import ExtractConfig, extract
+from w2vcache.share import copy_store, export_hdf5, pack_store
+from w2vcache.share_cli import copy_command, export_command, pack_command
+from w2vcache.store import FORMAT_VERSION, info, open_store, verify
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = ["layer00", "layer01", "layer02", "layer03", "layer04"]  # the builtin tiny model's
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A complete store of the bundled corpus: 34 utterances, two splits, 16 small blocks."""
+    path = tmp_path_factory.mktemp("share") / "features.zarr"
+    corpus = build_corpus(splits=["dev=dev-clean", "test=test-other"])
+    extract(corpus, ExtractConfig(store=str(path), chunk_frames=64, block_chunks=4), progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pack(source):
+    path = source.parent / "features.zip"
+    pack_store(source, path, progress=False)
+    return path
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    """Python's static file server, quiet, answering `Range: bytes=a-b` as object stores do."""
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        path = self.translate_path(self.path)
+        if not match or not os.path.isfile(path):
+            return super().send_head()
+        size = os.path.getsize(path)
+        start, end = int(match[1]), min(int(match[2] or size - 1), size - 1)
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start + 1)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        return io.BytesIO(data)
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default 5 makes concurrent readers wait for SYN retries
+    daemon_threads = True
+
+
+@pytest.fixture(scope="module")
+def http_base(source, pack):
+    """http://127.0.0.1:PORT serving the directory of the store and its pack, read-only (GET/HEAD)."""
+    server = Server(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(source.parent)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def snapshot(path):
+    """Every file and directory under path (or the file itself) with its bytes and mtime."""
+    path = Path(path)
+    if path.is_file():
+        return {"": (path.stat().st_mtime_ns, path.read_bytes())}
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            p = Path(root) / name
+            out[str(p.relative_to(path))] = (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+    return out
+
+
+def assert_same_features(got, want, splits, layers, compare=None):
+    """Every kept utterance: id, text, length and features of every kept layer (or of `compare`)."""
+    got, want = open_store(got), open_store(want)
+    assert got.splits == splits and list(got.layers) == layers
+    layers = compare or layers
+    for split in splits:
+        assert got.utterances(split) == want.utterances(split)
+        for layer in layers:
+            frames, offsets = got.read_layer(split, layer)
+            want_frames, want_offsets = want.read_layer(split, layer)
+            np.testing.assert_array_equal(offsets, want_offsets)
+            np.testing.assert_array_equal(frames, want_frames, err_msg=f"{split}/{layer}")
+        ids = [u.id for u in want.utterances(split)]
+        picked = [ids[-1], ids[0], ids[len(ids) // 2]]
+        for x, y in zip(got.read_batch(split, layers[-1], picked), want.read_batch(split, layers[-1], picked)):
+            np.testing.assert_array_equal(x, y)
+
+
+def make_incomplete(source, path):
+    """A copy of the store whose split "test" has block 2 not done (its done marker gone)."""
+    shutil.copytree(source, path)
+    (path / "test" / "done" / "c" / "2").unlink()
+    return path
+
+
+def doc_snippet(heading):
+    doc = (REPO / "docs" / "STORE.md").read_text()
+    return re.search(rf"{re.escape(heading)}.*?```python\n(.*?)```", doc, re.S).group(1)
+
+
+def run_without_w2vcache(snippet, replacements, out, cwd):
+    """Run a docs snippet in a fresh Python that never imports w2vcache; it saves x to out."""
+    for old, new in replacements.items():
+        assert old in snippet, old
+        snippet = snippet.replace(old, new)
+    script = snippet + f"\nimport sys\nassert 'w2vcache' not in sys.modules\nnp.save({str(out)!r}, x)\n"
+    proc = subprocess.run([sys.executable, "-c", "import numpy as np\n" + script],
+                          capture_output=True, text=True, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return np.load(out)
+
+
+# -- copy ---------------------------------------------------------------------------------------
+
+
+def test_copy_of_a_subset_equals_the_source_on_what_it_kept(source, tmp_path):
+    dst = tmp_path / "subset.zarr"
+    result = copy_store(source, dst, layers="1-2", splits=["dev"], progress=False)
+    assert (result.layers, result.splits) == (["layer01", "layer02"], ["dev"])
+    assert result.blocks_already_done == 0 and result.blocks_copied == open_store(source).status("dev").n_blocks
+    assert_same_features(dst, source, ["dev"], ["layer01", "layer02"])
+    report = verify(dst)
+    assert report.ok, report.problems
+
+    copy, src = open_store(dst), open_store(source)
+    subset = copy.provenance["subset_of"]
+    assert subset["source"] == str(source) and subset["copied"]
+    assert (subset["source_layers"], subset["source_splits"]) == (LAYERS, ["dev", "test"])
+    assert (subset["left_out_layers"], subset["left_out_splits"]) == (["layer00", "layer03", "layer04"], ["test"])
+    assert {k: v for k, v in copy.provenance.items() if k != "subset_of"} == src.provenance
+    assert copy.split_attrs("dev") == src.split_attrs("dev")  # source, skipped, hours, complete, ...
+    runs = sorted(zarr.open_group(str(dst / "_runs"), mode="r").group_keys())
+    assert [r.split("-")[0] for r in runs] == ["copy", "extract"]  # provenance travels, and the copy adds its own
+    assert not (dst / ".locks").exists()
+
+
+def test_killed_copy_resumes_without_redoing_finished_blocks(source, tmp_path):
+    """SIGKILL the copy after 3 blocks are done and 2 layers of the 4th written; re-running it
+    finishes the copy, leaves the finished blocks' files untouched, and the result verifies."""
+    dst = tmp_path / "killed.zarr"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from w2vcache.share import copy_store
+        from w2vcache.store import FeatureStore
+        write_layer, calls = FeatureStore.write_layer, []
+        def dying_write_layer(self, *args):
+            write_layer(self, *args)
+            calls.append(1)
+            if len(calls) == {3 * len(LAYERS) + 2}:
+                os.kill(os.getpid(), signal.SIGKILL)
+        FeatureStore.write_layer = dying_write_layer
+        copy_store({str(source)!r}, {str(dst)!r}, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read()
+    assert json.loads((dst / ".locks" / "all.lock").read_text())["pid"] == proc.pid
+    partial = open_store(dst)
+    assert partial.status("dev").blocks_done == 3
+    done_chunks = {p: (p.stat().st_mtime_ns, p.read_bytes())
+                   for b in range(3) for layer in LAYERS
+                   for p in _block_chunk_files(dst, partial, "dev", b, layer)}
+    assert done_chunks
+
+    result = copy_store(source, dst, progress=False)  # the same copy again
+    total = sum(open_store(source).status(s).n_blocks for s in ("dev", "test"))
+    assert (result.blocks_already_done, result.blocks_copied) == (3, total - 3)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in done_chunks} == done_chunks
+    assert verify(dst).ok
+    assert_same_features(dst, source, ["dev", "test"], LAYERS)
+    assert not (dst / ".locks").exists()
+
+
+def _block_chunk_files(path, store, split, b, layer):
+    block = store._block(split, b)
+    chunk = store.chunk_frames(split)
+    first, last = block.frame_offset // chunk, -(-(block.frame_offset + block.n_frames) // chunk)
+    return [path / split / layer / "c" / str(c) / "0" for c in range(first, last)]
+
+
+def test_a_different_copy_onto_an_existing_copy_says_what_differs(source, tmp_path):
+    dst = tmp_path / "c.zarr"
+    copy_store(source, dst, layers="0", splits="test", progress=False)
+    with pytest.raises(W2VCacheError, match=r"already exists with other settings: .*layers.*copy to another directory"):
+        copy_store(source, dst, layers="0-1", splits="test", progress=False)
+
+
+@pytest.mark.parametrize("share", ["copy", "pack", "export"])
+def test_incomplete_source_split_is_refused(source, tmp_path, share):
+    partial = make_incomplete(source, tmp_path / "partial.zarr")
+    out = tmp_path / {"copy": "out.zarr", "pack": "out.zip", "export": "out.h5"}[share]
+    do = {"copy": copy_store, "pack": pack_store, "export": export_hdf5}[share]
+    with pytest.raises(W2VCacheError) as err:
+        do(partial, out, progress=False)
+    message = str(err.value)
+    assert f"split test of store {partial} is incomplete: 1 of" in message
+    assert "re-running extract resumes it" in message and "split test out" in message
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    if share != "pack":  # leaving the incomplete split out works
+        do(partial, out, splits="dev", progress=False)
+
+
+# -- pack ---------------------------------------------------------------------------------------
+
+
+def test_pack_is_read_in_place_by_every_reader(source, pack):
+    with zipfile.ZipFile(pack) as zf:
+        members = zf.infolist()
+    assert all(m.compress_type == zipfile.ZIP_STORED for m in members)
+    names = {m.filename for m in members}
+    assert "zarr.json" in names and "dev/layer03/c/0/0" in names and not any(".locks" in n for n in names)
+    assert any(n.startswith("_runs/pack-") for n in names) and any(n.startswith("_runs/extract-") for n in names)
+
+    about, original = info(pack), info(source)
+    for key in ("format_version", "layers", "dtype", "splits", "provenance"):
+        assert about[key] == original[key]
+    assert about["bytes"]["total"] == pack.stat().st_size
+    assert about["bytes"]["layers"] == original["bytes"]["layers"]
+    report = verify(pack)
+    assert report.ok and report.chunks_checked == verify(source).chunks_checked
+    assert_same_features(pack, source, ["dev", "test"], LAYERS)
+    with pytest.raises(W2VCacheError, match="already exists"):
+        pack_store(source, pack, progress=False)
+
+
+@pytest.mark.parametrize("share", ["pack", "export"])
+def test_killed_pack_or_export_leaves_nothing_under_the_final_name(source, tmp_path, share):
+    final = tmp_path / ("s.zip" if share == "pack" else "s.h5")
+    patch = ("import zipfile; original = zipfile.ZipFile.writestr; target = zipfile.ZipFile; name = 'writestr'"
+             if share == "pack" else
+             "import h5py; original = h5py.Dataset.__setitem__; target = h5py.Dataset; name = '__setitem__'")
+    call = "pack_store" if share == "pack" else "export_hdf5"
+    script = textwrap.dedent(f"""
+        import os, signal
+        {patch}
+        calls = []
+        def dying(*args, **kwargs):
+            original(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 20:
+                os.kill(os.getpid(), signal.SIGKILL)
+        setattr(target, name, dying)
+        from w2vcache.share import {call}
+        {call}({str(source)!r}, {str(final)!r}, progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not final.exists()
+    assert len(list(tmp_path.glob(f".{final.name}.*.partial"))) == 1
+    (pack_store if share == "pack" else export_hdf5)(source, final, progress=False)
+    assert final.exists() and not list(tmp_path.glob(f".{final.name}.*.partial"))  # the dead run's file is gone
+
+
+# -- HDF5 ---------------------------------------------------------------------------------------
+
+
+def test_hdf5_export_read_with_plain_h5py_equals_the_store(source, tmp_path):
+    h5 = tmp_path / "features.h5"
+    result = export_hdf5(source, h5, layers="0,3", splits="test", progress=False)
+    assert (result.layers, result.splits, result.left_out) == (
+        ["layer00", "layer03"], ["test"], {"layers": ["layer01", "layer02", "layer04"], "splits": ["dev"]})
+    out = tmp_path / "h5.npz"
+    reader = textwrap.dedent(f"""
+        import json, sys
+        import h5py, numpy as np
+        with h5py.File({str(h5)!r}, "r") as f:
+            meta = json.loads(f.attrs["w2vcache"])
+            split = f["test"]
+            arrays = {{name: split[name].asstr()[:].astype(str) for name in ("ids", "texts", "paths")}}
+            arrays.update({{name: split[name][:] for name in ("lengths", "offsets", "layer00", "layer03")}})
+            attrs = {{k: (v.item() if hasattr(v, "item") else v) for k, v in split.attrs.items()}}
+            arrays["meta"] = np.array(json.dumps({{"meta": meta, "attrs": attrs,
+                                                    "provenance": json.loads(f.attrs["provenance"]),
+                                                    "chunks": split["layer03"].chunks,
+                                                    "fletcher32": split["layer03"].fletcher32}}))
+        assert "w2vcache" not in sys.modules
+        np.savez({str(out)!r}, **arrays)
+    """)
+    proc = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(out)
+    store = open_store(source)
+    utts = store.utterances("test")
+    assert got["ids"].tolist() == [u.id for u in utts] and got["texts"].tolist() == [u.text for u in utts]
+    assert got["paths"].tolist() == store._split_index("test").paths
+    np.testing.assert_array_equal(got["lengths"], [u.length for u in utts])
+    offsets = got["offsets"]
+    assert offsets[0] == 0 and (np.diff(offsets) == got["lengths"]).all()  # unpadded
+    for layer in ("layer00", "layer03"):
+        assert got[layer].dtype == np.float16 and len(got[layer]) == offsets[-1]
+        for i, x in enumerate(store.read_batch("test", layer, range(len(utts)))):
+            np.testing.assert_array_equal(got[layer][offsets[i]: offsets[i + 1]], x)
+    described = json.loads(str(got["meta"]))
+    meta, attrs = described["meta"], described["attrs"]
+    assert meta["layers"] == {"layer00": 64, "layer03": 64} and meta["splits"] == ["test"]
+    assert meta["provenance"] == described["provenance"]
+    assert described["provenance"]["model"] == store.provenance["model"]
+    assert described["provenance"]["exported_from"]["left_out_splits"] == ["dev"]
+    assert attrs["n_utterances"] == len(utts) and attrs["complete"] and json.loads(attrs["skipped"]) == []
+    assert described["fletcher32"] and described["chunks"][1] == 64
+
+
+def test_docs_h5py_snippet_reads_the_export(source, tmp_path):
+    h5 = tmp_path / "features.h5"
+    export_hdf5(source, h5, layers="2", progress=False)
+    utt = open_store(source).utterances("dev")[5].id
+    x = run_without_w2vcache(doc_snippet("### Reading the HDF5 export with h5py"), {
+        '"features.h5"': repr(str(h5)), '"dev-clean"': '"dev"', '"layer08"': '"layer02"',
+        '"1272-128104-0000"': repr(utt)}, tmp_path / "x.npy", tmp_path)
+    np.testing.assert_array_equal(x, open_store(source).read("dev", "layer02", utt))
+
+
+# -- reading over http, from a pack, read-only ---------------------------------------------------
+
+
+def test_http_store_info_verify_read_and_copy(source, http_base, tmp_path):
+    url = f"{http_base}/features.zarr"
+    about = info(url)
+    local = info(source)
+    for key in ("format_version", "layers", "dtype", "splits", "provenance"):
+        assert about[key] == local[key]
+    assert about["path"] == url and about["bytes"]["total"] is None  # a web server cannot be listed
+    report = verify(url)
+    assert report.ok and report.chunks_checked == verify(source).chunks_checked
+    assert_same_features(url, source, ["dev", "test"], LAYERS, compare=["layer00", "layer03"])
+
+    copied = tmp_path / "from-http.zarr"
+    copy_store(url, copied, layers="4", progress=False)
+    assert verify(copied).ok
+    assert open_store(copied).provenance["subset_of"]["source"] == url
+    assert_same_features(copied, source, ["dev", "test"], ["layer04"])
+
+    with pytest.raises(W2VCacheError, match=f"no store at {http_base}/nothing.zarr"):
+        open_store(f"{http_base}/nothing.zarr")
+
+
+def test_pack_over_http_is_read_in_place(source, http_base):
+    url = f"{http_base}/features.zip"
+    assert verify(url).ok
+    assert info(url)["splits"] == info(source)["splits"]
+    assert_same_features(url, source, ["dev", "test"], LAYERS, compare=["layer01", "layer04"])
+
+
+def _read_in_child(store, queue):
+    queue.put([x.tolist() for x in store.read_batch("test", "layer02", [0, 5, 9])])
+
+
+@pytest.mark.parametrize("where", ["http", "zip"])
+def test_a_forked_worker_reads_a_store_opened_before_the_fork(source, pack, http_base, where):
+    """As DataLoader workers do: the child reopens the store (its own http session, its own file offset)."""
+    store = open_store(f"{http_base}/features.zarr" if where == "http" else pack)
+    store.read("test", "layer02", 0)  # the parent's connection or file handle is in use
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(store, queue))
+    child.start()
+    got = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    for x, y in zip(got, open_store(source).read_batch("test", "layer02", [0, 5, 9])):
+        np.testing.assert_array_equal(np.array(x, dtype=np.float16), y)
+    store.read("test", "layer02", 9)  # and the parent goes on reading
+
+
+@pytest.mark.parametrize("where", ["http", "zip"])
+def test_docs_plain_zarr_snippets_read_shared_stores(source, pack, http_base, tmp_path, where):
+    utt = open_store(source).utterances("test")[7].id
+    common = {'"dev-clean"': '"test"', '"layer08"': '"layer01"', '"1272-128104-0000"': repr(utt)}
+    if where == "http":
+        snippet = doc_snippet("### Reading a shared store with plain zarr")
+        common['"https://example.org/features.zarr"'] = repr(f"{http_base}/features.zarr")
+    else:
+        snippet = doc_snippet("A pack needs zarr's `ZipStore`")
+        common['"features.zip"'] = repr(str(pack))
+    x = run_without_w2vcache(snippet, common, tmp_path / "x.npy", tmp_path)
+    np.testing.assert_array_equal(x, open_store(source).read("test", "layer01", utt))
+
+
+def test_reading_and_sharing_never_modify_the_source(source, pack, tmp_path):
+    before = snapshot(source), snapshot(pack)
+    for where in (source, f"file://{source}", pack):
+        store = open_store(where)
+        store.read_layer("dev", "layer00")
+        store.read_batch("test", "layer04", [3, 1, 2])
+        store.close()
+        info(where)
+        assert verify(where).ok
+    copy_store(source, tmp_path / "c.zarr", layers="0", progress=False)
+    copy_store(pack, tmp_path / "from-zip.zarr", splits="dev", progress=False)
+    pack_store(source, tmp_path / "p.zip", progress=False)
+    export_hdf5(pack, tmp_path / "e.h5", progress=False)
+    assert (snapshot(source), snapshot(pack)) == before
+
+
+def test_newer_format_version_is_refused_everywhere(source, tmp_path):
+    future = tmp_path / "future.zarr"
+    shutil.copytree(source, future)
+    meta_file = future / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["w2vcache"]["format_version"] = FORMAT_VERSION + 1
+    meta_file.write_text(json.dumps(meta))
+    message = f"has format version {FORMAT_VERSION + 1}; this w2vcache understands up to {FORMAT_VERSION}"
+    for read in (open_store, info):
+        with pytest.raises(W2VCacheError, match=message):
+            read(future)
+    assert message in verify(future).problems[0]
+    for share, out in ((copy_store, "c.zarr"), (pack_store, "p.zip"), (export_hdf5, "e.h5")):
+        with pytest.raises(W2VCacheError, match=message):
+            share(future, tmp_path / out, progress=False)
+
+
+def test_unreadable_locations_are_refused_clearly(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a store")
+    with pytest.raises(W2VCacheError, match="no store at"):
+        open_store(tmp_path / "missing.zarr")
+    with pytest.raises(W2VCacheError, match="is a file but not a zip pack"):
+        open_store(tmp_path / "notes.txt")
+    with pytest.raises(W2VCacheError, match="no store at .*missing.zip"):
+        info(tmp_path / "missing.zip")
+    with pytest.raises(W2VCacheError, match="Protocol not known: nosuch"):
+        open_store("nosuch://bucket/features.zarr")
+    if importlib.util.find_spec("s3fs") is None:
+        with pytest.raises(W2VCacheError, match="needs s3fs: pip install s3fs"):
+            open_store("s3://bucket/features.zarr")
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+
+@click.group()
+def cli():
+    """The sharing commands, as cli.py adds them to `w2vcache`."""
+
+
+for _command in (copy_command, pack_command, export_command):
+    cli.add_command(_command)
+
+
+def test_commands_print_one_line_and_refuse_mistakes_without_traceback(source, tmp_path):
+    runner = CliRunner()
+    dst = tmp_path / "dev.zarr"
+    result = runner.invoke(cli, ["copy", str(source), str(dst), "--layers", "3-4", "--splits", "dev"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1
+    assert "copied" in result.stdout and "left out: layers layer00, layer01, layer02; splits test" in result.stdout
+    again = runner.invoke(cli, ["copy", str(source), str(dst), "--layers", "3-4", "--splits", "dev"])
+    assert again.exit_code == 0 and "copied 0 block(s) (" in again.stdout
+
+    zip_path, h5 = tmp_path / "dev.zip", tmp_path / "dev.h5"
+    result = runner.invoke(cli, ["pack", str(dst), str(zip_path)])
+    assert result.exit_code == 0 and result.stdout.count("\n") == 1 and "chunks verified" in result.stdout
+    result = runner.invoke(cli, ["export", str(zip_path), str(h5), "--layers", "layer04"])
+    assert result.exit_code == 0 and result.stdout.count("\n") == 1, result.output
+    assert f"{open_store(dst).status('dev').n_utterances} utterances" in result.stdout
+
+    for args, message in (
+        (["copy", str(source), "s3://bucket/copy.zarr"], "must be a local directory"),
+        (["copy", str(source), str(tmp_path / "x.zarr"), "--layers", "7-9"],
+         "the store has no layer layer07; it has layer00, layer01, layer02, layer03, layer04"),
+        (["copy", str(source), str(tmp_path / "x.zarr"), "--splits", "train"], "no split 'train'; it has dev, test"),
+        (["pack", str(dst), str(zip_path)], "already exists"),
+        (["pack", str(dst), str(tmp_path / "dev.tar")], "must end in .zip"),
+        (["export", str(tmp_path / "nothing.zarr"), str(tmp_path / "n.h5")], "no store at"),
+    ):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, result.output

@@ -1,0 +1,286 @@
+"""Fine-tuning W2V with a linear CTC head, optionally with named transformer blocks re-initialised.
+
+The seed experiment: re-initialise the top blocks (`--reinit 11,12`) before fine-tuning and see
+whether WER moves. The training loop is `train.py`'s; this module supplies the model (backbone +
+dropout + linear head), the freeze schedule (head only for the first epochs, the CNN feature
+encoder frozen throughout unless asked), SpecAugment-style time masking, and batches of audio by
+total seconds. Under torchrun every rank trains on its share of each global batch with
+DistributedDataParallel (gloo on CPU, NCCL on GPU).
+"""
+
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import text
+from .audio import audio_info, load_audio
+from .backbone import SAMPLE_RATE, Backbone, encode, load_backbone, reinit_layers
+from .corpus import Corpus
+from .errors import W2VCacheError
+from .extract import length_batches
+from .train import RESULT, TrainConfig, seed_everything, train
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class FinetuneConfig:
+    freeze_epochs: int = 3  # only the head trains during the first epochs
+    train_feature_encoder: bool = False  # the CNN stays frozen, as is standard for W2V fine-tuning
+    final_dropout: float = 0.1  # before the head
+    mask_time_prob: float = 0.05  # share of frames masked (transformers' default for W2V fine-tuning)
+    mask_time_length: int = 10  # frames per masked span
+    batch_seconds: float = 100.0  # padded audio per batch (global, over all ranks)
+    num_workers: int = 2  # audio-loading processes
+    precision: str = "fp32"  # bf16: autocast on GPU
+
+
+class CTCModel(nn.Module):
+    """W2V + dropout + a linear layer to the 30 symbols."""
+
+    def __init__(self, backbone: Backbone, config: FinetuneConfig):
+        super().__init__()
+        self.backbone_ref = backbone  # for its frame formula and normalisation; weights via .w2v
+        self.w2v = backbone.model
+        self.dropout = nn.Dropout(config.final_dropout)
+        self.head = nn.Linear(backbone.hidden_size, len(text.VOCAB))
+        self.config = config
+        # Masked frames are replaced by a learned vector: the checkpoint's own when it has one.
+        # (Only made when masking is on: a parameter that never gets a gradient stalls DDP.)
+        if getattr(self.w2v, "masked_spec_embed", None) is None and config.mask_time_prob > 0:
+            self.mask_embedding = nn.Parameter(torch.empty(backbone.hidden_size).uniform_())
+
+    @property
+    def mask_vector(self) -> torch.Tensor:
+        return self.w2v.masked_spec_embed if getattr(self.w2v, "masked_spec_embed", None) is not None else self.mask_embedding
+
+    def mask_frames(self, hidden: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """SpecAugment-style time masking: spans of mask_time_length frames replaced by the mask vector.
+
+        Drawn with torch's RNG, which checkpoints save and restore, so a resumed run draws the same spans.
+        """
+        p, span = self.config.mask_time_prob, self.config.mask_time_length
+        mask = torch.zeros(hidden.shape[:2], dtype=torch.bool)
+        for b, n in enumerate(lengths):
+            if n <= span:
+                continue
+            count = int(p * n / span + torch.rand(()).item())
+            for start in torch.randint(0, n - span + 1, (count,)).tolist():
+                mask[b, start: start + span] = True
+        mask = mask.to(hidden.device)
+        return torch.where(mask[..., None], self.mask_vector.to(hidden.dtype), hidden)
+
+    def forward(self, waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        masking = self.training and self.config.mask_time_prob > 0
+        hidden, lengths = encode(self.backbone_ref, waves, self.mask_frames if masking else None)
+        logits = self.head(self.dropout(hidden))
+        return logits.float().log_softmax(-1), torch.tensor(lengths)
+
+
+class AudioBatches(torch.utils.data.Dataset):
+    """Batch i: this rank's share of the utterances of global batch i, as loaded audio."""
+
+    def __init__(self, utterances, batches: list[list[int]], rank: int, world: int):
+        self.utterances, self.batches, self.rank, self.world = utterances, batches, rank, world
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        members = self.batches[i]
+        mine, weight = members[self.rank:: self.world], 1.0
+        if not mine:
+            # Fewer utterances than ranks: this rank still has to join the gradient all-reduce,
+            # so it runs one utterance with weight 0 and contributes nothing.
+            mine, weight = members[:1], 0.0
+        waves = [load_audio(self.utterances[j].path) for j in mine]
+        return waves, [self.utterances[j].text for j in mine], len(members), weight
+
+
+def _collate(item):
+    return item
+
+
+class FinetuneTask:
+    """The fine-tuning experiment as the training loop sees it."""
+
+    def __init__(self, backbone: Backbone, corpus: Corpus, config: FinetuneConfig, train_config: TrainConfig,
+                 train_split: str = "train", device: str = "cpu"):
+        self.config, self.seed = config, train_config.seed
+        self.device = torch.device(device)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.model = CTCModel(backbone, config).to(self.device)
+        self.ddp = None
+        self.ctc = nn.CTCLoss(blank=text.BLANK_ID, reduction="none", zero_infinity=True)
+        self.splits = {}
+        for split in (train_split, train_config.dev_split, *train_config.test_splits):
+            if split not in corpus.splits:
+                raise W2VCacheError(f"the corpus has no split {split!r}; it has {', '.join(corpus.splits)}")
+            utterances = sorted(corpus.splits[split], key=lambda u: (audio_info(u.path).num_samples, u.id))
+            samples = [audio_info(u.path).num_samples for u in utterances]
+            batches = [list(range(b.start, b.stop)) for b in length_batches(samples, int(config.batch_seconds * SAMPLE_RATE))]
+            self.splits[split] = (utterances, batches)
+        self.train_split = train_split
+        self.frozen = None
+
+    # -- what trains when ------------------------------------------------------------------------
+
+    def start_epoch(self, epoch: int) -> None:
+        frozen = epoch < self.config.freeze_epochs
+        for p in self.model.w2v.parameters():
+            p.requires_grad = not frozen
+        if not self.config.train_feature_encoder:
+            for p in self.model.w2v.feature_extractor.parameters():
+                p.requires_grad = False
+        if frozen != self.frozen and self.world > 1:
+            # DDP syncs the parameters that require grad when it is built: rebuild it when that set changes.
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.frozen = frozen
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def _loader(self, split: str, order: list[list[int]]):
+        utterances, _ = self.splits[split]
+        dataset = AudioBatches(utterances, order, self.rank, self.world)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_collate,
+                                           num_workers=self.config.num_workers,
+                                           persistent_workers=False, prefetch_factor=2 if self.config.num_workers else None)
+
+    def train_batches(self, epoch: int):
+        order = list(self.splits[self.train_split][1])
+        random.Random(self.seed * 100_003 + epoch).shuffle(order)  # identical on every rank and on resume
+        return self._loader(self.train_split, order)
+
+    def eval_batches(self, split: str):
+        # Every rank evaluates the whole split (simple and exact; only rank 0 writes the result).
+        utterances, batches = self.splits[split]
+        return self._loader_all(utterances, batches)
+
+    def _loader_all(self, utterances, batches):
+        dataset = AudioBatches(utterances, batches, 0, 1)
+        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_collate,
+                                           num_workers=self.config.num_workers,
+                                           prefetch_factor=2 if self.config.num_workers else None)
+
+    # -- loss and decoding -------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.config.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def loss(self, batch) -> torch.Tensor:
+        waves, texts, global_count, weight = batch
+        model = self.ddp if self.ddp is not None else self.model
+        waves = [torch.from_numpy(w).to(self.device) for w in waves]
+        encoded = [text.encode(t).ids for t in texts]
+        # While the backbone is frozen none of its parameters requires grad, so autograd records
+        # nothing through it and the frozen epochs cost a forward pass only.
+        with self._autocast():
+            log_probs, lengths = model(waves)
+        targets = torch.tensor([i for ids in encoded for i in ids], dtype=torch.long)
+        per_utt = self.ctc(log_probs.transpose(0, 1), targets, lengths, torch.tensor([len(ids) for ids in encoded]))
+        per_utt = per_utt / torch.tensor([max(len(ids), 1) for ids in encoded], device=per_utt.device)
+        # Sum over this rank's utterances / global batch size, times world size: DDP averages the
+        # gradients over ranks, which then equal those of the mean over the whole global batch.
+        return per_utt.sum() * (weight * self.world / global_count)
+
+    def decode(self, batch) -> tuple[list[str], list[str]]:
+        waves, texts, _, _ = batch
+        with self._autocast():
+            log_probs, lengths = self.model([torch.from_numpy(w).to(self.device) for w in waves])
+        return texts, text.greedy_decode(log_probs.float().cpu(), lengths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def parse_reinit(spec: str) -> tuple[int, ...]:
+    """'none' | '12' | '11,12' | '10-12' -> block numbers (validated against depth later)."""
+    spec = str(spec).strip()
+    if spec in ("", "none"):
+        return ()
+    blocks = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            lo, hi = int(lo), int(hi or lo)
+        except ValueError:
+            raise W2VCacheError(f"--reinit {spec!r}: {part!r} is not a block number such as 12 or 11,12") from None
+        blocks += range(lo, hi + 1)
+    return tuple(blocks)
+
+
+def experiment_name(blocks: tuple[int, ...]) -> str:
+    return "reinit-" + ("-".join(map(str, blocks)) if blocks else "none")
+
+
+@dataclass
+class FinetuneResult:
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def init_distributed(device: str) -> str:
+    """Join torchrun's process group when launched by it; returns this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(0,), out="runs",
+             config: FinetuneConfig = FinetuneConfig(), train_config: TrainConfig = TrainConfig(),
+             train_split: str = "train", device: str = "cpu", revision: str | None = None,
+             progress: bool = True) -> FinetuneResult:
+    """Fine-tune `model` once per (re-init set, seed); finished runs are skipped, killed ones resume."""
+    started = time.perf_counter()
+    if config.precision not in PRECISIONS:
+        raise W2VCacheError(f"--precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise W2VCacheError(f"--device {device}: no CUDA GPU is available here")
+    device = init_distributed(device)
+    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    result = FinetuneResult()
+    for blocks in reinits:
+        for seed in seeds:
+            directory = Path(out) / "finetune" / experiment_name(blocks) / f"seed{seed}"
+            if (directory / RESULT).exists():
+                result.skipped.append(str(directory))
+                continue
+            tc = TrainConfig(**{**asdict(train_config), "seed": seed})
+            seed_everything(seed)
+            backbone = load_backbone(model, device=device, revision=revision)
+            reinit_layers(backbone, list(blocks), seed)
+            task = FinetuneTask(backbone, corpus, config, tc, train_split, device)
+            run_record = {
+                "kind": "finetune",
+                "experiment": experiment_name(blocks),
+                "layer": None,
+                "reinit": list(blocks),
+                "seed": seed,
+                "model": asdict(config) | {"backbone": {k: backbone.describe()[k] for k in ("name", "revision", "weight_hash")}},
+                "data": {"train_split": train_split, "sources": corpus.sources},
+                "device": device,
+                "world_size": task.world,
+            }
+            if progress and main_rank:
+                print(f"finetune {experiment_name(blocks)} seed {seed} -> {directory}")
+            train(task, tc, directory, run_record, progress=progress and main_rank)
+            result.finished.append(str(directory))
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,38 @@
+"""`w2vcache report RUNS`: the table and figure of finished runs (a thin layer over report.py).
+
+The main command group registers it with `main.add_command(report_command)`; it also runs on its
+own (a `W2VCacheError` becomes a one-line error either way).
+"""
+
+from pathlib import Path
+
+import click
+
+from .errors import W2VCacheError
+from .report import FORMATS, REPORT_NAME, load_report, render_markdown, write_files
+
+
+@click.command("report")
+@click.argument("runs", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help=f"Where to write the files.  [default: RUNS/{REPORT_NAME}]")
+@click.option("--format", "formats", type=click.Choice(FORMATS), multiple=True,
+              help="Table file(s) to write; repeatable.  [default: all]")
+@click.option("--no-figure", is_flag=True, help="Do not draw report.png (drawing it needs matplotlib).")
+def report_command(runs, out, formats, no_figure):
+    """The seed's table and WER figure from the runs under RUNS.
+
+    Writes report.md (WER/CER in %, mean ± sample std over seeds), report.csv and report.json
+    (fractions, as in result.json) and report.png (WER by layer; WER by re-initialised blocks).
+    Prints the Markdown to stdout and the paths written to stderr, so `> table.md` keeps only
+    the table. Failed and unfinished runs are listed, never averaged.
+    """
+    runs = Path(runs)
+    try:
+        found, rows = load_report(runs)
+        written = write_files(found, rows, Path(out) if out else runs / REPORT_NAME, formats or FORMATS,
+                              figure=not no_figure, runs_dir=runs)
+    except W2VCacheError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(render_markdown(rows, found, runs), nl=False)
+    for kind, path in written.items():
+        click.echo(f"{'figure' if kind == 'png' else 'table'}: {path}", err=True)
