@@ -264,3 +264,16 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, epo
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
         click.echo(f"{len(result.finished)} run(s) trained, {len(result.skipped)} already finished, "
                    f"in {result.seconds:.1f} s; results under {out}/finetune")
+
+
+@main.command("demo")
+@click.option("--out", default="demo", show_default=True, help="Where the store, runs and report go.")
+def demo_command(out):
+    """The whole workflow on the bundled corpus with the built-in model, in a few minutes on a CPU.
+
+    Extracts every layer, probes each one, fine-tunes the baseline and a re-initialised variant,
+    and reports. The built-in model's weights are random: the curve shows the workflow, not W2V.
+    """
+    from .demo import demo
+
+    demo(out)
