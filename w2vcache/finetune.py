@@ -146,7 +146,7 @@ class FinetuneTask:
         # cleared (freeze_feature_encoder does it), which records a graph through the whole frozen CNN
         # back to the audio: measured +24 % per step on W2V-Base. The audio never needs a gradient.
         if hasattr(extractor, "_requires_grad"):
-            extractor._requires_grad = frozen is False and self.config.train_feature_encoder
+            extractor._requires_grad = False
         if frozen != self.frozen and self.world > 1:
             # DDP syncs the parameters that require grad when it is built: rebuild it when that set changes.
             self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
