@@ -33,7 +33,7 @@ class DemoConfig:
     probe_lstm_layers: int = 1
     probe_batch_frames: int = 600  # small batches: many updates in few epochs
     probe_lr: float = 3e-3
-    finetune_epochs: int = 3
+    finetune_epochs: int = 8
     finetune_freeze_epochs: int = 1
     finetune_lr: float = 2e-3
     finetune_reinit: tuple[int, ...] = (4,)  # the built-in tiny model's top block
