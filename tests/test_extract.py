@@ -66,9 +66,9 @@ def reference(tmp_path_factory):
 def test_select_layers():
     assert select_layers("all", 4) == ["layer00", "layer01", "layer02", "layer03", "layer04"]
     assert select_layers("0,2-3", 4) == ["layer00", "layer02", "layer03"]
-    with pytest.raises(W2VCacheError, match="outside the model's layers 0-4"):
+    with pytest.raises(W2VCacheError, match="layers '3-5': the model has no layer layer05; it has layer00"):
         select_layers("3-5", 4)
-    with pytest.raises(W2VCacheError, match="'x' is not a layer number"):
+    with pytest.raises(W2VCacheError, match="'x' is neither a layer name nor a number or range"):
         select_layers("x", 4)
 
 

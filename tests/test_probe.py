@@ -17,7 +17,8 @@ from w2vcache.cli import main
 from w2vcache.corpus import build_corpus
 from w2vcache.errors import W2VCacheError
 from w2vcache.extract import ExtractConfig, extract
-from w2vcache.probe import ProbeConfig, length_batches, parse_layer_list, probe
+from w2vcache.layers import choose_layers
+from w2vcache.probe import ProbeConfig, batches_by_length, probe
 from w2vcache.train import TrainConfig
 
 SMALL = ["--hidden", "32", "--lstm-layers", "1", "--batch-frames", "1500", "--lr", "2e-3"]
@@ -99,17 +100,17 @@ def test_sweep_over_layers_and_seeds_skips_finished_runs(store, tmp_path):
 
 def test_layer_lists_and_batches():
     available = [f"layer{i:02d}" for i in range(5)]
-    assert parse_layer_list("all", available) == available
-    assert parse_layer_list("1,3-4", available) == ["layer01", "layer03", "layer04"]
-    with pytest.raises(W2VCacheError, match="no layer 8; it has layer00"):
-        parse_layer_list("8", available)
-    assert length_batches([10, 10, 20, 30], 40) == [[0, 1], [2], [3]]
+    assert choose_layers("all", available, "--layer") == available
+    assert choose_layers("1,3-4", available, "--layer") == ["layer01", "layer03", "layer04"]
+    with pytest.raises(W2VCacheError, match="layers '8': the store has no layer layer08; it has layer00"):
+        choose_layers("8", available, "--layer")
+    assert batches_by_length([10, 10, 20, 30], 40) == [[0, 1], [2], [3]]
 
 
 def test_refusals(store, tmp_path):
     out = ["--out", tmp_path / "runs", "--epochs", "1", *SMALL]
     missing_layer = cli("probe", "--store", store, "--layer", "9", *out)
-    assert missing_layer.exit_code == 1 and "no layer 9" in missing_layer.output
+    assert missing_layer.exit_code == 1 and "no layer layer09" in missing_layer.output
     missing_split = cli("probe", "--store", store, "--layer", "1", "--dev-split", "valid", *out)
     assert missing_split.exit_code == 1 and "valid" in missing_split.output and "dev" in missing_split.output
     no_store = cli("probe", "--store", tmp_path / "nope.zarr", "--layer", "1", *out)

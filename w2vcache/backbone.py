@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, Wav2Vec2Config
 
 from w2vcache.errors import W2VCacheError
+from w2vcache.layers import layer_name
 
 try:  # transformers 5 configs are strict dataclasses; invalid values raise this (not a ValueError)
     from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
@@ -187,11 +188,6 @@ class LayerNames(list):
 
     def __call__(self, include_cnn: bool = False) -> list[str]:
         return ([CNN_LAYER] if include_cnn else []) + list(self)
-
-
-def layer_name(index: int) -> str:
-    """Hidden-state layer `index` (0 = transformer input) as it is named in stores: "layer08"."""
-    return f"layer{index:02d}"
 
 
 def state_dict_hash(module: nn.Module) -> str:

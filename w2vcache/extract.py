@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from . import record, text
 from .audio import AudioError, audio_info, check_complete, check_format, load_audio
-from .backbone import CNN_LAYER, SAMPLE_RATE, Backbone, forward_layers, layer_name, load_backbone
+from .backbone import CNN_LAYER, SAMPLE_RATE, Backbone, forward_layers, load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
+from .layers import choose_layers, layer_name
 from .store import FeatureStore, SplitPlan
 
 DEFAULT_STORE = "features.zarr"
@@ -72,25 +73,8 @@ class ExtractResult:
 
 
 def select_layers(spec: str, num_layers: int) -> list[str]:
-    """'all' | '8' | '0,4-8' -> layer names, validated against the model's depth."""
-    spec = str(spec).strip()
-    if spec == "all":
-        return [layer_name(i) for i in range(num_layers + 1)]
-    chosen = []
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            lo, _, hi = part.partition("-")
-            lo, hi = int(lo), int(hi or lo)
-        except ValueError:
-            raise W2VCacheError(f"layers {spec!r}: {part!r} is not a layer number or range like 4-8") from None
-        if not 0 <= lo <= hi <= num_layers:
-            raise W2VCacheError(
-                f"layers {spec!r}: {part} is outside the model's layers 0-{num_layers} "
-                f"(0 = transformer input, 1-{num_layers} = block outputs)"
-            )
-        chosen += [layer_name(i) for i in range(lo, hi + 1) if layer_name(i) not in chosen]
-    return chosen
+    """'all' | '8' | '0,4-8' -> the model's layer names, validated against its depth."""
+    return choose_layers(spec, [layer_name(i) for i in range(num_layers + 1)], "--layers", "the model")
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:

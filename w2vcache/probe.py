@@ -19,6 +19,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import text
 from .errors import W2VCacheError
+from .extract import length_batches
+from .layers import choose_layers
 from .store import open_store
 from .train import RESULT, TrainConfig, seed_everything, train
 
@@ -93,18 +95,9 @@ class SplitFeatures:
         return self.store.read_batch(self.split, self.layer, indices)
 
 
-def length_batches(lengths, max_frames: int) -> list[list[int]]:
+def batches_by_length(lengths, max_frames: int) -> list[list[int]]:
     """Runs of neighbouring utterances (the store sorts them by length) within max_frames padded."""
-    batches, current, longest = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and max(longest, n) * (len(current) + 1) > max_frames:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, n)
-    if current:
-        batches.append(current)
-    return batches
+    return [list(range(b.start, b.stop)) for b in length_batches(lengths, max_frames)]
 
 
 class ProbeTask:
@@ -118,7 +111,7 @@ class ProbeTask:
             for split in (train_split, train_config.dev_split, *train_config.test_splits)
         }
         self.train_split = train_split
-        self.batches = {name: length_batches(s.lengths, config.batch_frames) for name, s in self.splits.items()}
+        self.batches = {name: batches_by_length(s.lengths, config.batch_frames) for name, s in self.splits.items()}
         self.model = Probe(store.layers[layer], config).to(self.device)
         self.ctc = nn.CTCLoss(blank=text.BLANK_ID, zero_infinity=False)
         self.unknown = {}
@@ -178,29 +171,6 @@ class _Lazy:
 # The sweep
 
 
-def parse_layer_list(spec: str, available: list[str]) -> list[str]:
-    """'8' | '0-12' | '1,3,5' | 'all' | 'cnn' -> layer names present in the store."""
-    if spec.strip() == "all":
-        return list(available)
-    names = []
-    for part in spec.split(","):
-        part = part.strip()
-        if part in available:
-            names.append(part)
-            continue
-        try:
-            lo, _, hi = part.partition("-")
-            lo, hi = int(lo), int(hi or lo)
-        except ValueError:
-            raise W2VCacheError(f"--layer {spec!r}: {part!r} is not a layer number, range (0-12) or name") from None
-        for i in range(lo, hi + 1):
-            name = f"layer{i:02d}"
-            if name not in available:
-                raise W2VCacheError(f"--layer {spec!r}: the store has no layer {i}; it has {', '.join(available)}")
-            names.append(name)
-    return list(dict.fromkeys(names))
-
-
 def parse_seeds(spec: str) -> list[int]:
     try:
         return [int(s) for s in str(spec).split(",") if s.strip()]
@@ -236,7 +206,7 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     store = open_store(store_url)
     check_store(store)
     result = SweepResult()
-    for layer in parse_layer_list(layers, list(store.layers)):
+    for layer in choose_layers(layers, list(store.layers), "--layer"):
         for seed in parse_seeds(seeds):
             directory = run_dir(out, layer, seed)
             if (directory / RESULT).exists():

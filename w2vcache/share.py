@@ -41,6 +41,7 @@ from zarr.storage import LocalStore
 
 from . import record
 from .errors import W2VCacheError
+from .layers import choose_layers
 from .store import (
     FeatureStore,
     SplitPlan,
@@ -105,46 +106,7 @@ class ExportResult:
 
 
 # ----------------------------------------------------------------------------------------------
-# Choosing layers and splits
-
-
-def choose_layers(spec: str | Sequence[str | int] | None, available: Sequence[str], where: str) -> list[str]:
-    """'all' | '6-9' | 'cnn,0,8' | ['layer06', 7] -> layer names of the store, in store order.
-
-    Numbers and ranges name transformer layers ("layer06"); names are taken as they are.
-    """
-    if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
-        return list(available)
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    chosen = set()
-    for item in items:
-        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            names = [_layer_name(int(item))]
-        else:
-            text = str(item).strip()
-            match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
-            if text in available:
-                names = [text]
-            elif match:
-                lo, hi = int(match[1]), int(match[2] or match[1])
-                if lo > hi:
-                    raise W2VCacheError(f"{where}: layers {spec!r}: range {text} is empty")
-                names = [_layer_name(i) for i in range(lo, hi + 1)]
-            else:
-                raise W2VCacheError(f"{where}: layers {spec!r}: {text!r} is neither a layer of the store "
-                                    f"nor a number or range like 6-9; the store has {', '.join(available)}")
-        for name in names:
-            if name not in available:
-                raise W2VCacheError(f"{where}: layers {spec!r}: the store has no layer {name}; it has "
-                                    f"{', '.join(available)}")
-        chosen.update(names)
-    if not chosen:
-        raise W2VCacheError(f"{where}: layers {spec!r} names no layer")
-    return [name for name in available if name in chosen]
-
-
-def _layer_name(index: int) -> str:
-    return f"layer{index:02d}"  # as backbone.layer_name names them (not imported: it needs torch)
+# Choosing splits (layers: layers.choose_layers)
 
 
 def choose_splits(spec: str | Sequence[str] | None, available: Sequence[str], where: str) -> list[str]:

@@ -1,0 +1,54 @@
+"""Layer names and the `--layers` / `--layer` syntax every command shares.
+
+"layer00" is the transformer input after the positional convolution, "layerNN" the output of
+block NN, "cnn" the CNN feature encoder's output (see backbone.py). No torch here: the sharing
+commands use this without loading a model.
+"""
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import W2VCacheError
+
+
+def layer_name(index: int) -> str:
+    return f"layer{index:02d}"
+
+
+def choose_layers(spec: str | Sequence[str | int] | None, available: Sequence[str], where: str,
+                  owner: str = "the store") -> list[str]:
+    """'all' | '6-9' | 'cnn,0,8' | ['layer06', 7] -> names from `available` (a store's or a model's
+    layers), in their order. `where` and `owner` word the errors ("--layer", "the model").
+
+    Numbers and ranges name transformer layers ("layer06"); names are taken as they are.
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
+        return list(available)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    chosen = set()
+    for item in items:
+        if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            names = [layer_name(int(item))]
+        else:
+            text = str(item).strip()
+            match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+            if text in available:
+                names = [text]
+            elif match:
+                lo, hi = int(match[1]), int(match[2] or match[1])
+                if lo > hi:
+                    raise W2VCacheError(f"{where}: layers {spec!r}: range {text} is empty")
+                names = [layer_name(i) for i in range(lo, hi + 1)]
+            else:
+                raise W2VCacheError(f"{where}: layers {spec!r}: {text!r} is neither a layer name "
+                                    f"nor a number or range like 6-9; {owner} has {', '.join(available)}")
+        for name in names:
+            if name not in available:
+                raise W2VCacheError(f"{where}: layers {spec!r}: {owner} has no layer {name}; it has "
+                                    f"{', '.join(available)}")
+        chosen.update(names)
+    if not chosen:
+        raise W2VCacheError(f"{where}: layers {spec!r} names no layer")
+    return [name for name in available if name in chosen]
