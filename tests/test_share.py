@@ -500,3 +500,23 @@ def test_commands_print_one_line_and_refuse_mistakes_without_traceback(source, t
         result = runner.invoke(cli, args)
         assert result.exit_code == 1, (args, result.output)
         assert message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_short_probe_runs_on_a_store_served_over_http(source, http_base, tmp_path):
+    """The probe trains straight from the web server, with the same result as from the local store."""
+    import torch
+
+    from w2vcache.probe import ProbeConfig, probe
+    from w2vcache.train import TrainConfig
+
+    def run(where, out):
+        probe(where, "2", "0", out, ProbeConfig(hidden=16, lstm_layers=1, batch_frames=1500),
+              TrainConfig(epochs=1, lr=2e-3, dev_split="test", test_splits=()), train_split="dev", progress=False)
+        return out / "probe" / "layer02" / "seed0"
+
+    remote = run(f"{http_base}/features.zarr", tmp_path / "remote")
+    local = run(str(source), tmp_path / "local")
+    result = json.loads((remote / "result.json").read_text())
+    assert result["status"] == "finished" and result["test"] == json.loads((local / "result.json").read_text())["test"]
+    a, b = torch.load(remote / "best.pt"), torch.load(local / "best.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
