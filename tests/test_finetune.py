@@ -121,3 +121,36 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny):
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
     config = json.loads((tmp_path / "two/finetune/reinit-none/seed0/config.json").read_text())
     assert config["world_size"] == 2
+
+
+def test_killed_finetune_resumes_to_the_same_result(tmp_path, tiny):
+    """SIGKILL after the first epoch, re-run: the same weights and WER as an uninterrupted run, with
+    dropout and time masking on (their random draws are restored from the checkpoint)."""
+    import signal
+    import time
+
+    args = ["finetune", *tiny, "--test-splits", "test-clean", "--epochs", "3", "--freeze-epochs", "1",
+            "--lr", "2e-3", "--batch-seconds", "7", "--num-workers", "0", "--mask-time-prob", "0.2"]
+    whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    run = tmp_path / "killed" / "finetune" / "reinit-none" / "seed0"
+    proc = subprocess.Popen([sys.executable, "-m", "w2vcache", *args, "--out", str(tmp_path / "killed")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if (run / "checkpoint.pt").exists():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "killed")])
+    assert resumed.exit_code == 0, resumed.output
+    a = json.loads((tmp_path / "whole/finetune/reinit-none/seed0/result.json").read_text())
+    b = json.loads((run / "result.json").read_text())
+    for key in ("best_epoch", "dev", "test-clean"):
+        assert a[key] == b[key], key
+    wa = torch.load(tmp_path / "whole/finetune/reinit-none/seed0/checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
