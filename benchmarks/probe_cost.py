@@ -11,7 +11,6 @@ computes on them, being fed packed sequences).
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
