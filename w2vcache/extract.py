@@ -215,7 +215,10 @@ class _BlockFiller:
         if self.writer is not None:
             self.writer.__exit__(W2VCacheError, None, None)
 
-    def add(self, block, batch: slice, features: dict[str, np.ndarray], frames: list[int]):
+    def add(self, block, batch: slice, features: dict, frames: list[int], ready=None):
+        if ready is not None:  # a CUDA event: the host copies of this batch have landed
+            ready.synchronize()
+            features = {name: x.numpy() for name, x in features.items()}
         if block is not self.block:
             self.writer, self.block = self.store.block_writer(block), block
         for b, n in enumerate(frames):
@@ -224,6 +227,24 @@ class _BlockFiller:
             self.writer.close()
             self.store.mark_done(block)
             self.writer = self.block = None
+
+
+def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
+    """Cast on the device (cheap there) and copy to the host.
+
+    On a GPU the copies go to pinned buffers without blocking, so the next batch's forward is
+    queued at once; the writer thread waits on the returned event before touching the data.
+    """
+    first = next(iter(outputs.values()))
+    if first.device.type != "cuda":
+        return {name: t.to(dtype).cpu().numpy() for name, t in outputs.items()}, None
+    host = {}
+    for name, t in outputs.items():
+        host[name] = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+        host[name].copy_(t.to(dtype), non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[str], config: ExtractConfig,
@@ -255,9 +276,8 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                 block, batch, waves = item
                 with torch.autocast(device.type, dtype=compute, enabled=compute is not torch.float32):
                     outputs, frames = forward_layers(backbone, waves, include_cnn=include_cnn)
-                # Cast on the device (cheap there), then one host copy per layer.
-                features = {layers[k]: outputs[i].to(store_dtype).cpu().numpy() for k, i in enumerate(keep)}
-                pending.append(writer.submit(filler.add, block, batch, features, frames))
+                features, ready = _to_host({layers[k]: outputs[i] for k, i in enumerate(keep)}, store_dtype)
+                pending.append(writer.submit(filler.add, block, batch, features, frames, ready))
                 # At most two batches in flight: bounded memory, and a write error surfaces promptly.
                 while len(pending) > 2:
                     pending.pop(0).result()
