@@ -158,3 +158,24 @@ def test_bundled_mini_corpus():
     assert len(set(texts)) == len(texts)  # no sentence repeated
     assert all(u.text == u.text.upper() for u in corpus)
     assert all(u.path.startswith(str(DATA_DIR)) for u in corpus)
+
+
+def test_a_librispeech_root_is_not_read_as_one_split(librispeech):
+    with pytest.raises(W2VCacheError, match=r"holds several LibriSpeech splits \(dev-clean, dev-other, test-clean"):
+        build_corpus(splits=[f"dev={librispeech}"])
+    with pytest.raises(W2VCacheError, match="holds several LibriSpeech splits"):
+        build_corpus(splits=[f"dev={librispeech.parent}"])  # the folder above LibriSpeech/
+
+
+def test_manifests_with_a_byte_order_mark_and_short_rows(tmp_path):
+    write_wave(tmp_path / "x.wav")
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes("\ufeffpath\ttext\nx.wav\tHELLO\n".encode("utf-8"))
+    assert [(u.id, u.text) for u in read_manifest(bom, "d")] == [("x", "HELLO")]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(("\ufeff" + json.dumps({"audio": "x.wav", "text": "HI"}) + "\n").encode("utf-8"))
+    assert read_manifest(jsonl, "d")[0].text == "HI"
+    short = tmp_path / "short.tsv"
+    short.write_text("id\taudio\ttext\nx\tx.wav\n")
+    with pytest.raises(W2VCacheError, match=r"short\.tsv:2: expected"):
+        read_manifest(short, "d")

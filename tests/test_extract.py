@@ -236,3 +236,25 @@ def test_bad_audio_stops_with_its_path_or_is_skipped(tmp_path):
     info = run_cli("info", str(store))
     assert "cut.flac" in info.output and "truncated" in info.output
     assert [u.id for u in open_store(store).utterances("dev")] == [p.stem for p in good]
+
+
+def test_float16_overflow_is_named_as_such(tmp_path):
+    backbone = load_backbone("builtin:tiny")
+    with torch.no_grad():
+        backbone.model.feature_extractor.conv_layers[-1].conv.weight.mul_(1e6)  # CNN outputs far beyond 65504
+    with pytest.raises(W2VCacheError, match=r"cnn features reach .* beyond float16's range .* --dtype float32"):
+        extract(small_corpus(), ExtractConfig(store=str(tmp_path / "s.zarr"), include_cnn=True), progress=False,
+                backbone=backbone)
+
+
+def test_torchrun_variables_must_be_integers(monkeypatch):
+    from w2vcache.extract import parse_shard
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(W2VCacheError, match="must be integers"):
+        parse_shard(None)
+    monkeypatch.setenv("RANK", "1")
+    assert parse_shard(None) == (1, 2)
+    with pytest.raises(W2VCacheError, match="--cnn"):
+        select_layers("cnn", 4)

@@ -154,3 +154,21 @@ def test_killed_finetune_resumes_to_the_same_result(tmp_path, tiny):
     wb = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_frozen_epochs_build_no_graph_through_the_backbone(tiny):
+    """With masking on and the built-in model (no masked_spec_embed of its own), the head-only
+    epochs still train nothing but the head, and autograd records nothing through W2V."""
+    corpus = build_corpus(splits=[s.split("=", 1)[1] for s in tiny])
+    task = FinetuneTask(load_backbone("builtin:tiny"), corpus, FinetuneConfig(mask_time_prob=0.5, **FAST),
+                        TrainConfig(test_splits=("test-clean",)))
+    task.start_epoch(0)
+    trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}
+    task.model.train()
+    waves = [torch.from_numpy(w) for w in next(iter(task.train_batches(0)))[0]]
+    hidden, _ = __import__("w2vcache.backbone", fromlist=["encode"]).encode(
+        task.model.backbone_ref, waves, task.model.mask_frames)
+    assert not hidden.requires_grad
+    task.start_epoch(3)
+    assert "mask_embedding" in {n for n, p in task.model.named_parameters() if p.requires_grad}

@@ -34,3 +34,53 @@ def test_schedule_drives_the_optimizer():
         opt.step()
         sched.step()
     assert used == pytest.approx([0.25, 0.5, 0.5, 0.5, 0.5, 0.375, 0.25, 0.125])
+
+
+def test_default_decay_is_the_second_half_and_bad_schedules_are_refused(tmp_path):
+    from w2vcache.errors import W2VCacheError
+    from w2vcache.train import check_config
+
+    config = TrainConfig(epochs=3)  # decay from 1.5 epochs; warm-up 1 epoch
+    assert [tri_stage(u, 2, config) for u in range(6)] == pytest.approx([0.5, 1, 1, 1, 2 / 3, 1 / 3])
+    assert [tri_stage(u, 2, TrainConfig(epochs=10)) for u in (9, 10, 19)] == pytest.approx([1, 1, 0.1])
+    with pytest.raises(W2VCacheError, match="--decay-from-epoch 12 must lie within the run's 10 epochs"):
+        check_config(TrainConfig(epochs=10, decay_from_epoch=12))
+
+
+class OneWeight:
+    """A task whose every batch contributes a gradient of exactly 1 to its one weight."""
+
+    def __init__(self, batches):
+        self.model = torch.nn.Linear(1, 1, bias=False)
+        self.n = batches
+
+    def train_batches(self, epoch):
+        return [None] * self.n
+
+    def eval_batches(self, split):
+        return [None]
+
+    def loss(self, batch):
+        return self.model.weight.sum()
+
+    def decode(self, batch):
+        return ["a"], ["a"]
+
+    def start_epoch(self, epoch):
+        pass
+
+
+@pytest.mark.parametrize("batches,accum,expected", [(3, 2, [1.0, 1.0]), (2, 8, [1.0]), (4, 1, [1.0] * 4)])
+def test_gradient_accumulation_averages_over_the_batches_of_each_update(tmp_path, monkeypatch, batches, accum, expected):
+    from w2vcache.train import train
+
+    task, seen = OneWeight(batches), []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def record_then_clip(parameters, max_norm):  # called once per update, just before the step
+        seen.append(task.model.weight.grad.item())
+        return clip(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
+    train(task, TrainConfig(epochs=1, grad_accum=accum, test_splits=()), tmp_path, {}, progress=False)
+    assert seen == pytest.approx(expected)

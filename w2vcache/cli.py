@@ -177,10 +177,11 @@ def verify_command(store):
 @click.option("--layer", "layers", default="all", show_default=True, help="A layer (8), a list or range (0-12), or all.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run per layer and seed.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate.")
-@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
-@click.option("--decay-from-epoch", type=float, default=5.0, show_default=True,
-              help="Hold the peak until this many epochs are done, then decay linearly to 0.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Peak learning rate.")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--decay-from-epoch", type=click.FloatRange(min=0),
+              help="Hold the peak until this many epochs are done, then decay linearly to 0.  [default: half the epochs]")
 @click.option("--lstm-layers", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True, help="LSTM units per direction.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
@@ -218,9 +219,11 @@ def probe_command(store, layers, seeds, epochs, lr, warmup_epochs, decay_from_ep
               help="Transformer blocks to re-initialise first (1-based): none, 12, 11,12, 10-12. Repeatable: one experiment each.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run per re-init set and seed.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate.")
-@click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
-@click.option("--decay-from-epoch", type=float, default=5.0, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Peak learning rate.")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--decay-from-epoch", type=click.FloatRange(min=0),
+              help="Hold the peak until this many epochs are done, then decay linearly to 0.  [default: half the epochs]")
 @click.option("--freeze-epochs", type=click.IntRange(min=0), default=3, show_default=True,
               help="Epochs during which only the CTC head trains.")
 @click.option("--train-feature-encoder", is_flag=True, help="Also train the CNN feature encoder (frozen by default).")

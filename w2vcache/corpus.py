@@ -13,6 +13,7 @@ and `build_corpus`, which assembles named splits from them the way the command l
 
 import csv
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ LIBRILIGHT_SETS = {
     "10h": [f"1h/{i}" for i in range(6)] + ["9h"],
 }
 _SHOWN = 5  # offending items listed in an error before "and N more"
+_SPLIT_DIR = re.compile(r"(dev|test|train)-(clean|other)(-\d+)?")  # LibriSpeech split folder names
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def read_transcript_tree(directory, split: str) -> list[Utterance]:
         raise W2VCacheError(f"{directory}: no such directory")
     texts, where = {}, {}
     for transcript in sorted(directory.rglob("*" + TRANSCRIPT_SUFFIX)):
-        for n, line in enumerate(transcript.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(transcript.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             uid, _, text = line.strip().partition(" ")
@@ -151,7 +153,7 @@ def read_manifest(path, split: str) -> list[Utterance]:
     path = Path(path)
     rows = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -164,7 +166,7 @@ def read_manifest(path, split: str) -> list[Utterance]:
                 raise W2VCacheError(f'{path}:{n}: needs "audio" (or "path") and "text" (or "transcript")')
             rows.append((n, str(audio), str(text), record.get("id")))
     else:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
         header = [c.strip().lower() for c in lines[0]] if lines else []
         columns = {"path": 0, "text": 1, "id": 2}
@@ -175,8 +177,9 @@ def read_manifest(path, split: str) -> list[Utterance]:
         for n, cells in enumerate(lines, 1):
             if not cells or not any(c.strip() for c in cells):
                 continue
-            if len(cells) < 2:
-                raise W2VCacheError(f"{path}:{n}: expected 'audio path<TAB>transcript[<TAB>id]', got {cells!r}")
+            if len(cells) <= max(columns["path"], columns["text"]):
+                raise W2VCacheError(f"{path}:{n}: expected 'audio path<TAB>transcript[<TAB>id]' "
+                                    f"(or the header's columns), got {cells!r}")
             uid = cells[columns["id"]] if columns["id"] is not None and columns["id"] < len(cells) else None
             rows.append((n, cells[columns["path"]], cells[columns["text"]], uid))
     utterances, missing = [], []
@@ -209,6 +212,13 @@ def read_source(source: str, split: str, librispeech=None, librilight=None) -> l
     if path.is_dir():
         if (path / "1h").is_dir() and (path / "9h").is_dir():
             return read_librilight(path, "10h", split)
+        inside = sorted(p.name for p in path.iterdir() if p.is_dir() and _SPLIT_DIR.fullmatch(p.name))
+        if inside or (path / "LibriSpeech").is_dir():
+            # Read recursively, a LibriSpeech root would merge every split into one (test into train).
+            raise W2VCacheError(
+                f"source {source!r} holds several LibriSpeech splits ({', '.join(inside) or 'LibriSpeech/'}); "
+                f"name one: --librispeech {source} --split {split}={inside[0] if inside else 'dev-clean'}"
+            )
         return read_transcript_tree(path, split)
     if path.is_file():
         return read_manifest(path, split)

@@ -64,14 +64,12 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True) -
          lambda: probe(str(store), "all", str(config.seed), runs,
                        ProbeConfig(hidden=config.probe_hidden, lstm_layers=config.probe_lstm_layers,
                                    batch_frames=config.probe_batch_frames),
-                       TrainConfig(epochs=config.probe_epochs, lr=config.probe_lr,
-                                   decay_from_epoch=config.probe_epochs / 2, **schedule),
+                       TrainConfig(epochs=config.probe_epochs, lr=config.probe_lr, **schedule),
                        progress=progress))
     step(f"finetune: baseline and re-initialised block(s) {','.join(map(str, config.finetune_reinit))}",
          lambda: finetune(corpus, config.model, [(), config.finetune_reinit], [config.seed], runs,
                           FinetuneConfig(freeze_epochs=config.finetune_freeze_epochs, batch_seconds=30, num_workers=0),
-                          TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr,
-                                      decay_from_epoch=config.finetune_epochs / 2, **schedule),
+                          TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, **schedule),
                           progress=progress))
     paths = step("report", lambda: write_report(runs, runs / "report", figure=_can_plot()))
     say("\n" + Path(paths["md"]).read_text())

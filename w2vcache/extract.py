@@ -8,6 +8,7 @@ thread casts, cuts and writes the features of the batch before.
 """
 
 import json
+import math
 import os
 import queue
 import socket
@@ -74,14 +75,21 @@ class ExtractResult:
 
 def select_layers(spec: str, num_layers: int) -> list[str]:
     """'all' | '8' | '0,4-8' -> the model's layer names, validated against its depth."""
+    if "cnn" in str(spec).split(","):
+        raise W2VCacheError("--layers: the CNN output is stored with --cnn, not as a layer number")
     return choose_layers(spec, [layer_name(i) for i in range(num_layers + 1)], "--layers", "the model")
 
 
 def parse_shard(spec: str | None) -> tuple[int, int] | None:
     """'I/N' -> (I, N); with no --shard, torchrun's RANK/WORLD_SIZE make each rank a shard."""
     if spec is None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return (int(os.environ["RANK"]), world) if world > 1 and "RANK" in os.environ else None
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            return (int(os.environ["RANK"]), world) if world > 1 and "RANK" in os.environ else None
+        except ValueError:
+            raise W2VCacheError(
+                f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: "
+                "torchrun's variables must be integers") from None
     try:
         i, n = (int(v) for v in spec.split("/"))
     except ValueError:
@@ -191,17 +199,22 @@ def _load_batches(blocks, receptive_field: int, max_samples: int, out: queue.Que
                             "block is kept: replace the file with a good copy and re-run the same "
                             "command to resume"
                         ) from None
-                while not stop.is_set():
-                    try:
-                        out.put((block, batch, waves), timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
+                if not _put(out, (block, batch, waves), stop):
                     return
-        out.put(None)
+        _put(out, None, stop)
     except BaseException as err:  # handed to the main thread, which re-raises it
-        out.put(err)
+        _put(out, err, stop)
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put unless the main thread has stopped listening (it failed): never block for ever."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
 
 
 class _BlockFiller:
@@ -215,10 +228,18 @@ class _BlockFiller:
         if self.writer is not None:
             self.writer.__exit__(W2VCacheError, None, None)
 
-    def add(self, block, batch: slice, features: dict, frames: list[int], ready=None):
+    def add(self, block, batch: slice, features: dict, frames: list[int], ready=None, peaks=None):
         if ready is not None:  # a CUDA event: the host copies of this batch have landed
             ready.synchronize()
             features = {name: x.numpy() for name, x in features.items()}
+        if peaks is not None:
+            limit = float(np.finfo(self.store.dtype).max)
+            for name, peak in zip(features, peaks.tolist()):
+                if math.isfinite(peak) and peak > limit:
+                    raise W2VCacheError(
+                        f"{block.split} block {block.index}: {name} features reach {peak:.4g}, beyond "
+                        f"{self.store.dtype}'s range ({limit:.0f}); extract into a new store with --dtype float32"
+                    )
         if block is not self.block:
             self.writer, self.block = self.store.block_writer(block), block
         for b, n in enumerate(frames):
@@ -230,21 +251,24 @@ class _BlockFiller:
 
 
 def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
-    """Cast on the device (cheap there) and copy to the host.
+    """Cast on the device (cheap there) and copy to the host; also each layer's largest magnitude
+    before the cast, so that a float16 overflow is named as such rather than as infinities.
 
     On a GPU the copies go to pinned buffers without blocking, so the next batch's forward is
     queued at once; the writer thread waits on the returned event before touching the data.
     """
-    first = next(iter(outputs.values()))
-    if first.device.type != "cuda":
-        return {name: t.to(dtype).cpu().numpy() for name, t in outputs.items()}, None
+    peaks = torch.stack([t.detach().abs().amax().float() for t in outputs.values()])
+    if peaks.device.type != "cuda":
+        return {name: t.to(dtype).numpy() for name, t in outputs.items()}, None, peaks
     host = {}
     for name, t in outputs.items():
         host[name] = torch.empty(t.shape, dtype=dtype, pin_memory=True)
         host[name].copy_(t.to(dtype), non_blocking=True)
+    host_peaks = torch.empty(peaks.shape, pin_memory=True)
+    host_peaks.copy_(peaks, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
-    return host, ready
+    return host, ready, host_peaks
 
 
 def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[str], config: ExtractConfig,
@@ -276,8 +300,8 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                 block, batch, waves = item
                 with torch.autocast(device.type, dtype=compute, enabled=compute is not torch.float32):
                     outputs, frames = forward_layers(backbone, waves, include_cnn=include_cnn)
-                features, ready = _to_host({layers[k]: outputs[i] for k, i in enumerate(keep)}, store_dtype)
-                pending.append(writer.submit(filler.add, block, batch, features, frames, ready))
+                features, ready, peaks = _to_host({layers[k]: outputs[i] for k, i in enumerate(keep)}, store_dtype)
+                pending.append(writer.submit(filler.add, block, batch, features, frames, ready, peaks))
                 # At most two batches in flight: bounded memory, and a write error surfaces promptly.
                 while len(pending) > 2:
                     pending.pop(0).result()

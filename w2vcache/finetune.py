@@ -137,6 +137,8 @@ class FinetuneTask:
         frozen = epoch < self.config.freeze_epochs
         for p in self.model.w2v.parameters():
             p.requires_grad = not frozen
+        if hasattr(self.model, "mask_embedding"):  # our own mask vector is part of the backbone's input
+            self.model.mask_embedding.requires_grad = not frozen
         extractor = self.model.w2v.feature_extractor
         if not self.config.train_feature_encoder:
             for p in extractor.parameters():

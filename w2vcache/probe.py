@@ -113,7 +113,9 @@ class ProbeTask:
         self.train_split = train_split
         self.batches = {name: batches_by_length(s.lengths, config.batch_frames) for name, s in self.splits.items()}
         self.model = Probe(store.layers[layer], config).to(self.device)
-        self.ctc = nn.CTCLoss(blank=text.BLANK_ID, zero_infinity=False)
+        # zero_infinity: an utterance whose transcript is longer than its frames (CTC has no path)
+        # adds nothing, instead of making its whole batch's loss infinite.
+        self.ctc = nn.CTCLoss(blank=text.BLANK_ID, zero_infinity=True)
         self.unknown = {}
 
     def _batch(self, split: str, indices: list[int]) -> Batch:

@@ -28,6 +28,7 @@ CHECKPOINT = "checkpoint.pt"  # last finished epoch: model, optimizer, schedule,
 BEST = "best.pt"  # weights of the epoch with the lowest dev WER
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
+_END = object()  # end of an epoch's batches
 CONFIG = "config.json"
 
 
@@ -35,8 +36,10 @@ CONFIG = "config.json"
 class TrainConfig:
     epochs: int = 10
     lr: float = 1e-4  # peak learning rate
-    warmup_epochs: float = 1.0  # linear warm-up from 0 to lr
-    decay_from_epoch: float = 5.0  # hold until here (start of epoch 6), then linear decay to 0 at the end
+    warmup_epochs: float = 1.0  # linear warm-up from 0 to lr (at most until the decay starts)
+    # Hold until here, then decay linearly to 0 at the end. None: half the epochs, which for the
+    # recipe's 10 is 5, the start of epoch 6; shorter runs decay over their second half too.
+    decay_from_epoch: float | None = None
     clip_norm: float = 1.0
     grad_accum: int = 1  # batches per update
     seed: int = 0
@@ -68,14 +71,27 @@ def tri_stage(update: int, updates_per_epoch: int, config: TrainConfig) -> float
     so the last update of the last epoch uses 1 / decay_updates of the peak and the rate
     reaches 0 exactly at the end.
     """
-    warmup = config.warmup_epochs * updates_per_epoch
-    decay_start = config.decay_from_epoch * updates_per_epoch
+    decay_start = decay_from(config) * updates_per_epoch
+    warmup = min(config.warmup_epochs * updates_per_epoch, decay_start)
     total = config.epochs * updates_per_epoch
     if update < warmup:
         return (update + 1) / warmup
     if update < decay_start or total <= decay_start:
         return 1.0
     return max(0.0, (total - update) / (total - decay_start))
+
+
+def decay_from(config: TrainConfig) -> float:
+    return config.epochs / 2 if config.decay_from_epoch is None else config.decay_from_epoch
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse a schedule that would silently not do what its options say."""
+    if not 0 <= decay_from(config) <= config.epochs:
+        raise W2VCacheError(f"--decay-from-epoch {config.decay_from_epoch} must lie within the run's "
+                            f"{config.epochs} epochs (or leave it out: half the epochs)")
+    if config.warmup_epochs < 0:
+        raise W2VCacheError(f"--warmup-epochs {config.warmup_epochs} must not be negative")
 
 
 def seed_everything(seed: int) -> None:
@@ -116,6 +132,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
     `run_record` is written to config.json (with this config, versions and the command line) when
     the run starts, and must match the one already there when it resumes.
     """
+    check_config(config)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -136,11 +153,13 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: tri_stage(u, updates_per_epoch, config))
     first_epoch, best = 0, {"epoch": None, "dev_wer": math.inf}
     if (run_dir / CHECKPOINT).exists():
-        state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+        state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         first_epoch, best = state["epoch"], state["best"]
     if writer:  # drop lines of an epoch whose checkpoint a kill prevented
         metrics = _read_metrics(run_dir, first_epoch)
@@ -157,15 +176,17 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
         iterator, step = iter(bar), 0
         while True:
             t = time.perf_counter()
-            batch = next(iterator, None)
+            batch = next(iterator, _END)
             data_wait += time.perf_counter() - t
-            if batch is None:
+            if batch is _END:
                 break
             loss = task.loss(batch)
+            # The epoch's last group of batches may be short: average over the batches it has.
+            group = min(config.grad_accum, len(batches) - (step // config.grad_accum) * config.grad_accum)
             if not torch.isfinite(loss):
-                skipped += 1  # e.g. a transcript longer than its frames: CTC has no path
+                skipped += 1  # a NaN or infinite loss: the batch is left out
             else:
-                (loss / config.grad_accum).backward()
+                (loss / group).backward()
                 loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             step += 1
             if step % config.grad_accum == 0 or step == len(batches):
@@ -202,13 +223,14 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
             with open(run_dir / METRICS, "a") as f:
                 f.write(json.dumps(entry) + "\n")
             _save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "best": best},
+                   "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "best": best},
                   run_dir / CHECKPOINT)
         if distributed:
             dist.barrier()  # the other ranks may read best.pt / checkpoint.pt next
 
     eval_started = time.perf_counter()
-    model.load_state_dict(torch.load(run_dir / BEST, weights_only=True))
+    model.load_state_dict(torch.load(run_dir / BEST, weights_only=True, map_location="cpu"))
     result = dict(
         {k: run_record.get(k) for k in ("kind", "experiment", "layer", "reinit", "seed")},
         status="finished",
