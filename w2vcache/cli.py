@@ -4,6 +4,8 @@ Every command is a thin wrapper; the same work is available from Python (a noteb
 the function it wraps. A `W2VCacheError` is shown as a one-line error, never as a traceback.
 """
 
+import dataclasses
+import functools
 import json
 import os
 
@@ -172,40 +174,59 @@ def verify_command(store):
     click.echo(f"OK {store}: {report.chunks_checked} chunks checked, all intact and complete")
 
 
+def training_options(command):
+    """The training recipe's options, shared by probe and finetune; the command receives them as
+    one `train_config` (a TrainConfig) plus `train_split`."""
+
+    @functools.wraps(command)
+    def wrapper(*args, epochs, lr, warmup_epochs, decay_from_epoch, dev_split, test_splits, **kwargs):
+        from .train import TrainConfig
+
+        config = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, decay_from_epoch=decay_from_epoch,
+                             dev_split=dev_split, test_splits=tuple(s for s in test_splits.split(",") if s))
+        return command(*args, train_config=config, **kwargs)
+
+    options = [
+        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+                     help="Peak learning rate."),
+        click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True),
+        click.option("--decay-from-epoch", type=click.FloatRange(min=0),
+                     help="Hold the peak until this many epochs are done, then decay linearly to 0.  "
+                     "[default: half the epochs]"),
+        click.option("--train-split", default="train", show_default=True),
+        click.option("--dev-split", default="dev", show_default=True),
+        click.option("--test-splits", default="test-clean,test-other", show_default=True,
+                     help="Comma-separated; each is tested with the best-dev weights."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @main.command("probe")
 @click.option("--store", default="features.zarr", show_default=True, help="Feature store path or URL.")
 @click.option("--layer", "layers", default="all", show_default=True, help="A layer (8), a list or range (0-12), or all.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run per layer and seed.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Peak learning rate.")
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--decay-from-epoch", type=click.FloatRange(min=0),
-              help="Hold the peak until this many epochs are done, then decay linearly to 0.  [default: half the epochs]")
+@training_options
 @click.option("--lstm-layers", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True, help="LSTM units per direction.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--batch-frames", type=click.IntRange(min=1), default=16000, show_default=True,
               help="Padded frames per batch.")
-@click.option("--train-split", default="train", show_default=True)
-@click.option("--dev-split", default="dev", show_default=True)
-@click.option("--test-splits", default="test-clean,test-other", show_default=True)
 @click.option("--memory-budget", type=float, default=8.0, show_default=True,
               help="GB of one split's layer to hold in memory; larger layers are read batch by batch.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
-def probe_command(store, layers, seeds, epochs, lr, warmup_epochs, decay_from_epoch, lstm_layers, hidden, dropout,
-                  batch_frames, train_split, dev_split, test_splits, memory_budget, device, out):
+def probe_command(store, layers, seeds, train_config, train_split, lstm_layers, hidden, dropout, batch_frames,
+                  memory_budget, device, out):
     """Train BiLSTM-CTC probes on cached layers; finished runs are skipped, killed ones resume."""
     from .probe import ProbeConfig, probe
-    from .train import TrainConfig
 
     result = probe(
         store, layers, seeds, out,
         ProbeConfig(lstm_layers=lstm_layers, hidden=hidden, dropout=dropout, batch_frames=batch_frames),
-        TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, decay_from_epoch=decay_from_epoch,
-                    dev_split=dev_split, test_splits=tuple(s for s in test_splits.split(",") if s)),
-        train_split=train_split, memory_budget=int(memory_budget * 2**30), device=device,
+        train_config, train_split=train_split, memory_budget=int(memory_budget * 2**30), device=device,
     )
     click.echo(f"{len(result.finished)} run(s) trained, {len(result.skipped)} already finished, "
                f"in {result.seconds:.1f} s; results under {out}/probe")
@@ -218,12 +239,7 @@ def probe_command(store, layers, seeds, epochs, lr, warmup_epochs, decay_from_ep
 @click.option("--reinit", "reinits", multiple=True, default=["none"], show_default=True,
               help="Transformer blocks to re-initialise first (1-based): none, 12, 11,12, 10-12. Repeatable: one experiment each.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run per re-init set and seed.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
-              help="Peak learning rate.")
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--decay-from-epoch", type=click.FloatRange(min=0),
-              help="Hold the peak until this many epochs are done, then decay linearly to 0.  [default: half the epochs]")
+@training_options
 @click.option("--freeze-epochs", type=click.IntRange(min=0), default=3, show_default=True,
               help="Epochs during which only the CTC head trains.")
 @click.option("--train-feature-encoder", is_flag=True, help="Also train the CNN feature encoder (frozen by default).")
@@ -237,21 +253,16 @@ def probe_command(store, layers, seeds, epochs, lr, warmup_epochs, decay_from_ep
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True, help="Audio-loading processes.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: mixed precision on GPU.")
-@click.option("--train-split", default="train", show_default=True)
-@click.option("--dev-split", default="dev", show_default=True)
-@click.option("--test-splits", default="test-clean,test-other", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (torchrun ranks take cuda:LOCAL_RANK).")
 @click.option("--revision", help="Hub revision of --model.")
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
-def finetune_command(model, librispeech, librilight, splits, reinits, seeds, epochs, lr, warmup_epochs,
-                     decay_from_epoch, freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length,
-                     final_dropout, batch_seconds, grad_accum, num_workers, precision, train_split, dev_split,
-                     test_splits, device, revision, out):
+def finetune_command(model, librispeech, librilight, splits, reinits, seeds, train_config, train_split,
+                     freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length, final_dropout,
+                     batch_seconds, grad_accum, num_workers, precision, device, revision, out):
     """Fine-tune W2V with a CTC head, top blocks re-initialised first (torchrun for several GPUs)."""
     from .corpus import build_corpus
     from .finetune import FinetuneConfig, finetune, parse_reinit
     from .probe import parse_seeds
-    from .train import TrainConfig
 
     result = finetune(
         build_corpus(librispeech, librilight, list(splits)), model,
@@ -259,9 +270,7 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, epo
         FinetuneConfig(freeze_epochs=freeze_epochs, train_feature_encoder=train_feature_encoder,
                        final_dropout=final_dropout, mask_time_prob=mask_time_prob, mask_time_length=mask_time_length,
                        batch_seconds=batch_seconds, num_workers=num_workers, precision=precision),
-        TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, decay_from_epoch=decay_from_epoch,
-                    grad_accum=grad_accum, dev_split=dev_split,
-                    test_splits=tuple(s for s in test_splits.split(",") if s)),
+        dataclasses.replace(train_config, grad_accum=grad_accum),
         train_split=train_split, device=device, revision=revision,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once

@@ -169,12 +169,13 @@ def provenance(backbone: Backbone, config: ExtractConfig, layers: list[str]) -> 
 # Filling blocks
 
 
-def length_batches(lengths, max_samples: int) -> list[slice]:
-    """Consecutive runs (utterances already sorted by length) whose padded size fits max_samples."""
+def length_batches(lengths, max_size: int) -> list[slice]:
+    """Consecutive runs (utterances already sorted by length) whose padded size fits max_size
+    (samples or frames, in the unit of `lengths`); an utterance longer than max_size goes alone."""
     batches, start, longest = [], 0, 0
     for i, n in enumerate(lengths):
         longest_if_added = max(longest, n)
-        if i > start and longest_if_added * (i - start + 1) > max_samples:
+        if i > start and longest_if_added * (i - start + 1) > max_size:
             batches.append(slice(start, i))
             start, longest_if_added = i, n
         longest = longest_if_added
@@ -183,12 +184,14 @@ def length_batches(lengths, max_samples: int) -> list[slice]:
     return batches
 
 
-def _load_batches(blocks, receptive_field: int, max_samples: int, out: queue.Queue, stop: threading.Event):
-    """Loader thread: (block, batch slice, waves) for every batch, in store order; then None."""
+def _load_batches(blocks, receptive_field: int, max_frames: int, out: queue.Queue, stop: threading.Event):
+    """Loader thread: (block, batch slice, waves) for every batch, in store order; then None.
+
+    Batches are formed from the frame counts the store already holds (a frame is one hop of
+    audio), so no audio header is read twice."""
     try:
         for block in blocks:
-            samples = [audio_info(p).num_samples for p in block.paths]
-            for batch in length_batches(samples, max_samples):
+            for batch in length_batches(block.lengths, max_frames):
                 waves = []
                 for i in range(batch.start, batch.stop):
                     try:
@@ -280,14 +283,14 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
     store_dtype = getattr(torch, config.dtype)
     compute = COMPUTE_DTYPES[config.compute_dtype]
     device = next(backbone.model.parameters()).device
-    max_samples = int(config.batch_seconds * SAMPLE_RATE)
+    max_frames = max(1, int(config.batch_seconds * backbone.frame_rate))
     # Counted in frames (exact integers), shown in hours of audio.
     bar = tqdm(total=sum(n for b in blocks for n in b.lengths), desc="extracting", unit="h audio",
                unit_scale=1 / (backbone.frame_rate * 3600), disable=not progress,
                bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}{postfix}]")
     loaded: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     stop = threading.Event()
-    loader = threading.Thread(target=_load_batches, args=(blocks, backbone.receptive_field, max_samples, loaded, stop),
+    loader = threading.Thread(target=_load_batches, args=(blocks, backbone.receptive_field, max_frames, loaded, stop),
                               daemon=True)
     filler, pending = _BlockFiller(store), []
     started, seconds_done, utterances = time.perf_counter(), 0.0, 0

@@ -124,8 +124,9 @@ class FinetuneTask:
         for split in (train_split, train_config.dev_split, *train_config.test_splits):
             if split not in corpus.splits:
                 raise W2VCacheError(f"the corpus has no split {split!r}; it has {', '.join(corpus.splits)}")
-            utterances = sorted(corpus.splits[split], key=lambda u: (audio_info(u.path).num_samples, u.id))
-            samples = [audio_info(u.path).num_samples for u in utterances]
+            num_samples = {u.id: audio_info(u.path).num_samples for u in corpus.splits[split]}  # headers, read once
+            utterances = sorted(corpus.splits[split], key=lambda u: (num_samples[u.id], u.id))
+            samples = [num_samples[u.id] for u in utterances]
             batches = [list(range(b.start, b.stop)) for b in length_batches(samples, int(config.batch_seconds * SAMPLE_RATE))]
             self.splits[split] = (utterances, batches)
         self.train_split = train_split
@@ -155,28 +156,20 @@ class FinetuneTask:
 
     # -- batches ---------------------------------------------------------------------------------
 
-    def _loader(self, split: str, order: list[list[int]]):
-        utterances, _ = self.splits[split]
-        dataset = AudioBatches(utterances, order, self.rank, self.world)
+    def _loader(self, split: str, batches: list[list[int]], rank: int, world: int):
+        dataset = AudioBatches(self.splits[split][0], batches, rank, world)
         return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_collate,
                                            num_workers=self.config.num_workers,
-                                           persistent_workers=False, prefetch_factor=2 if self.config.num_workers else None)
+                                           prefetch_factor=2 if self.config.num_workers else None)
 
     def train_batches(self, epoch: int):
         order = list(self.splits[self.train_split][1])
         random.Random(self.seed * 100_003 + epoch).shuffle(order)  # identical on every rank and on resume
-        return self._loader(self.train_split, order)
+        return self._loader(self.train_split, order, self.rank, self.world)
 
     def eval_batches(self, split: str):
         # Every rank evaluates the whole split (simple and exact; only rank 0 writes the result).
-        utterances, batches = self.splits[split]
-        return self._loader_all(utterances, batches)
-
-    def _loader_all(self, utterances, batches):
-        dataset = AudioBatches(utterances, batches, 0, 1)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_collate,
-                                           num_workers=self.config.num_workers,
-                                           prefetch_factor=2 if self.config.num_workers else None)
+        return self._loader(split, self.splits[split][1], rank=0, world=1)
 
     # -- loss and decoding -------------------------------------------------------------------------
 
