@@ -68,10 +68,10 @@ def main():
     task = FinetuneTask(backbone, build_corpus(), config, TrainConfig(dev_split="dev"), device=args.device)
     task.start_epoch(config.freeze_epochs)
     task.model.train()
-    utterances, batches = task.splits["train"]
+    utterances, frames, batches = task.splits["train"]
     members = max(batches, key=lambda b: sum(len(utterances[i].text) for i in b))  # most speech
-    batch = AudioBatches(utterances, [members], 0, 1)[0]
-    waves, texts = batch[0], batch[1]
+    batch = AudioBatches(utterances, frames, [members], 0, 1)[0]
+    waves, texts = batch.waves, batch.texts
     ours_opt = torch.optim.Adam(task.model.parameters(), lr=LR)
 
     # -- transformers: same config and weights, fed as a hand-written script would feed it

@@ -4,7 +4,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import textwrap
 
 import numpy as np
 import pytest
@@ -139,27 +139,52 @@ def test_verify_names_the_corrupt_chunk(tmp_path, reference):
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference):
-    """Kill a real extraction with SIGKILL at several points; re-running finishes the store, recomputing
-    only unfinished blocks, and the result equals the uninterrupted store."""
+    """Kill a real extraction with SIGKILL at several points (mid-creation, then after 3 and after
+    half the blocks are done); re-running finishes the store, recomputing only unfinished blocks, and
+    the result equals the uninterrupted store."""
     path = tmp_path / "killed.zarr"
-    cmd = [sys.executable, "-m", "w2vcache", "extract", "--store", str(path), *SPLITS, *LAYOUT]
     total_blocks = sum(open_store(reference).status(s).n_blocks for s in ("dev", "test"))
+    # The child dies at an exact point: after the first split of a new store is laid out (the root
+    # still only says it is being created), or after its N-th mark_done (it only does pending blocks).
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import w2vcache.store
+        from w2vcache.cli import main
+        from w2vcache.store import FeatureStore
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
+        if sys.argv[1] == "creation":
+            write_split = w2vcache.store._write_split
+            def dying_write_split(*args):
+                write_split(*args)
+                die()
+            w2vcache.store._write_split = dying_write_split
+        else:
+            mark_done, calls = FeatureStore.mark_done, []
+            def dying_mark_done(self, block):
+                mark_done(self, block)
+                calls.append(block)
+                if len(calls) == int(sys.argv[1]):
+                    die()
+            FeatureStore.mark_done = dying_mark_done
+        main({["extract", "--store", str(path), *SPLITS, *LAYOUT]!r}, standalone_mode=False)
+    """)
 
-    def done_blocks():
-        return sum(len(list((path / s / "done" / "c").glob("*"))) for s in ("dev", "test") if (path / s).exists())
+    def killed_run(when):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(when)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        _, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err
 
-    kills = 0
-    for target in (0, 3, total_blocks // 2 + 1):  # before creation ends, early, mid-way
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:
-            if (target == 0 and path.exists()) or (target and done_blocks() >= target):
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-                break
-            time.sleep(0.005)
-        proc.wait()
-    assert kills >= 2, "extraction finished before it could be killed"
+    killed_run("creation")
+    with pytest.raises(W2VCacheError, match="never fully created"):
+        open_store(path)
+    done = 0
+    for target in (3, total_blocks // 2 + 1):  # early, mid-way
+        assert done < target < total_blocks
+        killed_run(target - done)
+        done = target
+        assert sum(open_store(path).status(s).blocks_done for s in ("dev", "test")) == done
     finished_before = sum(open_store(path).status(s).blocks_done for s in ("dev", "test"))
     assert finished_before < total_blocks
     result = run_cli("extract", "--store", str(path), *SPLITS, *LAYOUT)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from w2vcache.audio import audio_info
 from w2vcache.backbone import load_backbone, reinit_layers
 from w2vcache.cli import main
 from w2vcache.corpus import build_corpus
@@ -73,6 +74,8 @@ def test_freeze_schedule_and_reinit(tiny):
 
 def test_short_run_lowers_loss_and_writes_a_complete_run(tmp_path, tiny):
     out = tmp_path / "runs"
+    backbone = load_backbone("builtin:tiny")
+    train_frames = sum(backbone.num_frames(audio_info(u.path).num_samples) for u in build_corpus().splits["train"][:6])
     result = CliRunner().invoke(main, [
         "finetune", *tiny, "--reinit", "none", "--reinit", "4", "--epochs", "3", "--freeze-epochs", "1",
         "--lr", "3e-3", "--batch-seconds", "8", "--num-workers", "1", "--test-splits", "test-clean", "--out", str(out)])
@@ -81,6 +84,9 @@ def test_short_run_lowers_loss_and_writes_a_complete_run(tmp_path, tiny):
         run_dir = out / "finetune" / name / "seed0"
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 3 and metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+        # Frames per second count the W2V frames of every training utterance once per epoch.
+        for m in metrics:
+            assert m["frames_per_second"] * m["train_seconds"] == pytest.approx(train_frames, rel=1e-9)
         res = json.loads((run_dir / "result.json").read_text())
         assert res["kind"] == "finetune" and res["experiment"] == name and res["status"] == "finished"
         assert res["test-clean"]["utterances"] == 3
@@ -124,26 +130,36 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny):
 
 
 def test_killed_finetune_resumes_to_the_same_result(tmp_path, tiny):
-    """SIGKILL after the first epoch, re-run: the same weights and WER as an uninterrupted run, with
+    """SIGKILL right after the first epoch's checkpoint is saved, re-run: it resumes from there (the
+    first epoch is not trained again) to the same weights and WER as an uninterrupted run, with
     dropout and time masking on (their random draws are restored from the checkpoint)."""
     import signal
-    import time
+    import textwrap
 
     args = ["finetune", *tiny, "--test-splits", "test-clean", "--epochs", "3", "--freeze-epochs", "1",
             "--lr", "2e-3", "--batch-seconds", "7", "--num-workers", "0", "--mask-time-prob", "0.2"]
     whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
     run = tmp_path / "killed" / "finetune" / "reinit-none" / "seed0"
-    proc = subprocess.Popen([sys.executable, "-m", "w2vcache", *args, "--out", str(tmp_path / "killed")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if (run / "checkpoint.pt").exists():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import w2vcache.train
+        from w2vcache.cli import main
+        save = w2vcache.train._save
+        def dying_save(obj, path):
+            save(obj, path)
+            if path.name == "checkpoint.pt":  # the first epoch's; best.pt is saved before it
+                os.kill(os.getpid(), signal.SIGKILL)
+        w2vcache.train._save = dying_save
+        main({[*args, "--out", str(tmp_path / "killed")]!r}, standalone_mode=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    first_epoch = (run / "metrics.jsonl").read_text()
+    assert [json.loads(line)["epoch"] for line in first_epoch.splitlines()] == [1]
+    assert not (run / "result.json").exists()
     resumed = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "killed")])
     assert resumed.exit_code == 0, resumed.output
     a = json.loads((tmp_path / "whole/finetune/reinit-none/seed0/result.json").read_text())
@@ -154,6 +170,9 @@ def test_killed_finetune_resumes_to_the_same_result(tmp_path, tiny):
     wb = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert (run / "metrics.jsonl").read_text().startswith(first_epoch)  # epoch 1 not trained again
 
 
 def test_frozen_epochs_build_no_graph_through_the_backbone(tiny):
@@ -166,7 +185,7 @@ def test_frozen_epochs_build_no_graph_through_the_backbone(tiny):
     trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
     assert trainable == {"head.weight", "head.bias"}
     task.model.train()
-    waves = [torch.from_numpy(w) for w in next(iter(task.train_batches(0)))[0]]
+    waves = [torch.from_numpy(w) for w in next(iter(task.train_batches(0))).waves]
     hidden, _ = __import__("w2vcache.backbone", fromlist=["encode"]).encode(
         task.model.backbone_ref, waves, task.model.mask_frames)
     assert not hidden.requires_grad

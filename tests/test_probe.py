@@ -6,7 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import textwrap
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from w2vcache.corpus import build_corpus
 from w2vcache.errors import W2VCacheError
 from w2vcache.extract import ExtractConfig, extract
 from w2vcache.layers import choose_layers
-from w2vcache.probe import ProbeConfig, batches_by_length, probe
+from w2vcache.probe import Probe, ProbeConfig, batches_by_length, probe
 from w2vcache.train import TrainConfig
 
 SMALL = ["--hidden", "32", "--lstm-layers", "1", "--batch-frames", "1500", "--lr", "2e-3"]
@@ -35,8 +35,31 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def test_probe_equals_a_packed_bidirectional_lstm_and_ignores_padding():
+    """The probe runs each direction on the padded batch; outputs and gradients must equal nn.LSTM
+    on packed sequences (which never sees padding), whatever the padding holds."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    model = Probe(16, ProbeConfig(hidden=8, lstm_layers=3)).double()
+    lengths = torch.tensor([11, 7, 3, 9])
+    x = torch.randn(4, 11, 16, dtype=torch.float64)
+    garbage = x.clone()
+    for b, n in enumerate(lengths):
+        garbage[b, n:] = 1e3
+    ours = model(garbage, lengths)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    reference = model.output(pad_packed_sequence(model.lstm(packed)[0], batch_first=True)[0]).log_softmax(-1)
+    mask = torch.arange(11)[None, :] < lengths[:, None]
+    torch.testing.assert_close(ours[mask], reference[mask])
+    (grad_ours,) = torch.autograd.grad(ours[mask].sum(), model.lstm.weight_hh_l0_reverse)
+    (grad_reference,) = torch.autograd.grad(reference[mask].sum(), model.lstm.weight_hh_l0_reverse)
+    torch.testing.assert_close(grad_ours, grad_reference)
+    assert set(model.state_dict()) == {f"lstm.{k}" for k in model.lstm.state_dict()} | {"output.weight", "output.bias"}
+
+
 def test_probe_lowers_ctc_loss_and_writes_a_complete_run(store, tmp_path):
-    result = cli("probe", "--store", store, "--layer", "3", "--epochs", "4", *SMALL, "--out", tmp_path)
+    result = cli("probe", "--store", store, "--layer", "3", "--epochs", "4", *SMALL, "--threads", "1", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     run = tmp_path / "probe" / "layer03" / "seed0"
     assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "result.json"}
@@ -45,7 +68,8 @@ def test_probe_lowers_ctc_loss_and_writes_a_complete_run(store, tmp_path):
     assert metrics[-1]["train_loss"] < 0.8 * metrics[0]["train_loss"]
     config = json.loads((run / "config.json").read_text())
     assert config["kind"] == "probe" and config["layer"] == 3 and config["seed"] == 0
-    assert config["train"]["epochs"] == 4 and config["model"]["hidden"] == 32
+    assert config["train"]["epochs"] == 4 and config["model"]["hidden"] == 32 and config["threads"] == 1
+    assert all(m["threads"] == 1 and m["frames_per_second"] > 0 for m in metrics)
     assert config["data"]["model"]["name"] == "builtin:tiny" and config["versions"]["torch"] == torch.__version__
     res = json.loads((run / "result.json").read_text())
     assert res["status"] == "finished" and 1 <= res["best_epoch"] <= 4
@@ -57,21 +81,31 @@ def test_probe_lowers_ctc_loss_and_writes_a_complete_run(store, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_result(store, tmp_path):
+    """SIGKILL right after the first epoch's checkpoint is saved; the re-run resumes from it (the
+    first epoch is not trained again) and ends with the uninterrupted run's weights and WER."""
     args = ["probe", "--store", str(store), "--layer", "1", "--epochs", "3", *SMALL, "--dropout", "0.2"]
     whole = cli(*args, "--out", tmp_path / "whole")
     assert whole.exit_code == 0, whole.output
     killed = tmp_path / "killed"
     metrics = killed / "probe" / "layer01" / "seed0" / "metrics.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "w2vcache", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import w2vcache.train
+        from w2vcache.cli import main
+        save = w2vcache.train._save
+        def dying_save(obj, path):
+            save(obj, path)
+            if path.name == "checkpoint.pt":  # the first epoch's; best.pt is saved before it
+                os.kill(os.getpid(), signal.SIGKILL)
+        w2vcache.train._save = dying_save
+        main({[*args, "--out", str(killed)]!r}, standalone_mode=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err
+    assert torch.load(metrics.parent / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    first_epoch = metrics.read_text()
+    assert [json.loads(line)["epoch"] for line in first_epoch.splitlines()] == [1]
     assert not (metrics.parent / "result.json").exists()
     resumed = cli(*args, "--out", killed)
     assert resumed.exit_code == 0, resumed.output
@@ -85,6 +119,7 @@ def test_killed_run_resumes_to_the_same_result(store, tmp_path):
         assert torch.equal(wa[name], wb[name]), name
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert metrics.read_text().startswith(first_epoch)  # epoch 1 kept as the killed run wrote it (timings too)
 
 
 def test_sweep_over_layers_and_seeds_skips_finished_runs(store, tmp_path):

@@ -39,6 +39,13 @@ for command in (report_command, copy_command, pack_command, export_command):
     main.add_command(command)
 
 
+def threads_option(command):
+    return click.option(
+        "--threads", type=click.IntRange(min=1),
+        help="CPU threads for torch.  [default: 1 for small models; for large ones the cores no other "
+        "process keeps busy, looked at again every epoch or block]")(command)
+
+
 def corpus_options(command):
     """The options that name a corpus; shared by every command that reads audio."""
     options = [
@@ -108,6 +115,7 @@ def corpus_command(librispeech, librilight, splits, as_json):
 @click.option("--revision", help="Hub revision (branch, tag or commit) of --model.")
 @click.option("--chunk-frames", type=click.IntRange(min=1), hidden=True, help="Store layout: frames per chunk.")
 @click.option("--block-chunks", type=click.IntRange(min=1), hidden=True, help="Store layout: chunks per block.")
+@threads_option
 def extract_command(librispeech, librilight, splits, **options):
     """Extract every layer of a frozen W2V into a feature store (resumable: re-run to finish)."""
     from .corpus import build_corpus
@@ -217,9 +225,10 @@ def training_options(command):
 @click.option("--memory-budget", type=float, default=8.0, show_default=True,
               help="GB of one split's layer to hold in memory; larger layers are read batch by batch.")
 @click.option("--device", default="cpu", show_default=True)
+@threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 def probe_command(store, layers, seeds, train_config, train_split, lstm_layers, hidden, dropout, batch_frames,
-                  memory_budget, device, out):
+                  memory_budget, device, threads, out):
     """Train BiLSTM-CTC probes on cached layers; finished runs are skipped, killed ones resume."""
     from .probe import ProbeConfig, probe
 
@@ -227,6 +236,7 @@ def probe_command(store, layers, seeds, train_config, train_split, lstm_layers, 
         store, layers, seeds, out,
         ProbeConfig(lstm_layers=lstm_layers, hidden=hidden, dropout=dropout, batch_frames=batch_frames),
         train_config, train_split=train_split, memory_budget=int(memory_budget * 2**30), device=device,
+        num_threads=threads,
     )
     click.echo(f"{len(result.finished)} run(s) trained, {len(result.skipped)} already finished, "
                f"in {result.seconds:.1f} s; results under {out}/probe")
@@ -255,10 +265,11 @@ def probe_command(store, layers, seeds, train_config, train_split, lstm_layers, 
               help="bf16: mixed precision on GPU.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (torchrun ranks take cuda:LOCAL_RANK).")
 @click.option("--revision", help="Hub revision of --model.")
+@threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 def finetune_command(model, librispeech, librilight, splits, reinits, seeds, train_config, train_split,
                      freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length, final_dropout,
-                     batch_seconds, grad_accum, num_workers, precision, device, revision, out):
+                     batch_seconds, grad_accum, num_workers, precision, device, revision, threads, out):
     """Fine-tune W2V with a CTC head, top blocks re-initialised first (torchrun for several GPUs)."""
     from .corpus import build_corpus
     from .finetune import FinetuneConfig, finetune, parse_reinit
@@ -271,7 +282,7 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, tra
                        final_dropout=final_dropout, mask_time_prob=mask_time_prob, mask_time_length=mask_time_length,
                        batch_seconds=batch_seconds, num_workers=num_workers, precision=precision),
         dataclasses.replace(train_config, grad_accum=grad_accum),
-        train_split=train_split, device=device, revision=revision,
+        train_split=train_split, device=device, revision=revision, num_threads=threads,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
         click.echo(f"{len(result.finished)} run(s) trained, {len(result.skipped)} already finished, "
@@ -280,7 +291,8 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, tra
 
 @main.command("demo")
 @click.option("--out", default="demo", show_default=True, help="Where the store, runs and report go.")
-def demo_command(out):
+@threads_option
+def demo_command(out, threads):
     """The whole workflow on the bundled corpus with the built-in model, in a few minutes on a CPU.
 
     Extracts every layer, probes each one, fine-tunes the baseline and a re-initialised variant,
@@ -288,4 +300,4 @@ def demo_command(out):
     """
     from .demo import demo
 
-    demo(out)
+    demo(out, num_threads=threads)

@@ -14,7 +14,7 @@ from .corpus import build_corpus
 from .extract import ExtractConfig, extract
 from .finetune import FinetuneConfig, finetune
 from .probe import ProbeConfig, probe
-from .report import write_report
+from .report import find_runs, summarize, write_report
 from .train import TrainConfig
 
 RANDOM_WEIGHTS_NOTE = (
@@ -33,6 +33,7 @@ class DemoConfig:
     probe_lstm_layers: int = 1
     probe_batch_frames: int = 600  # small batches: many updates in few epochs
     probe_lr: float = 3e-3
+    probe_dropout: float = 0.0
     finetune_epochs: int = 8
     finetune_freeze_epochs: int = 1
     finetune_lr: float = 2e-3
@@ -40,10 +41,11 @@ class DemoConfig:
     seed: int = 0
 
 
-def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
-    """Run every step into `out`; returns the report's paths and the step timings. Re-running
-    resumes: finished steps are skipped."""
+def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, num_threads: int | None = None) -> dict:
+    """Run every step into `out`; returns the report's paths, the step timings and what was reached.
+    Re-running resumes: finished steps are skipped. `num_threads`: torch's CPU threads (threads.py)."""
     out = Path(out)
+    started = time.perf_counter()
     timings = {}
     say = print if progress else (lambda *a, **k: None)
 
@@ -58,26 +60,52 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True) -
     store = out / "features.zarr"
     runs = out / "runs"
     step("extract: every layer of the built-in W2V over the bundled corpus",
-         lambda: extract(corpus, ExtractConfig(model=config.model, store=str(store)), progress=progress))
+         lambda: extract(corpus, ExtractConfig(model=config.model, store=str(store), threads=num_threads),
+                         progress=progress))
     schedule = dict(warmup_epochs=1.0, seed=config.seed)
     step("probe: a BiLSTM-CTC on every layer",
          lambda: probe(str(store), "all", str(config.seed), runs,
                        ProbeConfig(hidden=config.probe_hidden, lstm_layers=config.probe_lstm_layers,
-                                   batch_frames=config.probe_batch_frames),
+                                   batch_frames=config.probe_batch_frames, dropout=config.probe_dropout),
                        TrainConfig(epochs=config.probe_epochs, lr=config.probe_lr, **schedule),
-                       progress=progress))
+                       progress=progress, num_threads=num_threads))
     step(f"finetune: baseline and re-initialised block(s) {','.join(map(str, config.finetune_reinit))}",
          lambda: finetune(corpus, config.model, [(), config.finetune_reinit], [config.seed], runs,
                           FinetuneConfig(freeze_epochs=config.finetune_freeze_epochs, batch_seconds=30, num_workers=0),
                           TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, **schedule),
-                          progress=progress))
+                          progress=progress, num_threads=num_threads))
     paths = step("report", lambda: write_report(runs, runs / "report", figure=_can_plot()))
     say("\n" + Path(paths["md"]).read_text())
     say(RANDOM_WEIGHTS_NOTE)
     figure = paths.get("png") or "not drawn: matplotlib is missing (pip install 'w2vcache[plots]')"
+    wall = time.perf_counter() - started
+    summary = reached(runs)
     say(f"\ntable:  {paths['md']}\nfigure: {figure}\n"
-        + "timings: " + ", ".join(f"{name.split(':')[0]} {seconds:.0f} s" for name, seconds in timings.items()))
-    return {"paths": paths, "timings": timings}
+        + f"wall time {wall:.0f} s: " + ", ".join(f"{name.split(':')[0]} {seconds:.0f} s" for name, seconds in timings.items()))
+    for line in summary["lines"]:
+        say(line)
+    return {"paths": paths, "timings": timings, "wall_seconds": wall, "reached": summary}
+
+
+def reached(runs) -> dict:
+    """What the demo's training reached: the best probe chosen on dev alone (by CER, which moves long
+    before WER does on a few minutes of speech), and each fine-tune, as dev and test error rates."""
+    rows = summarize(find_runs(runs))
+
+    def rates(row) -> str:
+        return ", ".join(f"{split} CER {100 * row.cer[split].mean:.1f} % / WER {100 * row.wer[split].mean:.1f} %"
+                         for split in row.cer)
+
+    probes = [r for r in rows if r.kind == "probe" and "dev" in r.cer]
+    best = min(probes, key=lambda r: r.cer["dev"].mean) if probes else None
+    lines = []
+    if best is not None:
+        lines.append(f"reached: best probe layer {best.label} (chosen on dev): {rates(best)}")
+    for row in rows:
+        if row.kind == "finetune":
+            lines.append(f"reached: fine-tune re-init {row.label}: {rates(row)}")
+    return {"best_probe_layer": best.label if best else None,
+            "best_probe_dev_cer": best.cer["dev"].mean if best else None, "lines": lines}
 
 
 def _can_plot() -> bool:

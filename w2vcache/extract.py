@@ -22,7 +22,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from . import record, text
+from . import record, text, threads
 from .audio import AudioError, audio_info, check_complete, check_format, load_audio
 from .backbone import CNN_LAYER, SAMPLE_RATE, Backbone, forward_layers, load_backbone
 from .corpus import Corpus
@@ -51,6 +51,7 @@ class ExtractConfig:
     revision: str | None = None  # hub revision of the model
     chunk_frames: int | None = None  # store layout overrides (tests, tuning); None: store default
     block_chunks: int | None = None
+    threads: int | None = None  # torch's CPU threads; None: chosen per block (threads.py)
 
 
 @dataclass
@@ -292,7 +293,7 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
     stop = threading.Event()
     loader = threading.Thread(target=_load_batches, args=(blocks, backbone.receptive_field, max_frames, loaded, stop),
                               daemon=True)
-    filler, pending = _BlockFiller(store), []
+    filler, pending, current_block, used_threads = _BlockFiller(store), [], None, None
     started, seconds_done, utterances = time.perf_counter(), 0.0, 0
     loader.start()
     try:
@@ -301,6 +302,8 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                 if isinstance(item, BaseException):
                     raise item
                 block, batch, waves = item
+                if block is not current_block:  # a neighbour may have started or stopped since the last one
+                    current_block, used_threads = block, threads.use(config.threads, backbone.model)
                 with torch.autocast(device.type, dtype=compute, enabled=compute is not torch.float32):
                     outputs, frames = forward_layers(backbone, waves, include_cnn=include_cnn)
                 features, ready, peaks = _to_host({layers[k]: outputs[i] for k, i in enumerate(keep)}, store_dtype)
@@ -311,7 +314,8 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                 seconds_done += sum(len(w) for w in waves) / SAMPLE_RATE
                 utterances += len(waves)
                 bar.update(sum(frames))
-                bar.set_postfix_str(f"{seconds_done / (time.perf_counter() - started):.1f}x real time")
+                bar.set_postfix_str(f"{seconds_done / (time.perf_counter() - started):.1f}x real time, "
+                                    f"{used_threads} thread{'s' if used_threads > 1 else ''}")
             for future in pending:
                 future.result()
     except BaseException:
@@ -376,7 +380,7 @@ def _write_run_record(config: ExtractConfig, device: str, result: ExtractResult)
             "command": record.command_line(),
             "config": asdict(config),
             "device": device,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(),  # the last block's (config.threads: as asked)
             "versions": record.versions(),
             "finished": record.now(),
             "result": asdict(result) | {"audio_seconds_per_second": result.speed},

@@ -85,11 +85,20 @@ class CTCModel(nn.Module):
         return logits.float().log_softmax(-1), torch.tensor(lengths)
 
 
+@dataclass
+class AudioBatch:
+    waves: list  # float32 numpy arrays, this rank's share of the global batch
+    texts: list[str]
+    global_count: int  # utterances in the global batch, over all ranks
+    weight: float  # 0 for a stand-in utterance that must not count (see AudioBatches)
+    frames: int  # W2V frames of this share (progress and metrics)
+
+
 class AudioBatches(torch.utils.data.Dataset):
     """Batch i: this rank's share of the utterances of global batch i, as loaded audio."""
 
-    def __init__(self, utterances, batches: list[list[int]], rank: int, world: int):
-        self.utterances, self.batches, self.rank, self.world = utterances, batches, rank, world
+    def __init__(self, utterances, frames: list[int], batches: list[list[int]], rank: int, world: int):
+        self.utterances, self.frames, self.batches, self.rank, self.world = utterances, frames, batches, rank, world
 
     def __len__(self):
         return len(self.batches)
@@ -102,7 +111,8 @@ class AudioBatches(torch.utils.data.Dataset):
             # so it runs one utterance with weight 0 and contributes nothing.
             mine, weight = members[:1], 0.0
         waves = [load_audio(self.utterances[j].path) for j in mine]
-        return waves, [self.utterances[j].text for j in mine], len(members), weight
+        return AudioBatch(waves, [self.utterances[j].text for j in mine], len(members), weight,
+                          sum(self.frames[j] for j in mine))
 
 
 def _collate(item):
@@ -128,7 +138,7 @@ class FinetuneTask:
             utterances = sorted(corpus.splits[split], key=lambda u: (num_samples[u.id], u.id))
             samples = [num_samples[u.id] for u in utterances]
             batches = [list(range(b.start, b.stop)) for b in length_batches(samples, int(config.batch_seconds * SAMPLE_RATE))]
-            self.splits[split] = (utterances, batches)
+            self.splits[split] = (utterances, [backbone.num_frames(n) for n in samples], batches)
         self.train_split = train_split
         self.frozen = None
 
@@ -157,19 +167,20 @@ class FinetuneTask:
     # -- batches ---------------------------------------------------------------------------------
 
     def _loader(self, split: str, batches: list[list[int]], rank: int, world: int):
-        dataset = AudioBatches(self.splits[split][0], batches, rank, world)
+        utterances, frames, _ = self.splits[split]
+        dataset = AudioBatches(utterances, frames, batches, rank, world)
         return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_collate,
                                            num_workers=self.config.num_workers,
                                            prefetch_factor=2 if self.config.num_workers else None)
 
     def train_batches(self, epoch: int):
-        order = list(self.splits[self.train_split][1])
+        order = list(self.splits[self.train_split][2])
         random.Random(self.seed * 100_003 + epoch).shuffle(order)  # identical on every rank and on resume
         return self._loader(self.train_split, order, self.rank, self.world)
 
     def eval_batches(self, split: str):
         # Every rank evaluates the whole split (simple and exact; only rank 0 writes the result).
-        return self._loader(split, self.splits[split][1], rank=0, world=1)
+        return self._loader(split, self.splits[split][2], rank=0, world=1)
 
     # -- loss and decoding -------------------------------------------------------------------------
 
@@ -178,11 +189,10 @@ class FinetuneTask:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def loss(self, batch) -> torch.Tensor:
-        waves, texts, global_count, weight = batch
+    def loss(self, batch: AudioBatch) -> torch.Tensor:
         model = self.ddp if self.ddp is not None else self.model
-        waves = [torch.from_numpy(w).to(self.device) for w in waves]
-        encoded = [text.encode(t).ids for t in texts]
+        waves = [torch.from_numpy(w).to(self.device) for w in batch.waves]
+        encoded = [text.encode(t).ids for t in batch.texts]
         # While the backbone is frozen none of its parameters requires grad, so autograd records
         # nothing through it and the frozen epochs cost a forward pass only.
         with self._autocast():
@@ -192,13 +202,12 @@ class FinetuneTask:
         per_utt = per_utt / torch.tensor([max(len(ids), 1) for ids in encoded], device=per_utt.device)
         # Sum over this rank's utterances / global batch size, times world size: DDP averages the
         # gradients over ranks, which then equal those of the mean over the whole global batch.
-        return per_utt.sum() * (weight * self.world / global_count)
+        return per_utt.sum() * (batch.weight * self.world / batch.global_count)
 
-    def decode(self, batch) -> tuple[list[str], list[str]]:
-        waves, texts, _, _ = batch
+    def decode(self, batch: AudioBatch) -> tuple[list[str], list[str]]:
         with self._autocast():
-            log_probs, lengths = self.model([torch.from_numpy(w).to(self.device) for w in waves])
-        return texts, text.greedy_decode(log_probs.float().cpu(), lengths)
+            log_probs, lengths = self.model([torch.from_numpy(w).to(self.device) for w in batch.waves])
+        return batch.texts, text.greedy_decode(log_probs.float().cpu(), lengths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +255,10 @@ def init_distributed(device: str) -> str:
 def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(0,), out="runs",
              config: FinetuneConfig = FinetuneConfig(), train_config: TrainConfig = TrainConfig(),
              train_split: str = "train", device: str = "cpu", revision: str | None = None,
-             progress: bool = True) -> FinetuneResult:
-    """Fine-tune `model` once per (re-init set, seed); finished runs are skipped, killed ones resume."""
+             progress: bool = True, num_threads: int | None = None) -> FinetuneResult:
+    """Fine-tune `model` once per (re-init set, seed); finished runs are skipped, killed ones resume.
+
+    `num_threads`: torch's CPU threads; None chooses them (threads.py)."""
     started = time.perf_counter()
     if config.precision not in PRECISIONS:
         raise W2VCacheError(f"--precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -276,11 +287,12 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
                 "model": asdict(config) | {"backbone": {k: backbone.describe()[k] for k in ("name", "revision", "weight_hash")}},
                 "data": {"train_split": train_split, "sources": corpus.sources},
                 "device": device,
+                "threads": num_threads,
                 "world_size": task.world,
             }
             if progress and main_rank:
                 print(f"finetune {experiment_name(blocks)} seed {seed} -> {directory}")
-            train(task, tc, directory, run_record, progress=progress and main_rank)
+            train(task, tc, directory, run_record, progress=progress and main_rank, num_threads=num_threads)
             result.finished.append(str(directory))
     result.seconds = time.perf_counter() - started
     return result

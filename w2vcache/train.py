@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import record
+from . import record, threads
 from .errors import W2VCacheError
 from .evaluate import error_rates
 
@@ -48,11 +48,13 @@ class TrainConfig:
 
 
 class Task(Protocol):
-    """What the loop needs from an experiment; batches are opaque to it."""
+    """What the loop needs from an experiment; batches are opaque to it but for their `.frames`."""
 
     model: torch.nn.Module
 
-    def train_batches(self, epoch: int) -> list: ...  # the epoch's batches, deterministic given seed and epoch
+    # The epoch's batches, deterministic given seed and epoch. Each has `.frames`, the real
+    # (unpadded) frames it holds, for the frames/s figures.
+    def train_batches(self, epoch: int) -> list: ...
 
     def eval_batches(self, split: str) -> Iterable: ...
 
@@ -126,11 +128,13 @@ def evaluate(task: Task, split: str) -> dict:
     return error_rates(refs, hyps).to_dict()
 
 
-def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: bool = True) -> dict:
+def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: bool = True,
+          num_threads: int | None = None) -> dict:
     """Train `task.model` in `run_dir`, resuming from its checkpoint if one is there.
 
     `run_record` is written to config.json (with this config, versions and the command line) when
-    the run starts, and must match the one already there when it resumes.
+    the run starts, and must match the one already there when it resumes. `num_threads`: torch's
+    CPU threads; None chooses them at every epoch (threads.py), and metrics.jsonl records the count.
     """
     check_config(config)
     run_dir = Path(run_dir)
@@ -167,6 +171,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
 
     for epoch in range(first_epoch, config.epochs):
         epoch_started = time.perf_counter()
+        epoch_threads = threads.use(num_threads, model)
         task.start_epoch(epoch)
         model.train()
         batches = task.train_batches(epoch)
@@ -194,7 +199,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-            frames += getattr(batch, "frames", 0)
+            frames += batch.frames
             elapsed = time.perf_counter() - epoch_started
             bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", fps=f"{frames / elapsed:.0f}")
         train_seconds = time.perf_counter() - epoch_started
@@ -211,6 +216,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
             "data_wait_seconds": data_wait,
             "frames_per_second": frames / train_seconds if train_seconds else 0.0,
             "batches_without_ctc_path": skipped,
+            "threads": epoch_threads,
         }
         if progress and writer:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
@@ -255,7 +261,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
 
 # Parts of the run record that may change between the start of a run and its resumption.
 # The store may be read from another place (a copy, a URL) and the run continued on another device.
-_VOLATILE = ("versions", "command", "started", "store", "device")
+_VOLATILE = ("versions", "command", "started", "store", "device", "threads")
 
 
 def _check_same_run(saved: dict, now: dict, run_dir: Path) -> None:

@@ -1,0 +1,58 @@
+"""Thread choice: the cores this process may use, a busy neighbour seen, small models on one thread."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from w2vcache import threads
+
+linux_only = pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads the Linux run queue in /proc")
+
+
+def test_a_requested_count_is_used_and_small_models_get_one_thread():
+    assert threads.choose(3, parameters=10**9) == 3
+    assert threads.choose(None, parameters=threads.SMALL_MODEL - 1) == 1
+    before = torch.get_num_threads()
+    try:
+        assert threads.use(None, torch.nn.Linear(4, 4)) == 1 and torch.get_num_threads() == 1
+        assert threads.use(2, torch.nn.Linear(4, 4)) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert threads._cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads._cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads._cgroup_quota(tmp_path) == 1.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert threads._cgroup_quota(tmp_path) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is a Linux call")
+def test_available_cores_follow_the_affinity_mask():
+    one_core = next(iter(os.sched_getaffinity(0)))
+    script = (f"import os; os.sched_setaffinity(0, {{{one_core}}}); "
+              "from w2vcache import threads; print(threads.available_cores())")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip() == "1"
+
+
+@linux_only
+def test_a_busy_neighbour_takes_a_core_from_large_models():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert threads.busy_elsewhere() >= 1
+        assert threads.choose(None, parameters=10**8) <= max(1, threads.available_cores() - 1)
+    finally:
+        busy.kill()
+        busy.wait()
