@@ -20,8 +20,15 @@ def test_demo_runs_the_whole_workflow_end_to_end(tmp_path, capsys):
     assert len(report["rows"]) == 7  # 5 probes + 2 fine-tuning variants
     png = result["paths"]["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    # re-running resumes: every step is already done
-    again = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    # The last lines say what was reached: the probe chosen on dev by CER, each fine-tune.
+    best = min(report["rows"][:5], key=lambda row: row["cer"]["dev"]["mean"])
+    assert result["reached"]["best_probe_layer"] == best["label"]
+    assert f"reached: best probe layer {best['label']} (chosen on dev): dev CER {100 * best['cer']['dev']['mean']:.1f} %" in printed
+    assert printed.count("reached: fine-tune re-init") == 2 and "wall time" in printed
+    # Re-running resumes: every step is already done, no run is trained again.
+    trained = {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.jsonl")}
+    again = CliRunner().invoke(main, ["demo", "--out", str(out), "--threads", "1"])
     assert again.exit_code == 0, again.output
-    assert "0 run(s) trained" not in again.output  # the library prints per-step, the CLI nothing extra
-    assert "random weights" in again.output
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.jsonl")} == trained
+    assert "-> " not in again.output  # "probe layer00 seed 0 -> ..." announces a run being trained
+    assert "random weights" in again.output and "reached: best probe layer" in again.output

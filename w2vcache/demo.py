@@ -2,8 +2,10 @@
 bundled corpus -> extract -> probe every layer -> fine-tune the baseline and one re-init variant
 -> report.
 
-The built-in model's weights are random, so its WER-by-layer curve shows the workflow working,
-not a finding about W2V: with random features every probe is poor and the curve is noise.
+The built-in model's weights are random, so its curve by layer shows the workflow working, not a
+finding about W2V: the probes and fine-tunes learn (their CER falls far below 100 %), but every
+layer of a random model carries about the same information. The demo's last lines say what the
+training reached and how long the whole run took.
 """
 
 import time
@@ -18,25 +20,30 @@ from .report import find_runs, summarize, write_report
 from .train import TrainConfig
 
 RANDOM_WEIGHTS_NOTE = (
-    "Note: the built-in model has random weights, so this curve shows the workflow, not a finding "
+    "Note: the built-in model has random weights: its probes and fine-tunes learn, but every layer of a "
+    "random model carries about the same information, so this curve shows the workflow, not a finding "
     "about Wav2Vec 2.0. Run the same steps with --model facebook/wav2vec2-base for real numbers."
 )
 
 
 @dataclass
 class DemoConfig:
-    """Sizes that finish in a few minutes on 2 CPU cores; the real recipe's are in the README."""
+    """Sizes that finish in about 3 minutes on 2 idle CPU cores and visibly learn; the real recipe's
+    are in the README. Chosen on the dev split: the probe's dev CER stops improving after about 25
+    epochs (it overfits the 96 training utterances), and fine-tuning the random tiny model needs
+    many small updates to leave CTC's all-blank plateau."""
 
     model: str = "builtin:tiny"
-    probe_epochs: int = 8
+    probe_epochs: int = 25
     probe_hidden: int = 128
     probe_lstm_layers: int = 1
     probe_batch_frames: int = 600  # small batches: many updates in few epochs
     probe_lr: float = 3e-3
-    probe_dropout: float = 0.0
-    finetune_epochs: int = 8
+    probe_dropout: float = 0.0  # 0.3 and 0.5 were measured too: no better on dev
+    finetune_epochs: int = 16
     finetune_freeze_epochs: int = 1
-    finetune_lr: float = 2e-3
+    finetune_lr: float = 3e-3
+    finetune_batch_seconds: float = 8.0
     finetune_reinit: tuple[int, ...] = (4,)  # the built-in tiny model's top block
     seed: int = 0
 
@@ -71,7 +78,8 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, n
                        progress=progress, num_threads=num_threads))
     step(f"finetune: baseline and re-initialised block(s) {','.join(map(str, config.finetune_reinit))}",
          lambda: finetune(corpus, config.model, [(), config.finetune_reinit], [config.seed], runs,
-                          FinetuneConfig(freeze_epochs=config.finetune_freeze_epochs, batch_seconds=30, num_workers=0),
+                          FinetuneConfig(freeze_epochs=config.finetune_freeze_epochs,
+                                         batch_seconds=config.finetune_batch_seconds, num_workers=0),
                           TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, **schedule),
                           progress=progress, num_threads=num_threads))
     paths = step("report", lambda: write_report(runs, runs / "report", figure=_can_plot()))
