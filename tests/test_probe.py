@@ -133,6 +133,20 @@ def test_sweep_over_layers_and_seeds_skips_finished_runs(store, tmp_path):
     assert "0 run(s) trained, 4 already finished" in again.output
 
 
+def test_select_by_cer_keeps_the_epoch_of_lowest_dev_cer(store, tmp_path):
+    result = cli("probe", "--store", store, "--layer", "2", "--epochs", "5", *SMALL, "--select-by", "cer",
+                 "--test-splits", "test-clean", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "probe" / "layer02" / "seed0"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    res = json.loads((run / "result.json").read_text())
+    best = min(metrics, key=lambda m: (m["dev_cer"], m["epoch"]))
+    assert res["best_epoch"] == best["epoch"] and res["dev"]["cer"] == pytest.approx(best["dev_cer"])
+    assert json.loads((run / "config.json").read_text())["train"]["select_by"] == "cer"
+    refused = cli("probe", "--store", store, "--select-by", "loss", "--out", tmp_path)
+    assert refused.exit_code == 2 and "'loss' is not one of 'wer', 'cer'" in refused.output
+
+
 def test_layer_lists_and_batches():
     available = [f"layer{i:02d}" for i in range(5)]
     assert choose_layers("all", available, "--layer") == available

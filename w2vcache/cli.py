@@ -187,11 +187,12 @@ def training_options(command):
     one `train_config` (a TrainConfig) plus `train_split`."""
 
     @functools.wraps(command)
-    def wrapper(*args, epochs, lr, warmup_epochs, decay_from_epoch, dev_split, test_splits, **kwargs):
+    def wrapper(*args, epochs, lr, warmup_epochs, decay_from_epoch, dev_split, test_splits, select_by, **kwargs):
         from .train import TrainConfig
 
         config = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, decay_from_epoch=decay_from_epoch,
-                             dev_split=dev_split, test_splits=tuple(s for s in test_splits.split(",") if s))
+                             dev_split=dev_split, test_splits=tuple(s for s in test_splits.split(",") if s),
+                             select_by=select_by)
         return command(*args, train_config=config, **kwargs)
 
     options = [
@@ -206,6 +207,8 @@ def training_options(command):
         click.option("--dev-split", default="dev", show_default=True),
         click.option("--test-splits", default="test-clean,test-other", show_default=True,
                      help="Comma-separated; each is tested with the best-dev weights."),
+        click.option("--select-by", type=click.Choice(["wer", "cer"]), default="wer", show_default=True,
+                     help="The dev error rate that picks the best epoch."),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)

@@ -31,7 +31,8 @@ class DemoConfig:
     """Sizes that finish in about 3 minutes on 2 idle CPU cores and visibly learn; the real recipe's
     are in the README. Chosen on the dev split: the probe's dev CER stops improving after about 25
     epochs (it overfits the 96 training utterances), and fine-tuning the random tiny model needs
-    many small updates to leave CTC's all-blank plateau."""
+    many small updates to leave CTC's all-blank plateau. Every run keeps its epoch of lowest dev
+    CER: on 5 minutes of training speech WER stays near 100 % long after CER has fallen."""
 
     model: str = "builtin:tiny"
     probe_epochs: int = 25
@@ -69,7 +70,7 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, n
     step("extract: every layer of the built-in W2V over the bundled corpus",
          lambda: extract(corpus, ExtractConfig(model=config.model, store=str(store), threads=num_threads),
                          progress=progress))
-    schedule = dict(warmup_epochs=1.0, seed=config.seed)
+    schedule = dict(warmup_epochs=1.0, seed=config.seed, select_by="cer")
     step("probe: a BiLSTM-CTC on every layer",
          lambda: probe(str(store), "all", str(config.seed), runs,
                        ProbeConfig(hidden=config.probe_hidden, lstm_layers=config.probe_lstm_layers,
