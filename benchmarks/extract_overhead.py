@@ -1,6 +1,6 @@
 """Extraction overhead: extraction time / bare model forward time, on the same audio, in one run.
 
-    python benchmarks/extract_overhead.py [--model builtin:base] [--seconds 120] [--device cpu]
+    python benchmarks/extract_overhead.py [--model builtin:base] [--seconds 120] [--device cpu] [--threads N]
 
 Bare: the plain transformers forward (`model(x, output_hidden_states=True)`) over the same
 length-sorted batches, outputs discarded, audio already in memory. Extraction: `w2vcache
@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
+from w2vcache import threads
 from w2vcache.audio import load_audio
 from w2vcache.backbone import SAMPLE_RATE, load_backbone
+from w2vcache.batching import length_batches
 from w2vcache.corpus import build_corpus
-from w2vcache.extract import ExtractConfig, extract, length_batches
+from w2vcache.extract import ExtractConfig, extract
 from w2vcache.store import info
 
 
@@ -29,6 +31,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=120.0, help="audio to use from the bundled corpus")
     parser.add_argument("--batch-seconds", type=float, default=64.0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: w2vcache's choice, for both sides)")
     args = parser.parse_args()
 
     corpus = build_corpus()
@@ -40,11 +43,10 @@ def main():
         total += len(load_audio(u.path)) / SAMPLE_RATE
     corpus.splits = {"bench": chosen}
     corpus.sources = {"bench": ["bundled corpus, first utterances by id"]}
-    print(f"model {args.model}, {len(chosen)} utterances, {total:.1f} s of audio, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}")
-
     backbone = load_backbone(args.model, device=args.device)
     model = backbone.model
+    print(f"model {args.model}, {len(chosen)} utterances, {total:.1f} s of audio, device {args.device}, "
+          f"torch threads {threads.use(args.threads, model)}")
     waves = sorted((load_audio(u.path) for u in chosen), key=len)
     batches = length_batches([len(w) for w in waves], int(args.batch_seconds * SAMPLE_RATE))
 
@@ -66,7 +68,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.zarr"
-        config = ExtractConfig(model=args.model, store=str(store), batch_seconds=args.batch_seconds, device=args.device)
+        config = ExtractConfig(model=args.model, store=str(store), batch_seconds=args.batch_seconds, device=args.device,
+                               threads=args.threads)
         t = time.perf_counter()
         extract(corpus, config, progress=False, backbone=backbone)
         extract_s = time.perf_counter() - t

@@ -15,9 +15,8 @@ corpus, in one process, alternating (after one warm-up step each) and reporting 
   Wav2Vec2FeatureExtractor outside the step, with attention_mask only for layer-norm
   (`feat_extract_norm="layer"`) models; then the same backward, clipping and Adam step.
 
-Target ratio: at most 1.05. On a small shared machine, compare with `--threads 1` too: when other
-processes hold the cores, torch's multi-threaded kernels wait for one another at every operation
-and the many small operations of either side get far slower than their arithmetic.
+Target ratio: at most 1.05. Both sides run with the same thread count: w2vcache's choice
+(threads.py: the cores no other process keeps busy, for a model this size) unless --threads says.
 """
 
 import argparse
@@ -29,7 +28,7 @@ import time
 import torch
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-from w2vcache import text
+from w2vcache import text, threads
 from w2vcache.backbone import SAMPLE_RATE, load_backbone
 from w2vcache.corpus import build_corpus
 from w2vcache.finetune import AudioBatches, FinetuneConfig, FinetuneTask
@@ -55,14 +54,13 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps of each, after one warm-up step")
     parser.add_argument("--mask-time-prob", type=float, default=FinetuneConfig.mask_time_prob)
     parser.add_argument("--final-dropout", type=float, default=FinetuneConfig.final_dropout)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: w2vcache's choice, for both sides)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     # -- w2vcache: the task, unfrozen, and its batch closest to --batch-seconds
     seed_everything(0)
     backbone = load_backbone(args.model, device=args.device)
+    threads.use(args.threads, backbone.model)
     config = FinetuneConfig(batch_seconds=args.batch_seconds, mask_time_prob=args.mask_time_prob,
                             final_dropout=args.final_dropout, num_workers=0)
     task = FinetuneTask(backbone, build_corpus(), config, TrainConfig(dev_split="dev"), device=args.device)

@@ -30,6 +30,7 @@ from w2vcache.audio import load_audio
 from w2vcache.backbone import SAMPLE_RATE, forward_layers, load_backbone
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract
+from w2vcache.layers import layer_name
 from w2vcache.probe import ProbeConfig, ProbeTask
 from w2vcache.store import open_store
 from w2vcache.train import TrainConfig, seed_everything
@@ -114,7 +115,7 @@ def main():
         total += len(load_audio(u.path)) / SAMPLE_RATE
     corpus.splits, corpus.sources = {"train": chosen}, {"train": ["bundled train"]}
     backbone = load_backbone(args.model)
-    layer = f"layer{args.layer:02d}"
+    layer = layer_name(args.layer)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
