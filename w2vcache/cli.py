@@ -12,20 +12,12 @@ import os
 import click
 
 from . import __version__
-from .errors import W2VCacheError
+from .cli_common import human_size, user_errors
 from .report_cli import report_command
 from .share_cli import copy_command, export_command, pack_command
 
 
-class Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except W2VCacheError as err:
-            raise click.ClickException(str(err)) from None
-
-
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="w2vcache")
 def main():
     """Layer-wise interpretability of Wav2Vec 2.0 through fine-tuning.
@@ -76,6 +68,7 @@ def corpus_options(command):
 @main.command("corpus")
 @corpus_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
 def corpus_command(librispeech, librilight, splits, as_json):
     """List a corpus: splits, sources, utterances, speakers, hours.
 
@@ -116,6 +109,7 @@ def corpus_command(librispeech, librilight, splits, as_json):
 @click.option("--chunk-frames", type=click.IntRange(min=1), hidden=True, help="Store layout: frames per chunk.")
 @click.option("--block-chunks", type=click.IntRange(min=1), hidden=True, help="Store layout: chunks per block.")
 @threads_option
+@user_errors
 def extract_command(librispeech, librilight, splits, **options):
     """Extract every layer of a frozen W2V into a feature store (resumable: re-run to finish)."""
     from .corpus import build_corpus
@@ -131,18 +125,10 @@ def extract_command(librispeech, librilight, splits, **options):
         click.echo(f"skipped in {split}: " + ", ".join(f"{s['id']} ({s['reason']})" for s in skipped))
 
 
-def _size(n) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
 @main.command("info")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@user_errors
 def info_command(store, as_json):
     """What is in a feature store: splits, utterances, hours, layers, completeness, provenance."""
     from .store import info
@@ -153,7 +139,7 @@ def info_command(store, as_json):
         return
     prov, model = about["provenance"], about["provenance"].get("model", {})
     layers = list(about["layers"])
-    click.echo(f"store      {about['path']} (format {about['format_version']}, {_size(about['bytes']['total'])} on disk)")
+    click.echo(f"store      {about['path']} (format {about['format_version']}, {human_size(about['bytes']['total'])} on disk)")
     click.echo(f"model      {model.get('name')}  revision {model.get('revision') or '-'}  weights sha256 {str(model.get('weight_hash'))[:16]}")
     click.echo(f"features   {len(layers)} layers ({layers[0]}..{layers[-1]}), {about['dtype']}, "
                f"dim {max(about['layers'].values())}, {prov.get('frame_rate')} frames/s, compute {prov.get('compute_dtype')}")
@@ -170,6 +156,7 @@ def info_command(store, as_json):
 
 @main.command("verify")
 @click.argument("store")
+@user_errors
 def verify_command(store):
     """Check every chunk's checksum, the offsets, ids, transcripts and completeness."""
     from .store import verify
@@ -230,6 +217,7 @@ def training_options(command):
 @click.option("--device", default="cpu", show_default=True)
 @threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
+@user_errors
 def probe_command(store, layers, seeds, train_config, train_split, lstm_layers, hidden, dropout, batch_frames,
                   memory_budget, device, threads, out):
     """Train BiLSTM-CTC probes on cached layers; finished runs are skipped, killed ones resume."""
@@ -270,6 +258,7 @@ def probe_command(store, layers, seeds, train_config, train_split, lstm_layers, 
 @click.option("--revision", help="Hub revision of --model.")
 @threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
+@user_errors
 def finetune_command(model, librispeech, librilight, splits, reinits, seeds, train_config, train_split,
                      freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length, final_dropout,
                      batch_seconds, grad_accum, num_workers, precision, device, revision, threads, out):
@@ -295,6 +284,7 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, tra
 @main.command("demo")
 @click.option("--out", default="demo", show_default=True, help="Where the store, runs and report go.")
 @threads_option
+@user_errors
 def demo_command(out, threads):
     """The whole workflow on the bundled corpus with the built-in model, in a few minutes on a CPU.
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import record, text, threads
 from .audio import AudioError, audio_info, check_complete, check_format, load_audio
 from .backbone import CNN_LAYER, SAMPLE_RATE, Backbone, forward_layers, load_backbone
+from .batching import length_batches
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .layers import choose_layers, layer_name
@@ -168,23 +169,6 @@ def provenance(backbone: Backbone, config: ExtractConfig, layers: list[str]) -> 
 
 # ---------------------------------------------------------------------------------------------
 # Filling blocks
-
-
-def length_batches(lengths, max_size: int, max_padding: float = 1.0) -> list[slice]:
-    """Consecutive runs (utterances already sorted by length) whose padded size fits max_size
-    (samples or frames, in the unit of `lengths`) and at most `max_padding` of which is padding;
-    an utterance longer than max_size goes alone."""
-    batches, start, longest, total = [], 0, 0, 0
-    for i, n in enumerate(lengths):
-        longest_if_added, total_if_added = max(longest, n), total + n
-        padded = longest_if_added * (i - start + 1)
-        if i > start and (padded > max_size or padded - total_if_added > max_padding * padded):
-            batches.append(slice(start, i))
-            start, longest_if_added, total_if_added = i, n, n
-        longest, total = longest_if_added, total_if_added
-    if start < len(lengths):
-        batches.append(slice(start, len(lengths)))
-    return batches
 
 
 def _load_batches(blocks, receptive_field: int, max_frames: int, out: queue.Queue, stop: threading.Event):

@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from . import text
 from .audio import audio_info, load_audio
 from .backbone import SAMPLE_RATE, Backbone, encode, load_backbone, reinit_layers
+from .batching import length_batches
 from .corpus import Corpus
 from .errors import W2VCacheError
-from .extract import length_batches
 from .train import RESULT, TrainConfig, seed_everything, train
 
 PRECISIONS = ("fp32", "bf16")

@@ -14,7 +14,14 @@ from .errors import W2VCacheError
 
 
 def layer_name(index: int) -> str:
+    """8 -> "layer08"."""
     return f"layer{index:02d}"
+
+
+def layer_index(name: str) -> int | None:
+    """"layer08" -> 8; None for a layer without a number (the CNN output, "cnn")."""
+    match = re.fullmatch(r"layer(\d+)", name)
+    return int(match[1]) if match else None
 
 
 def choose_layers(spec: str | Sequence[str | int] | None, available: Sequence[str], where: str,

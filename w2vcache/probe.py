@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from . import text
+from .batching import length_batches
 from .errors import W2VCacheError
-from .extract import length_batches
-from .layers import choose_layers
+from .layers import choose_layers, layer_index
 from .store import open_store
 from .train import RESULT, TrainConfig, seed_everything, train
 
@@ -268,11 +268,10 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
             tc = TrainConfig(**{**asdict(train_config), "seed": seed})
             seed_everything(seed)
             task = ProbeTask(store, layer, config, tc, train_split, memory_budget, device)
-            layer_index = int(layer[5:]) if layer.startswith("layer") else None
             run_record = {
                 "kind": "probe",
                 "experiment": layer,
-                "layer": layer_index,
+                "layer": layer_index(layer),
                 "reinit": [],
                 "seed": seed,
                 "model": asdict(config),

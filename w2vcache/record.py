@@ -2,6 +2,7 @@
 
 import datetime
 import json
+from contextlib import contextmanager
 import os
 import platform
 import sys
@@ -30,10 +31,20 @@ def command_line() -> list[str]:
     return [Path(sys.argv[0]).name, *sys.argv[1:]]
 
 
-def write_json(path, obj) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+@contextmanager
+def replacing(path):
+    """A temporary name beside `path` to write to; renamed over `path` when the block succeeds, so
+    a reader (or a kill mid-write) finds the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from . import __version__, record
 from .errors import W2VCacheError
+from .layers import layer_name
 
 CONFIG_FILE = "config.json"
 RESULT_FILE = "result.json"
@@ -177,7 +178,7 @@ def _experiment_key(kind: str, layer, reinit, experiment: str) -> tuple:
 def _canonical_experiment(kind: str, layer, reinit) -> str:
     """The experiment names docs/RUNS.md gives: layer08, reinit-none, reinit-11-12."""
     if kind == "probe":
-        return f"layer{layer:02d}"
+        return layer_name(layer)
     return "reinit-" + ("-".join(map(str, reinit)) if reinit else "none")
 
 
@@ -678,22 +679,13 @@ def write_figure(rows: list[Row], path) -> Path:
         a.grid(axis="y", alpha=0.3)
         a.legend(fontsize="small", loc="upper left", ncols=len(shown))
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, dpi=FIGURE_DPI, format="png")  # no bbox_inches="tight": it would change the size
-    os.replace(tmp, path)
-    return path
+    with record.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=FIGURE_DPI, format="png")  # no bbox_inches="tight": it would change the size
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically, like record.write_json: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_report(runs_dir) -> tuple[list[Run], list[Row]]:
@@ -737,10 +729,12 @@ def write_files(runs: list[Run], rows: list[Row], out_dir, formats=FORMATS, figu
     if "md" in formats:
         written["md"] = out / f"{REPORT_NAME}.md"
         png = written.get("png")
-        _write_text(written["md"], render_markdown(rows, runs, runs_dir, figure=png.name if png else None))
+        with record.replacing(written["md"]) as tmp:
+            tmp.write_text(render_markdown(rows, runs, runs_dir, figure=png.name if png else None))
     if "csv" in formats:
         written["csv"] = out / f"{REPORT_NAME}.csv"
-        _write_text(written["csv"], render_csv(rows))
+        with record.replacing(written["csv"]) as tmp:
+            tmp.write_text(render_csv(rows))
     if "json" in formats:
         written["json"] = out / f"{REPORT_NAME}.json"
         record.write_json(written["json"], report_dict(rows, runs, runs_dir))

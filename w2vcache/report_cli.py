@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .errors import W2VCacheError
+from .cli_common import user_errors
 from .report import FORMATS, REPORT_NAME, load_report, render_markdown, write_files
 
 
@@ -18,6 +18,7 @@ from .report import FORMATS, REPORT_NAME, load_report, render_markdown, write_fi
 @click.option("--format", "formats", type=click.Choice(FORMATS), multiple=True,
               help="Table file(s) to write; repeatable.  [default: all]")
 @click.option("--no-figure", is_flag=True, help="Do not draw report.png (drawing it needs matplotlib).")
+@user_errors
 def report_command(runs, out, formats, no_figure):
     """The seed's table and WER figure from the runs under RUNS.
 
@@ -27,12 +28,9 @@ def report_command(runs, out, formats, no_figure):
     the table. Failed and unfinished runs are listed, never averaged.
     """
     runs = Path(runs)
-    try:
-        found, rows = load_report(runs)
-        written = write_files(found, rows, Path(out) if out else runs / REPORT_NAME, formats or FORMATS,
-                              figure=not no_figure, runs_dir=runs)
-    except W2VCacheError as err:
-        raise click.ClickException(str(err)) from None
+    found, rows = load_report(runs)
+    written = write_files(found, rows, Path(out) if out else runs / REPORT_NAME, formats or FORMATS,
+                          figure=not no_figure, runs_dir=runs)
     click.echo(render_markdown(rows, found, runs), nl=False)
     for kind, path in written.items():
         click.echo(f"{'figure' if kind == 'png' else 'table'}: {path}", err=True)

@@ -4,34 +4,12 @@ They are plain click commands; cli.py adds them to the `w2vcache` group with `ma
 A `W2VCacheError` is shown as a one-line error, here as under the group.
 """
 
-import functools
-
 import click
 
-from .errors import W2VCacheError
+from .cli_common import human_size, user_errors
 
 LAYERS_HELP = "Layers to keep: all, numbers and ranges (6-9, 0,8), or names (cnn,layer08)."
 SPLITS_HELP = "Splits to keep: all, or names, comma-separated (dev,test-clean)."
-
-
-def _user_errors(command):
-    """Show a W2VCacheError as click's one-line `Error: ...`, even when run outside the group."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except W2VCacheError as err:
-            raise click.ClickException(str(err)) from None
-
-    return wrapper
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 @click.command("copy")
@@ -39,7 +17,7 @@ def _size(n: int) -> str:
 @click.argument("dst", type=click.Path())
 @click.option("--layers", default="all", show_default=True, help=LAYERS_HELP)
 @click.option("--splits", default="all", show_default=True, help=SPLITS_HELP)
-@_user_errors
+@user_errors
 def copy_command(src, dst, layers, splits):
     """Copy a store (or a subset of its layers and splits) from SRC (a path or URL) to a local DST.
 
@@ -53,7 +31,7 @@ def copy_command(src, dst, layers, splits):
                          (("layers", r.left_out_layers), ("splits", r.left_out_splits)) if names) or "nothing"
     resumed = f" ({r.blocks_already_done} already done)" if r.blocks_already_done else ""
     click.echo(f"{r.destination}: copied {r.blocks_copied} block(s){resumed} of {len(r.layers)} layer(s) "
-               f"and {len(r.splits)} split(s), {_size(r.bytes_copied)} of features, from {r.source} "
+               f"and {len(r.splits)} split(s), {human_size(r.bytes_copied)} of features, from {r.source} "
                f"in {r.seconds:.1f} s; left out: {left_out}")
 
 
@@ -61,13 +39,13 @@ def copy_command(src, dst, layers, splits):
 @click.argument("store")
 @click.argument("file_zip", metavar="FILE.zip", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace FILE.zip if it exists.")
-@_user_errors
+@user_errors
 def pack_command(store, file_zip, overwrite):
     """Pack a complete STORE into one uncompressed zip that info, verify and probes read directly."""
     from .share import pack_store
 
     r = pack_store(store, file_zip, overwrite=overwrite)
-    click.echo(f"{r.pack}: packed {r.files} files of {r.source}, {_size(r.bytes)}, "
+    click.echo(f"{r.pack}: packed {r.files} files of {r.source}, {human_size(r.bytes)}, "
                f"{r.chunks_verified} chunks verified, in {r.seconds:.1f} s")
 
 
@@ -77,11 +55,11 @@ def pack_command(store, file_zip, overwrite):
 @click.option("--layers", default="all", show_default=True, help=LAYERS_HELP)
 @click.option("--splits", default="all", show_default=True, help=SPLITS_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace FILE.h5 if it exists.")
-@_user_errors
+@user_errors
 def export_command(store, file_h5, layers, splits, overwrite):
     """Export a complete STORE (or some layers and splits) to HDF5 for people who use h5py."""
     from .share import export_hdf5
 
     r = export_hdf5(store, file_h5, layers=layers, splits=splits, overwrite=overwrite)
     click.echo(f"{r.file}: {r.utterances} utterances ({r.frames} frames) of {len(r.layers)} layer(s) "
-               f"in {len(r.splits)} split(s) from {r.source}, {_size(r.bytes)}, in {r.seconds:.1f} s")
+               f"in {len(r.splits)} split(s) from {r.source}, {human_size(r.bytes)}, in {r.seconds:.1f} s")

@@ -8,7 +8,6 @@ the run directory of docs/RUNS.md.
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -109,9 +108,8 @@ def seed_everything(seed: int) -> None:
 
 def _save(obj, path: Path) -> None:
     """torch.save atomically: a kill mid-write leaves the previous file intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with record.replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _read_metrics(run_dir: Path, upto_epoch: int) -> list[dict]:
