@@ -49,6 +49,14 @@ def first_seconds(corpus, seconds: float):
     return corpus
 
 
+def update(model, loss, optimizer) -> None:
+    """The training loop's update: backward, clipping, Adam."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def probe_steps(task: ProbeTask, batches, requested):
     """The training loop's step (forward, CTC, backward, clipping, Adam) over `batches`."""
     optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-4)
@@ -57,10 +65,7 @@ def probe_steps(task: ProbeTask, batches, requested):
         n = threads.use(requested, task.model)
         task.model.train()
         for batch in batches:
-            task.loss(batch).backward()
-            torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            update(task.model, task.loss(batch), optimizer)
         return n
     return run
 
@@ -77,10 +82,7 @@ def finetune_step(model: str, batch_seconds: float, requested):
     def run():
         n = threads.use(requested, task.model)
         task.model.train()
-        task.loss(batch).backward()
-        torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update(task.model, task.loss(batch), optimizer)
         return n
     return run
 
