@@ -90,7 +90,7 @@ def test_probe_lowers_ctc_loss_and_writes_a_complete_run(store, tmp_path):
     task.model.load_state_dict(torch.load(run / "best.pt", weights_only=True))
     for split in ("dev", "test-clean", "test-other"):
         refs, hyps = decode_split(task, split)
-        assert sorted(refs) == sorted(u.text for u in open_store(store).utterances(split))
+        assert sorted(refs) == sorted(normalize(u.text) for u in open_store(store).utterances(split))
         words = jiwer.process_words(refs, hyps)
         chars = jiwer.process_characters(refs, hyps)
         word_edits = words.substitutions + words.deletions + words.insertions
@@ -243,6 +243,11 @@ def test_refusals(store, tmp_path):
     assert cli(*proc_args).exit_code == 0
     run = runs / "probe/layer01/seed0"
     (run / "result.json").unlink()  # pretend it was killed after epoch 2
+    config = json.loads((run / "config.json").read_text())
+    del config["train"]["select_by"]  # a run directory written before --select-by existed resumes
+    (run / "config.json").write_text(json.dumps(config))
+    assert cli(*proc_args).exit_code == 0 and (run / "result.json").exists()
+    (run / "result.json").unlink()
     ln_store = tmp_path / "ln.zarr"
     extract(build_corpus(), ExtractConfig(model="builtin:tiny-ln", store=str(ln_store)), progress=False)
     proc_args[2] = ln_store

@@ -149,7 +149,11 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
     record_now = dict(run_record, train=asdict(config))
     saved_config = run_dir / CONFIG
     if saved_config.exists() and (run_dir / CHECKPOINT).exists():
-        _check_same_run(json.loads(saved_config.read_text()), json.loads(json.dumps(record_now, default=str)), run_dir)
+        saved = json.loads(saved_config.read_text())
+        # Options added since the run started (select_by) took their defaults then.
+        defaults = json.loads(json.dumps(asdict(TrainConfig())))
+        saved["train"] = {**defaults, **saved.get("train", {})}
+        _check_same_run(saved, json.loads(json.dumps(record_now, default=str)), run_dir)
     elif writer:
         record.write_json(saved_config, dict(record_now, versions=record.versions(),
                                              command=record.command_line(), started=record.now()))
