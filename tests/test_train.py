@@ -76,6 +76,7 @@ class OneWeight:
 
 @pytest.mark.parametrize("batches,accum,expected", [(3, 2, [1.0, 1.0]), (2, 8, [1.0]), (4, 1, [1.0] * 4)])
 def test_gradient_accumulation_averages_over_the_batches_of_each_update(tmp_path, monkeypatch, batches, accum, expected):
+    from w2vcache.runs import RunRecord
     from w2vcache.train import train
 
     task, seen = OneWeight(batches), []
@@ -86,5 +87,6 @@ def test_gradient_accumulation_averages_over_the_batches_of_each_update(tmp_path
         return clip(parameters, max_norm)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
-    train(task, TrainConfig(epochs=1, grad_accum=accum, test_splits=()), tmp_path, {}, progress=False)
+    record = RunRecord(kind="probe", experiment="layer00", layer=0, reinit=[], seed=0, model={}, data={}, device="cpu")
+    train(task, TrainConfig(epochs=1, grad_accum=accum, test_splits=()), tmp_path, record, progress=False)
     assert seen == pytest.approx(expected)

@@ -8,11 +8,11 @@ total seconds. Under torchrun every rank trains on its share of each global batc
 DistributedDataParallel (gloo on CPU, NCCL on GPU).
 """
 
+import functools
 import os
 import random
-import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +26,8 @@ from .backbone import SAMPLE_RATE, Backbone, encode, load_backbone, reinit_layer
 from .batching import length_batches
 from .corpus import Corpus
 from .errors import W2VCacheError
-from .train import RESULT, TrainConfig, seed_everything, train
+from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
+from .train import TrainConfig, seed_everything, sweep, train
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -230,17 +231,6 @@ def parse_reinit(spec: str) -> tuple[int, ...]:
     return tuple(blocks)
 
 
-def experiment_name(blocks: tuple[int, ...]) -> str:
-    return "reinit-" + ("-".join(map(str, blocks)) if blocks else "none")
-
-
-@dataclass
-class FinetuneResult:
-    finished: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
 def init_distributed(device: str) -> str:
     """Join torchrun's process group when launched by it; returns this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -255,44 +245,32 @@ def init_distributed(device: str) -> str:
 def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(0,), out="runs",
              config: FinetuneConfig = FinetuneConfig(), train_config: TrainConfig = TrainConfig(),
              train_split: str = "train", device: str = "cpu", revision: str | None = None,
-             progress: bool = True, num_threads: int | None = None) -> FinetuneResult:
+             progress: bool = True, num_threads: int | None = None) -> SweepResult:
     """Fine-tune `model` once per (re-init set, seed); finished runs are skipped, killed ones resume.
 
     `num_threads`: torch's CPU threads; None chooses them (threads.py)."""
-    started = time.perf_counter()
     if config.precision not in PRECISIONS:
         raise W2VCacheError(f"--precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise W2VCacheError(f"--device {device}: no CUDA GPU is available here")
     device = init_distributed(device)
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
-    result = FinetuneResult()
-    for blocks in reinits:
-        for seed in seeds:
-            directory = Path(out) / "finetune" / experiment_name(blocks) / f"seed{seed}"
-            if (directory / RESULT).exists():
-                result.skipped.append(str(directory))
-                continue
-            tc = TrainConfig(**{**asdict(train_config), "seed": seed})
-            seed_everything(seed)
-            backbone = load_backbone(model, device=device, revision=revision)
-            reinit_layers(backbone, list(blocks), seed)
-            task = FinetuneTask(backbone, corpus, config, tc, train_split, device)
-            run_record = {
-                "kind": "finetune",
-                "experiment": experiment_name(blocks),
-                "layer": None,
-                "reinit": list(blocks),
-                "seed": seed,
-                "model": asdict(config) | {"backbone": {k: backbone.describe()[k] for k in ("name", "revision", "weight_hash")}},
-                "data": {"train_split": train_split, "sources": corpus.sources},
-                "device": device,
-                "threads": num_threads,
-                "world_size": task.world,
-            }
-            if progress and main_rank:
-                print(f"finetune {experiment_name(blocks)} seed {seed} -> {directory}")
-            train(task, tc, directory, run_record, progress=progress and main_rank, num_threads=num_threads)
-            result.finished.append(str(directory))
-    result.seconds = time.perf_counter() - started
-    return result
+
+    def start(blocks: tuple[int, ...], seed: int, directory: Path) -> None:
+        tc = TrainConfig(**{**asdict(train_config), "seed": seed})
+        seed_everything(seed)
+        backbone = load_backbone(model, device=device, revision=revision)
+        reinit_layers(backbone, list(blocks), seed)
+        task = FinetuneTask(backbone, corpus, config, tc, train_split, device)
+        run_record = RunRecord(
+            kind="finetune", experiment=finetune_experiment(blocks), layer=None, reinit=list(blocks), seed=seed,
+            model=asdict(config) | {"backbone": {k: backbone.describe()[k] for k in ("name", "revision", "weight_hash")}},
+            data={"train_split": train_split, "sources": corpus.sources},
+            device=device, threads=num_threads, world_size=task.world,
+        )
+        if progress and main_rank:
+            print(f"finetune {run_record.experiment} seed {seed} -> {directory}")
+        train(task, tc, directory, run_record, progress=progress and main_rank, num_threads=num_threads)
+
+    return sweep((run_dir(out, "finetune", finetune_experiment(blocks), seed), functools.partial(start, blocks, seed))
+                 for blocks in reinits for seed in seeds)

@@ -7,9 +7,9 @@ being a run of neighbouring utterances (the store keeps them sorted by length), 
 few chunks.
 """
 
+import functools
 import random
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,9 @@ from . import text
 from .batching import length_batches
 from .errors import W2VCacheError
 from .layers import choose_layers, layer_index
+from .runs import RunRecord, SweepResult, run_dir
 from .store import open_store
-from .train import RESULT, TrainConfig, seed_everything, train
+from .train import TrainConfig, seed_everything, sweep, train
 
 DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's layer kept in memory; larger ones stream
 # The LSTM computes on every padded frame, so a batch is also cut where padding would pass this share.
@@ -228,17 +229,6 @@ def parse_seeds(spec: str) -> list[int]:
         raise W2VCacheError(f"--seeds {spec!r}: expected integers such as 0,1,2") from None
 
 
-def run_dir(out, layer: str, seed: int) -> Path:
-    return Path(out) / "probe" / layer / f"seed{seed}"
-
-
-@dataclass
-class SweepResult:
-    finished: list[str] = field(default_factory=list)  # run directories trained now
-    skipped: list[str] = field(default_factory=list)  # run directories already finished
-    seconds: float = 0.0
-
-
 def check_store(store) -> None:
     vocabulary = store.provenance.get("vocabulary")
     if vocabulary is not None and list(vocabulary) != list(text.VOCAB):
@@ -255,40 +245,28 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     """Train a probe on each (layer, seed); runs already finished are skipped, killed ones resume.
 
     `num_threads`: torch's CPU threads; None chooses them (threads.py)."""
-    started = time.perf_counter()
     store = open_store(store_url)
     check_store(store)
-    result = SweepResult()
-    for layer in choose_layers(layers, list(store.layers), "--layer"):
-        for seed in parse_seeds(seeds):
-            directory = run_dir(out, layer, seed)
-            if (directory / RESULT).exists():
-                result.skipped.append(str(directory))
-                continue
-            tc = TrainConfig(**{**asdict(train_config), "seed": seed})
-            seed_everything(seed)
-            task = ProbeTask(store, layer, config, tc, train_split, memory_budget, device)
-            run_record = {
-                "kind": "probe",
-                "experiment": layer,
-                "layer": layer_index(layer),
-                "reinit": [],
-                "seed": seed,
-                "model": asdict(config),
-                "store": str(store_url),
-                "device": device,
-                "threads": num_threads,
-                "data": {
-                    "train_split": train_split,
-                    "layer": layer,
-                    "model": {k: store.provenance.get("model", {}).get(k) for k in ("name", "revision", "weight_hash")},
-                    "dtype": store.dtype,
-                    "frame_rate": store.provenance.get("frame_rate"),
-                },
-            }
-            if progress:
-                print(f"probe {layer} seed {seed} -> {directory}")
-            train(task, tc, directory, run_record, progress=progress, num_threads=num_threads)
-            result.finished.append(str(directory))
-    result.seconds = time.perf_counter() - started
-    return result
+    chosen, seed_list = choose_layers(layers, list(store.layers), "--layer"), parse_seeds(seeds)
+
+    def start(layer: str, seed: int, directory: Path) -> None:
+        tc = TrainConfig(**{**asdict(train_config), "seed": seed})
+        seed_everything(seed)
+        task = ProbeTask(store, layer, config, tc, train_split, memory_budget, device)
+        run_record = RunRecord(
+            kind="probe", experiment=layer, layer=layer_index(layer), reinit=[], seed=seed, model=asdict(config),
+            store=str(store_url), device=device, threads=num_threads,
+            data={
+                "train_split": train_split,
+                "layer": layer,
+                "model": {k: store.provenance.get("model", {}).get(k) for k in ("name", "revision", "weight_hash")},
+                "dtype": store.dtype,
+                "frame_rate": store.provenance.get("frame_rate"),
+            },
+        )
+        if progress:
+            print(f"probe {layer} seed {seed} -> {directory}")
+        train(task, tc, directory, run_record, progress=progress, num_threads=num_threads)
+
+    return sweep((run_dir(out, "probe", layer, seed), functools.partial(start, layer, seed))
+                 for layer in chosen for seed in seed_list)

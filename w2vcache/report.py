@@ -37,12 +37,8 @@ from pathlib import Path
 
 from . import __version__, record
 from .errors import W2VCacheError
-from .layers import layer_name
+from .runs import CONFIG, KINDS, METRICS, RESULT, experiment_name
 
-CONFIG_FILE = "config.json"
-RESULT_FILE = "result.json"
-METRICS_FILE = "metrics.jsonl"
-KINDS = ("probe", "finetune")
 STATUSES = ("finished", "failed", "unfinished")
 SPLIT_ORDER = ("dev", "test-clean", "test-other")  # splits shown first; any others follow by name
 MEASURES = ("wer", "cer")
@@ -175,13 +171,6 @@ def _experiment_key(kind: str, layer, reinit, experiment: str) -> tuple:
     return (1, len(reinit), tuple(reinit))  # "none" first, then by size and block number
 
 
-def _canonical_experiment(kind: str, layer, reinit) -> str:
-    """The experiment names docs/RUNS.md gives: layer08, reinit-none, reinit-11-12."""
-    if kind == "probe":
-        return layer_name(layer)
-    return "reinit-" + ("-".join(map(str, reinit)) if reinit else "none")
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading runs
 
@@ -259,11 +248,11 @@ def _epochs_logged(path: Path) -> int:
 def read_run(directory, name: str | None = None) -> Run:
     """One run directory (holding config.json and/or result.json) as a `Run`."""
     directory = Path(directory)
-    config_path, result_path = directory / CONFIG_FILE, directory / RESULT_FILE
+    config_path, result_path = directory / CONFIG, directory / RESULT
     config = _read_json(config_path) if config_path.is_file() else {}
     result = _read_json(result_path) if result_path.is_file() else None
     if not config and result is None:
-        raise W2VCacheError(f"{directory}: not a run directory (no {CONFIG_FILE} or {RESULT_FILE})")
+        raise W2VCacheError(f"{directory}: not a run directory (no {CONFIG} or {RESULT})")
 
     ident = _identity(config, config_path)
     if result is not None:
@@ -271,7 +260,7 @@ def read_run(directory, name: str | None = None) -> Run:
         for key in stated.keys() & ident.keys():
             if stated[key] != ident[key]:
                 raise W2VCacheError(
-                    f"{directory}: {RESULT_FILE} says {key} {stated[key]!r} but {CONFIG_FILE} says {ident[key]!r}"
+                    f"{directory}: {RESULT} says {key} {stated[key]!r} but {CONFIG} says {ident[key]!r}"
                 )
         ident.update(stated)
     where = result_path if result is not None else config_path
@@ -303,7 +292,7 @@ def read_run(directory, name: str | None = None) -> Run:
         path=directory,
         name=name if name is not None else directory.name,
         kind=kind,
-        experiment=ident.get("experiment") or _canonical_experiment(kind, layer, reinit),
+        experiment=ident.get("experiment") or experiment_name(kind, layer, reinit),
         layer=layer,
         reinit=reinit,
         seed=ident["seed"],
@@ -311,7 +300,7 @@ def read_run(directory, name: str | None = None) -> Run:
         metrics=metrics,
         best_epoch=best_epoch if _is_int(best_epoch) else None,
         error=error,
-        epochs_done=_epochs_logged(directory / METRICS_FILE),
+        epochs_done=_epochs_logged(directory / METRICS),
         epochs=epochs if _is_int(epochs) else None,
         config=config,
     )
@@ -335,7 +324,7 @@ def find_runs(runs_dir) -> list[Run]:
             dirnames[:] = []
             continue
         seen.add(real)
-        if CONFIG_FILE in filenames or RESULT_FILE in filenames:
+        if CONFIG in filenames or RESULT in filenames:
             directory = Path(dirpath)
             runs.append(read_run(directory, directory.relative_to(root).as_posix()))
             dirnames[:] = []
@@ -450,7 +439,7 @@ def notes(runs: list[Run]) -> list[str]:
         members = groups[key]
         first = members[0]
         label = f"{first.kind} " + (first.experiment if first.kind == "probe" and first.layer is None
-                                    else _canonical_experiment(first.kind, first.layer, first.reinit))
+                                    else experiment_name(first.kind, first.layer, first.reinit))
         names = sorted({r.experiment for r in members})
         if len(names) > 1:
             found.append(f"{label}: seeds averaged together carry different experiment names ({', '.join(names)})")
@@ -692,7 +681,7 @@ def load_report(runs_dir) -> tuple[list[Run], list[Row]]:
     """The runs under RUNS and their rows; an error if nothing there has finished."""
     runs = find_runs(runs_dir)
     if not runs:
-        raise W2VCacheError(f"{runs_dir}: no run directories (none holds {CONFIG_FILE} or {RESULT_FILE})")
+        raise W2VCacheError(f"{runs_dir}: no run directories (none holds {CONFIG} or {RESULT})")
     rows = summarize(runs)
     if not rows:
         waiting = "; ".join(f"{r.name} ({r.why_not_included})" for r in runs)

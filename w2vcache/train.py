@@ -22,13 +22,9 @@ from tqdm.auto import tqdm
 from . import record, threads
 from .errors import W2VCacheError
 from .evaluate import error_rates
+from .runs import BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult
 
-CHECKPOINT = "checkpoint.pt"  # last finished epoch: model, optimizer, schedule, RNG
-BEST = "best.pt"  # weights of the epoch with the lowest dev WER (or CER, with select_by="cer")
-METRICS = "metrics.jsonl"
-RESULT = "result.json"
 _END = object()  # end of an epoch's batches
-CONFIG = "config.json"
 
 
 @dataclass
@@ -131,7 +127,21 @@ def evaluate(task: Task, split: str) -> dict:
     return error_rates(refs, hyps).to_dict()
 
 
-def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: bool = True,
+def sweep(runs) -> SweepResult:
+    """Train every run of a sweep that is not finished yet. `runs` yields (run directory, start)
+    pairs; start(directory) trains that run there, resuming a killed one."""
+    started, result = time.perf_counter(), SweepResult()
+    for directory, start in runs:
+        if (directory / RESULT).exists():
+            result.skipped.append(str(directory))
+            continue
+        start(directory)
+        result.finished.append(str(directory))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progress: bool = True,
           num_threads: int | None = None) -> dict:
     """Train `task.model` in `run_dir`, resuming from its checkpoint if one is there.
 
@@ -146,7 +156,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
     # Under torchrun every rank trains; rank 0 alone writes the run directory.
     distributed = dist.is_initialized()
     writer = not distributed or dist.get_rank() == 0
-    record_now = dict(run_record, train=asdict(config))
+    record_now = dict(run_record.to_json(), train=asdict(config))
     saved_config = run_dir / CONFIG
     if saved_config.exists() and (run_dir / CHECKPOINT).exists():
         saved = json.loads(saved_config.read_text())
@@ -246,7 +256,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: dict, progress: 
     eval_started = time.perf_counter()
     model.load_state_dict(torch.load(run_dir / BEST, weights_only=True, map_location="cpu"))
     result = dict(
-        {k: run_record.get(k) for k in ("kind", "experiment", "layer", "reinit", "seed")},
+        run_record.identity(),
         status="finished",
         best_epoch=best["epoch"],
         epochs=config.epochs,
