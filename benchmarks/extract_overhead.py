@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from w2vcache import threads
-from w2vcache.audio import load_audio
-from w2vcache.backbone import SAMPLE_RATE, load_backbone
+from w2vcache.audio import SAMPLE_RATE, load_audio
+from w2vcache.backbone import load_backbone
 from w2vcache.batching import length_batches
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract

@@ -3,7 +3,8 @@ import pytest
 import soundfile as sf
 
 from conftest import write_wave
-from w2vcache.audio import MIN_SAMPLES, SAMPLE_RATE, AudioError, audio_info, load_audio
+from w2vcache.audio import SAMPLE_RATE, AudioError, audio_info, load_audio
+from w2vcache.backbone import load_backbone
 
 
 def test_loads_16k_mono_as_float32(tmp_path):
@@ -29,11 +30,14 @@ def test_stereo_is_refused(tmp_path):
 
 
 def test_too_short_for_one_frame(tmp_path):
+    # The minimum is the model's receptive field, derived from its convolutions: 400 samples for W2V.
+    field = load_backbone("builtin:tiny").receptive_field
+    assert field == 400
     path = write_wave(tmp_path / "tiny.flac", seconds=200 / SAMPLE_RATE)
     with pytest.raises(AudioError, match=r"tiny\.flac.*200 samples.*400"):
-        load_audio(path)
+        load_audio(path, field)
     # exactly one receptive field is enough
-    assert len(load_audio(write_wave(tmp_path / "ok.flac", seconds=MIN_SAMPLES / SAMPLE_RATE))) == MIN_SAMPLES
+    assert len(load_audio(write_wave(tmp_path / "ok.flac", seconds=field / SAMPLE_RATE), field)) == field
 
 
 def test_truncated_flac(tmp_path):
@@ -54,6 +58,7 @@ def test_not_audio_and_missing(tmp_path):
 
 
 def test_third_party_bad_files(shared_fixtures):
+    field = load_backbone("builtin:tiny").receptive_field  # W2V needs 400 samples for one frame
     bad = shared_fixtures / "bad-audio"
     expectations = {
         "stereo.flac": "2 channels",
@@ -68,11 +73,11 @@ def test_third_party_bad_files(shared_fixtures):
     }
     for name, reason in expectations.items():
         with pytest.raises(AudioError, match=reason):
-            load_audio(bad / name)
+            load_audio(bad / name, field)
     # every other file either loads as 16 kHz mono or is refused with the file's name
     for path in sorted(bad.iterdir()):
         try:
-            x = load_audio(path)
-            assert x.dtype == np.float32 and len(x) >= MIN_SAMPLES
+            x = load_audio(path, field)
+            assert x.dtype == np.float32 and len(x) >= field
         except AudioError as err:
             assert path.name in str(err)

@@ -14,8 +14,6 @@ import soundfile as sf
 from .errors import W2VCacheError
 
 SAMPLE_RATE = 16000  # Hz, what every Wav2Vec 2.0 checkpoint was trained on
-# The W2V-Base CNN needs 400 samples (25 ms) for its first frame: receptive field 400, hop 320.
-MIN_SAMPLES = 400
 INEXACT_LENGTH_FORMATS = ("MP3", "OGG")  # soundfile format names whose headers estimate the length
 
 
@@ -64,8 +62,9 @@ def audio_info(path) -> AudioInfo:
     return AudioInfo(int(frames), int(info.samplerate), int(info.channels))
 
 
-def check_format(path, info: AudioInfo, min_samples: int = MIN_SAMPLES) -> None:
-    """Raise AudioError unless the file is 16 kHz mono and long enough for one W2V frame."""
+def check_format(path, info: AudioInfo, min_samples: int = 1) -> None:
+    """Raise AudioError unless the file is 16 kHz mono and has `min_samples` (callers that feed a
+    model pass its receptive field, `Backbone.receptive_field`: the audio one frame needs)."""
     if info.sample_rate != SAMPLE_RATE:
         raise AudioError(
             path,
@@ -107,8 +106,8 @@ def check_complete(path, info: AudioInfo) -> None:
         raise AudioError(path, f"truncated: the header promises {info.num_samples} samples, the data ends sooner")
 
 
-def load_audio(path, min_samples: int = MIN_SAMPLES) -> np.ndarray:
-    """The samples of a 16 kHz mono file as float32 in [-1, 1] (1-D)."""
+def load_audio(path, min_samples: int = 1) -> np.ndarray:
+    """The samples of a 16 kHz mono file as float32 in [-1, 1] (1-D), at least `min_samples` of them."""
     info = audio_info(path)
     check_format(path, info, min_samples)
     try:

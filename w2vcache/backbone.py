@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, Wav2Vec2Config
 
+from w2vcache.audio import SAMPLE_RATE
 from w2vcache.errors import W2VCacheError
 from w2vcache.layers import layer_name
 
@@ -34,7 +35,6 @@ try:  # transformers 5 configs are strict dataclasses; invalid values raise this
 except ImportError:  # older huggingface_hub
     _ConfigValidationError = ValueError
 
-SAMPLE_RATE = 16000  # Hz; every W2V checkpoint is trained on 16 kHz audio
 CNN_LAYER = "cnn"  # name of the optional CNN-output layer
 NORM_EPS = 1e-7  # variance floor of Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
 BUILTIN_SEED = 0  # torch seed the built-in models' random weights are drawn with

@@ -23,8 +23,8 @@ import zarr
 from tqdm.auto import tqdm
 
 from . import record, text, threads
-from .audio import AudioError, audio_info, check_complete, check_format, load_audio
-from .backbone import CNN_LAYER, SAMPLE_RATE, Backbone, forward_layers, load_backbone
+from .audio import SAMPLE_RATE, AudioError, audio_info, check_complete, check_format, load_audio
+from .backbone import CNN_LAYER, Backbone, forward_layers, load_backbone
 from .batching import length_batches
 from .corpus import Corpus
 from .errors import W2VCacheError

@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import text
-from .audio import audio_info, load_audio
-from .backbone import SAMPLE_RATE, Backbone, encode, load_backbone, reinit_layers
+from .audio import SAMPLE_RATE, audio_info, load_audio
+from .backbone import Backbone, encode, load_backbone, reinit_layers
 from .batching import length_batches
 from .corpus import Corpus
 from .errors import W2VCacheError
@@ -98,8 +98,10 @@ class AudioBatch:
 class AudioBatches(torch.utils.data.Dataset):
     """Batch i: this rank's share of the utterances of global batch i, as loaded audio."""
 
-    def __init__(self, utterances, frames: list[int], batches: list[list[int]], rank: int, world: int):
+    def __init__(self, utterances, frames: list[int], batches: list[list[int]], rank: int, world: int,
+                 min_samples: int = 1):
         self.utterances, self.frames, self.batches, self.rank, self.world = utterances, frames, batches, rank, world
+        self.min_samples = min_samples  # the model's receptive field: shorter audio has no frame
 
     def __len__(self):
         return len(self.batches)
@@ -111,7 +113,7 @@ class AudioBatches(torch.utils.data.Dataset):
             # Fewer utterances than ranks: this rank still has to join the gradient all-reduce,
             # so it runs one utterance with weight 0 and contributes nothing.
             mine, weight = members[:1], 0.0
-        waves = [load_audio(self.utterances[j].path) for j in mine]
+        waves = [load_audio(self.utterances[j].path, self.min_samples) for j in mine]
         return AudioBatch(waves, [self.utterances[j].text for j in mine], len(members), weight,
                           sum(self.frames[j] for j in mine))
 
@@ -169,7 +171,7 @@ class FinetuneTask:
 
     def _loader(self, split: str, batches: list[list[int]], rank: int, world: int):
         utterances, frames, _ = self.splits[split]
-        dataset = AudioBatches(utterances, frames, batches, rank, world)
+        dataset = AudioBatches(utterances, frames, batches, rank, world, self.model.backbone_ref.receptive_field)
         return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_collate,
                                            num_workers=self.config.num_workers,
                                            prefetch_factor=2 if self.config.num_workers else None)
