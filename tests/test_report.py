@@ -12,6 +12,7 @@ import struct
 import pytest
 from click.testing import CliRunner
 
+from w2vcache.cli import main
 from w2vcache.errors import W2VCacheError
 from w2vcache.report import find_runs, summarize, write_report
 from w2vcache.report_cli import report_command
@@ -385,36 +386,70 @@ def test_user_mistakes_name_the_path(tmp_path):
         write_report(twice)
 
 
-def test_cli_prints_the_table_and_the_paths(runs, tmp_path):
-    result = runner().invoke(report_command, [str(runs)])
+# The command as a user runs it (`w2vcache report`, through the main group) and run on its own.
+ENTRY_POINTS = {"w2vcache report": (main, ["report"]), "report alone": (report_command, [])}
+
+
+@pytest.fixture(params=list(ENTRY_POINTS))
+def report_cli(request):
+    command, prefix = ENTRY_POINTS[request.param]
+
+    def invoke(*args):
+        return runner().invoke(command, [*prefix, *map(str, args)])
+
+    return invoke
+
+
+def test_cli_prints_the_table_and_the_paths(report_cli, runs, tmp_path):
+    result = report_cli(runs)
     assert result.exit_code == 0, result.output
     tables = markdown_tables(result.stdout)
+    assert list(tables) == ["Probes (frozen W2V layer, BiLSTM-CTC)", "Fine-tuning (W2V + CTC head, re-initialised blocks)"]
+    assert list(tables["Probes (frozen W2V layer, BiLSTM-CTC)"]) == ["0", "4", "8", "12"]
     assert tables["Probes (frozen W2V layer, BiLSTM-CTC)"] == PROBE_TABLE
     assert tables["Fine-tuning (W2V + CTC head, re-initialised blocks)"] == FINETUNE_TABLE
-    assert all(line in result.stdout.splitlines() for line in NOT_INCLUDED)
+    assert result.stdout.startswith(f"# w2vcache report: {runs}\n")
+    assert "Best layer: 8 (lowest mean dev WER, 12.00 %)." in result.stdout
+    assert [line for line in result.stdout.splitlines() if line.startswith("- not included")] == NOT_INCLUDED
     out = runs / "report"
     assert result.stderr.splitlines() == [f"figure: {out / 'report.png'}", f"table: {out / 'report.md'}",
                                           f"table: {out / 'report.csv'}", f"table: {out / 'report.json'}"]
     assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.json", "report.md", "report.png"]
+    assert markdown_tables((out / "report.md").read_text()) == tables  # the file holds the table printed
+    assert png_size(out / "report.png") == (1000, 400)
 
     other = tmp_path / "elsewhere"
-    result = runner().invoke(report_command, [str(runs), "--out", str(other), "--format", "csv",
-                                                 "--format", "json"])
+    result = report_cli(runs, "--out", other, "--format", "csv", "--format", "json")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in other.iterdir()) == ["report.csv", "report.json", "report.png"]
     assert "| 8 | 0,1,2 | 12.00 ± 2.00 (n=3) |" in result.stdout  # the table is printed all the same
+    assert [row["layer"] for row in json.loads((other / "report.json").read_text())["rows"][:4]] == [0, 4, 8, 12]
 
-    result = runner().invoke(report_command, [str(runs), "--out", str(tmp_path / "bare"), "--no-figure"])
-    assert result.exit_code == 0 and not (tmp_path / "bare" / "report.png").exists()
+    result = report_cli(runs, "--out", tmp_path / "bare", "--no-figure")
+    assert result.exit_code == 0 and sorted(p.name for p in (tmp_path / "bare").iterdir()) == [
+        "report.csv", "report.json", "report.md"]
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(report_cli, tmp_path):
+    """A user's mistake: exit code 1 and one `Error: ...` line naming the path, never a traceback."""
     (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(report_command, [str(tmp_path / "empty")])
-    assert result.exit_code == 1
-    assert f"Error: {tmp_path / 'empty'}: no run directories" in result.output
-    assert "Traceback" not in result.output
-    result = CliRunner().invoke(report_command, [str(tmp_path / "missing")])
+    waiting = tmp_path / "waiting"
+    write_run(waiting, "probe", 0, layer=3, status="unfinished", epochs_done=2)
+    broken = tmp_path / "broken"
+    run = write_run(broken, "probe", 0, (0.1, 0.1, 0.1, 0.1, 0.1, 0.1), layer=8)
+    (run / "result.json").write_text('{"kind": "probe", ')
+    for runs_dir, message in (
+        (tmp_path / "empty", f"Error: {tmp_path / 'empty'}: no run directories (none holds config.json or result.json)"),
+        (waiting, f"Error: {waiting}: no finished runs yet: probe/layer03/seed0 (unfinished, 2 of 10"),
+        (broken, f"Error: {run / 'result.json'}: not valid JSON"),
+    ):
+        result = report_cli(runs_dir)
+        assert result.exit_code == 1, result.output
+        assert isinstance(result.exception, SystemExit), result.exception  # handled, not raised
+        assert result.stdout == "" and result.stderr.startswith(message), result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "empty" / "report").exists() and not (broken / "report").exists()
+    result = report_cli(tmp_path / "missing")
     assert result.exit_code == 2 and "does not exist" in result.output
-    result = CliRunner().invoke(report_command, [str(tmp_path / "empty"), "--format", "xlsx"])
+    result = report_cli(tmp_path / "empty", "--format", "xlsx")
     assert result.exit_code == 2 and "xlsx" in result.output

@@ -17,12 +17,12 @@ import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import click
 import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
 
+from w2vcache.cli import main
 from w2vcache.corpus import build_corpus
 from w2vcache.errors import W2VCacheError
 from w2vcache.extract import ExtractConfig, extract
@@ -462,44 +462,100 @@ def test_unreadable_locations_are_refused_clearly(tmp_path):
 # -- command line ---------------------------------------------------------------------------------
 
 
-@click.group()
-def cli():
-    """The sharing commands, as cli.py adds them to `w2vcache`."""
-
-
-for _command in (copy_command, pack_command, export_command):
-    cli.add_command(_command)
-
-
-def test_commands_print_one_line_and_refuse_mistakes_without_traceback(source, tmp_path):
-    runner = CliRunner()
-    dst = tmp_path / "dev.zarr"
-    result = runner.invoke(cli, ["copy", str(source), str(dst), "--layers", "3-4", "--splits", "dev"])
+def one_line(result, pattern):
+    """The command printed exactly one line, matching pattern in full; returns the match."""
     assert result.exit_code == 0, result.output
-    assert result.stdout.count("\n") == 1
-    assert "copied" in result.stdout and "left out: layers layer00, layer01, layer02; splits test" in result.stdout
-    again = runner.invoke(cli, ["copy", str(source), str(dst), "--layers", "3-4", "--splits", "dev"])
-    assert again.exit_code == 0 and "copied 0 block(s) (" in again.stdout
+    assert result.stdout.count("\n") == 1, result.stdout
+    match = re.fullmatch(pattern, result.stdout.rstrip("\n"))
+    assert match, (pattern, result.stdout)
+    return match
 
-    zip_path, h5 = tmp_path / "dev.zip", tmp_path / "dev.h5"
-    result = runner.invoke(cli, ["pack", str(dst), str(zip_path)])
-    assert result.exit_code == 0 and result.stdout.count("\n") == 1 and "chunks verified" in result.stdout
-    result = runner.invoke(cli, ["export", str(zip_path), str(h5), "--layers", "layer04"])
-    assert result.exit_code == 0 and result.stdout.count("\n") == 1, result.output
-    assert f"{open_store(dst).status('dev').n_utterances} utterances" in result.stdout
 
+def test_share_commands_through_the_w2vcache_group(source, tmp_path):
+    """copy, pack and export as a user runs them (`w2vcache copy ...`), checked on what they wrote."""
+    runner = CliRunner()
+    src = open_store(source)
+    dst = tmp_path / "dev.zarr"
+    args = ["copy", str(source), str(dst), "--layers", "3-4", "--splits", "dev"]
+    result = runner.invoke(main, args)
+    match = one_line(result, rf"{re.escape(str(dst))}: copied (\d+) block\(s\) of 2 layer\(s\) and 1 split\(s\), "
+                             rf"[\d.]+ [KMG]?B of features, from {re.escape(str(source))} in [\d.]+ s; "
+                             r"left out: layers layer00, layer01, layer02; splits test")
+    assert int(match[1]) == src.status("dev").n_blocks
+    report = verify(dst)
+    assert report.ok, report.problems
+    assert_same_features(dst, source, ["dev"], ["layer03", "layer04"])
+    subset = open_store(dst).provenance["subset_of"]
+    assert (subset["left_out_layers"], subset["left_out_splits"]) == (["layer00", "layer01", "layer02"], ["test"])
+    features = {name: v for name, v in snapshot(dst).items() if name.startswith(("dev/layer03/", "dev/layer04/"))}
+    assert any("/c/" in name for name in features)
+    again = runner.invoke(main, args)  # the copy is finished: no block is copied (or written) again
+    match = one_line(again, rf"{re.escape(str(dst))}: copied 0 block\(s\) \((\d+) already done\) of 2 layer\(s\).*")
+    assert int(match[1]) == src.status("dev").n_blocks
+    assert {name: v for name, v in snapshot(dst).items() if name in features} == features
+
+    zip_path = tmp_path / "dev.zip"
+    result = runner.invoke(main, ["pack", str(dst), str(zip_path)])
+    match = one_line(result, rf"{re.escape(str(zip_path))}: packed \d+ files of {re.escape(str(dst))}, "
+                             r"[\d.]+ [KMG]?B, (\d+) chunks verified, in [\d.]+ s")
+    report = verify(zip_path)
+    assert report.ok and int(match[1]) == report.chunks_checked == verify(dst).chunks_checked
+    with zipfile.ZipFile(zip_path) as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())  # uncompressed, read in place
+    assert_same_features(zip_path, dst, ["dev"], ["layer03", "layer04"])
+
+    import h5py
+
+    h5 = tmp_path / "dev.h5"
+    result = runner.invoke(main, ["export", str(zip_path), str(h5), "--layers", "layer04"])
+    utts = src.utterances("dev")
+    match = one_line(result, rf"{re.escape(str(h5))}: (\d+) utterances \((\d+) frames\) of 1 layer\(s\) in 1 "
+                             rf"split\(s\) from {re.escape(str(zip_path))}, [\d.]+ [KMG]?B, in [\d.]+ s")
+    assert (int(match[1]), int(match[2])) == (len(utts), sum(u.length for u in utts))
+    with h5py.File(h5, "r") as f:
+        assert list(f) == ["dev"] and "layer03" not in f["dev"]
+        offsets, frames = f["dev"]["offsets"][:], f["dev"]["layer04"][:]
+        assert f["dev"]["ids"].asstr()[:].tolist() == [u.id for u in utts]
+    for i, x in enumerate(src.read_batch("dev", "layer04", range(len(utts)))):
+        np.testing.assert_array_equal(frames[offsets[i]: offsets[i + 1]], x)
+
+
+@pytest.mark.parametrize("entry", ["w2vcache group", "command alone"])
+def test_share_mistakes_are_one_line_errors(source, tmp_path, entry):
+    """Under `w2vcache` (and run on its own) a user's mistake is exit code 1 and a single
+    `Error: ...` line, never a traceback, and nothing is left at the destination."""
+    commands = {"copy": copy_command, "pack": pack_command, "export": export_command}
+    missing = tmp_path / "nothing.zarr"
+    existing = tmp_path / "taken.zip"
+    existing.write_bytes(b"mine")
     for args, message in (
+        (["copy", str(missing), str(tmp_path / "x.zarr")], f"no store at {missing}"),
+        (["pack", str(missing), str(tmp_path / "x.zip")], f"no store at {missing}"),
+        (["export", str(missing), str(tmp_path / "x.h5")], f"no store at {missing}"),
         (["copy", str(source), "s3://bucket/copy.zarr"], "must be a local directory"),
         (["copy", str(source), str(tmp_path / "x.zarr"), "--layers", "7-9"],
          "the store has no layer layer07; it has layer00, layer01, layer02, layer03, layer04"),
         (["copy", str(source), str(tmp_path / "x.zarr"), "--splits", "train"], "no split 'train'; it has dev, test"),
-        (["pack", str(dst), str(zip_path)], "already exists"),
-        (["pack", str(dst), str(tmp_path / "dev.tar")], "must end in .zip"),
-        (["export", str(tmp_path / "nothing.zarr"), str(tmp_path / "n.h5")], "no store at"),
+        (["pack", str(source), str(existing)], "already exists"),
+        (["pack", str(source), str(tmp_path / "x.tar")], "must end in .zip"),
     ):
-        result = runner.invoke(cli, args)
-        assert result.exit_code == 1, (args, result.output)
-        assert message in result.output and "Traceback" not in result.output, result.output
+        if entry == "w2vcache group":
+            result = CliRunner().invoke(main, args)
+        else:
+            result = CliRunner().invoke(commands[args[0]], args[1:])
+        assert result.exit_code == 1, (args, result.output, result.exception)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)  # handled, not raised
+        assert result.output.startswith("Error: ") and result.output.count("\n") == 1, (args, result.output)
+        assert message in result.output, (args, result.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.zip"] and existing.read_bytes() == b"mine"
+
+
+def test_missing_source_store_in_a_real_process(tmp_path):
+    """`python -m w2vcache copy` on a store that is not there: stderr is the one line, exit code 1."""
+    proc = subprocess.run([sys.executable, "-m", "w2vcache", "copy", "nothing.zarr", "copy.zarr"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "Error: no store at nothing.zarr\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_short_probe_runs_on_a_store_served_over_http(source, http_base, tmp_path):

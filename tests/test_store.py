@@ -224,10 +224,35 @@ def test_create_on_a_different_store_says_what_differs(tmp_path, change, message
     assert snapshot(path) == before
 
 
+def file_bytes(path):
+    """Every file under path with its bytes (no mtimes: what a reader of the store would see)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(Path(path).rglob("*")) if p.is_file()}
+
+
 def test_volatile_provenance_does_not_block_resume(tmp_path):
+    """Re-creating with only volatile provenance changed resumes the store: the finished blocks'
+    features, done markers and chunk files all survive, and only the unfinished blocks are pending."""
     path = tmp_path / "s.zarr"
-    create(path).close()
-    create(path, provenance={**PROVENANCE, "created": "tomorrow"}).close()
+    with create(path) as store:
+        n_blocks = len(store.pending_blocks("dev"))
+        written = fill(store, "dev", only={0, 2})
+        fill(store, "test")
+    assert n_blocks > 3
+    before = file_bytes(path)
+    assert any("/layer00/c/" in name for name in before)  # the finished chunks are on disk
+    with create(path, provenance={**PROVENANCE, "created": "tomorrow"}) as store:
+        assert [b.index for b in store.pending_blocks("dev")] == [b for b in range(n_blocks) if b not in (0, 2)]
+        assert store.pending_blocks("test") == []
+        assert store.status("dev").blocks_done == 2 and store.status("test").complete
+        assert store.provenance == PROVENANCE  # the store keeps its own record
+    assert file_bytes(path) == before
+    store = open_store(path)
+    for block, feats in written.values():
+        starts = np.cumsum((0,) + block.lengths)
+        for k, utt_id in enumerate(block.ids):
+            for layer in LAYERS:
+                np.testing.assert_array_equal(store.read("dev", layer, utt_id),
+                                              feats[layer][starts[k]: starts[k + 1]].astype(np.float16))
 
 
 def test_half_created_store_is_recreated_and_refused_by_readers(tmp_path):
