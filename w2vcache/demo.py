@@ -16,7 +16,8 @@ from .corpus import build_corpus
 from .extract import ExtractConfig, extract
 from .finetune import FinetuneConfig, finetune
 from .probe import ProbeConfig, probe
-from .report import find_runs, summarize, write_report
+from .report import summarize, write_report
+from .runs import find_runs
 from .train import TrainConfig
 
 RANDOM_WEIGHTS_NOTE = (

@@ -1,6 +1,6 @@
 """Finished runs -> the seed's table (Markdown, CSV, JSON) and its WER figure (PNG).
 
-`find_runs` reads every run directory under RUNS (docs/RUNS.md), `summarize` groups the finished
+`runs.find_runs` reads every run directory under RUNS (docs/RUNS.md), `summarize` groups the finished
 ones into experiments and averages over seeds, `write_report` writes the files.
 
 - An experiment is a probe at one layer, or a fine-tune with one set of re-initialised blocks
@@ -22,14 +22,11 @@ ones into experiments and averages over seeds, `write_report` writes the files.
 Units: Markdown shows WER and CER in percent with two decimals and deltas in percentage points;
 CSV and JSON keep the fractions of result.json (0.21 = 21 %), unrounded.
 
-The figure is FIGURE_PANEL_INCHES per panel at FIGURE_DPI: 500 x 400 pixels with one panel
-(probes only or fine-tunes only), 1000 x 400 with both.
+The figure is figure.py's.
 """
 
 import csv
 import io
-import json
-import os
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,72 +34,14 @@ from pathlib import Path
 
 from . import __version__, record
 from .errors import W2VCacheError
-from .runs import CONFIG, KINDS, METRICS, RESULT, experiment_name
+from .runs import CONFIG, MEASURES, RESULT, STATUSES, Run, experiment_key, experiment_name, find_runs
 
-STATUSES = ("finished", "failed", "unfinished")
 SPLIT_ORDER = ("dev", "test-clean", "test-other")  # splits shown first; any others follow by name
-MEASURES = ("wer", "cer")
 CONFIG_SECTIONS = ("train", "model", "data")  # compared across the seeds of one experiment
 CONFIG_IGNORED = ("seed", "num_workers")  # keys of those sections that may differ between seeds
 
 FORMATS = ("md", "csv", "json")
 REPORT_NAME = "report"  # out_dir/report.md, report.csv, report.json, report.png
-FIGURE_PANEL_INCHES = (5.0, 4.0)  # width, height of one panel
-FIGURE_DPI = 100  # 5 x 4 inches -> 500 x 400 pixels per panel
-_ERROR_SHOWN = 80  # characters of a failed run's error shown in the Markdown
-
-
-@dataclass
-class Run:
-    """One run directory as the report sees it."""
-
-    path: Path  # the run directory
-    name: str  # its path relative to RUNS, "probe/layer08/seed0"
-    kind: str  # "probe" or "finetune"
-    experiment: str  # "layer08", "reinit-11-12"
-    layer: int | None  # probes: the layer probed; None for fine-tunes and the CNN output ("cnn")
-    reinit: list[int]  # fine-tunes: the blocks re-initialised, [] for the baseline
-    seed: int
-    status: str  # "finished", "failed" or "unfinished"
-    metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)  # split -> wer, cer
-    best_epoch: int | None = None
-    error: str | None = None  # failed runs: what stopped them
-    epochs_done: int = 0  # lines in metrics.jsonl
-    epochs: int | None = None  # epochs planned, where result.json or the config says
-    config: dict = field(default_factory=dict, repr=False)  # config.json as written, not reported
-
-    @property
-    def key(self) -> tuple:
-        """What makes two runs seeds of one experiment."""
-        return _experiment_key(self.kind, self.layer, self.reinit, self.experiment)
-
-    @property
-    def why_not_included(self) -> str:
-        if self.status == "failed":
-            error = _error_line(self.error)
-            if len(error) > _ERROR_SHOWN:
-                error = error[: _ERROR_SHOWN - 3] + "..."
-            return f"failed: {error}"
-        if self.epochs_done:
-            planned = f" of {self.epochs}" if self.epochs else ""
-            return f"unfinished, {self.epochs_done}{planned} epochs done"
-        return "unfinished"
-
-    def to_dict(self) -> dict:
-        return {
-            "path": str(self.path), "name": self.name, "kind": self.kind, "experiment": self.experiment,
-            "layer": self.layer, "reinit": self.reinit, "seed": self.seed, "status": self.status,
-            "metrics": self.metrics, "best_epoch": self.best_epoch, "error": self.error,
-            "epochs_done": self.epochs_done, "epochs": self.epochs,
-        }
-
-
-def _error_line(error: str | None) -> str:
-    """The line of an error message worth a table footnote: the first, or a traceback's last."""
-    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
-    if not lines:
-        return "no error recorded"
-    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
 @dataclass
@@ -141,7 +80,7 @@ class Row:
 
     @property
     def key(self) -> tuple:
-        return _experiment_key(self.kind, self.layer, self.reinit, self.experiment)
+        return experiment_key(self.kind, self.layer, self.reinit, self.experiment)
 
     @property
     def label(self) -> str:
@@ -163,174 +102,6 @@ class Row:
 
 def reinit_label(reinit) -> str:
     return ",".join(map(str, reinit)) if reinit else "none"
-
-
-def _experiment_key(kind: str, layer, reinit, experiment: str) -> tuple:
-    if kind == "probe":  # a probe of a named, unnumbered layer (the CNN output) comes before layer 0
-        return (0, -1, experiment) if layer is None else (0, layer, "")
-    return (1, len(reinit), tuple(reinit))  # "none" first, then by size and block number
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading runs
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as err:
-        raise W2VCacheError(f"{path}: cannot read it: {err}") from None
-    except json.JSONDecodeError as err:
-        raise W2VCacheError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(obj, dict):
-        raise W2VCacheError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _identity(obj: dict, path: Path) -> dict:
-    """kind, experiment, layer, reinit, seed as one JSON file states them (those present)."""
-    found = {}
-    if "kind" in obj:
-        if obj["kind"] not in KINDS:
-            raise W2VCacheError(f"{path}: kind {obj['kind']!r} is not one of {', '.join(KINDS)}")
-        found["kind"] = obj["kind"]
-    if obj.get("experiment") is not None:
-        found["experiment"] = str(obj["experiment"])
-    if obj.get("layer") is not None:
-        if not _is_int(obj["layer"]):
-            raise W2VCacheError(f"{path}: layer {obj['layer']!r} is not a whole number")
-        found["layer"] = obj["layer"]
-    if "reinit" in obj:
-        reinit = obj["reinit"] or []
-        if not isinstance(reinit, list) or not all(_is_int(b) for b in reinit):
-            raise W2VCacheError(f"{path}: reinit {obj['reinit']!r} is not a list of block numbers")
-        found["reinit"] = sorted(set(reinit))
-    if "seed" in obj:
-        if not _is_int(obj["seed"]):
-            raise W2VCacheError(f"{path}: seed {obj['seed']!r} is not a whole number")
-        found["seed"] = obj["seed"]
-    return found
-
-
-def _metrics(result: dict, path: Path) -> dict[str, dict[str, float | None]]:
-    """Every split of result.json that has a "wer": split -> {"wer": ..., "cer": ...}."""
-    found = {}
-    for split, value in result.items():
-        if not (isinstance(value, dict) and "wer" in value):
-            continue
-        entry = {}
-        for measure in MEASURES:
-            x = value.get(measure)
-            if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or x != x):
-                raise W2VCacheError(f"{path}: {split}.{measure} is {x!r}, not a number")
-            entry[measure] = None if x is None else float(x)
-        found[split] = entry
-    return found
-
-
-def _epochs_logged(path: Path) -> int:
-    """Finished epochs in metrics.jsonl; a torn last line (the run was killed mid-write) is skipped."""
-    if not path.is_file():
-        return 0
-    count = 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            count += isinstance(json.loads(line), dict)
-        except json.JSONDecodeError:
-            pass
-    return count
-
-
-def read_run(directory, name: str | None = None) -> Run:
-    """One run directory (holding config.json and/or result.json) as a `Run`."""
-    directory = Path(directory)
-    config_path, result_path = directory / CONFIG, directory / RESULT
-    config = _read_json(config_path) if config_path.is_file() else {}
-    result = _read_json(result_path) if result_path.is_file() else None
-    if not config and result is None:
-        raise W2VCacheError(f"{directory}: not a run directory (no {CONFIG} or {RESULT})")
-
-    ident = _identity(config, config_path)
-    if result is not None:
-        stated = _identity(result, result_path)
-        for key in stated.keys() & ident.keys():
-            if stated[key] != ident[key]:
-                raise W2VCacheError(
-                    f"{directory}: {RESULT} says {key} {stated[key]!r} but {CONFIG} says {ident[key]!r}"
-                )
-        ident.update(stated)
-    where = result_path if result is not None else config_path
-    if "kind" not in ident:
-        raise W2VCacheError(f"{where}: no kind (probe or finetune)")
-    if "seed" not in ident:
-        raise W2VCacheError(f"{where}: no seed")
-    kind, layer, reinit = ident["kind"], ident.get("layer"), ident.get("reinit", [])
-    if kind == "probe" and layer is None and "experiment" not in ident:
-        raise W2VCacheError(f"{where}: a probe run with neither a layer nor an experiment name")
-    if kind == "finetune":
-        layer = None
-
-    status, metrics, error = "unfinished", {}, None
-    if result is not None:
-        status = result.get("status")
-        if status not in ("finished", "failed"):
-            raise W2VCacheError(f"{result_path}: status {status!r} is neither 'finished' nor 'failed'")
-        metrics = _metrics(result, result_path)
-        if status == "finished" and not metrics:
-            raise W2VCacheError(f"{result_path}: a finished run with no split that has a 'wer'")
-        if status == "failed":
-            error = str(result.get("error") or "") or None
-
-    train = config.get("train") if isinstance(config.get("train"), dict) else {}
-    epochs = (result or {}).get("epochs", train.get("epochs"))
-    best_epoch = (result or {}).get("best_epoch")
-    return Run(
-        path=directory,
-        name=name if name is not None else directory.name,
-        kind=kind,
-        experiment=ident.get("experiment") or experiment_name(kind, layer, reinit),
-        layer=layer,
-        reinit=reinit,
-        seed=ident["seed"],
-        status=status,
-        metrics=metrics,
-        best_epoch=best_epoch if _is_int(best_epoch) else None,
-        error=error,
-        epochs_done=_epochs_logged(directory / METRICS),
-        epochs=epochs if _is_int(epochs) else None,
-        config=config,
-    )
-
-
-def find_runs(runs_dir) -> list[Run]:
-    """Every run directory under RUNS, at any depth, sorted by its path relative to RUNS.
-
-    A run directory holds config.json and/or result.json; the report never looks inside one for
-    further runs. Hidden folders are skipped; symbolic links to folders are followed once.
-    """
-    root = Path(runs_dir)
-    if not root.exists():
-        raise W2VCacheError(f"{root}: no such directory")
-    if not root.is_dir():
-        raise W2VCacheError(f"{root}: not a directory")
-    runs, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a link back up the tree, or two links to one folder
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        if CONFIG in filenames or RESULT in filenames:
-            directory = Path(dirpath)
-            runs.append(read_run(directory, directory.relative_to(root).as_posix()))
-            dirnames[:] = []
-        else:
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    return sorted(runs, key=lambda r: r.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,90 +361,6 @@ def report_dict(rows: list[Row], runs: list[Run], runs_dir=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Figure
-
-
-def figure_size(rows: list[Row]) -> tuple[int, int]:
-    """The PNG's width and height in pixels: one panel per kind of experiment present."""
-    panels = len({r.kind for r in rows}) or 1
-    return round(panels * FIGURE_PANEL_INCHES[0] * FIGURE_DPI), round(FIGURE_PANEL_INCHES[1] * FIGURE_DPI)
-
-
-def _errors(stats: list[Stat]) -> list[float]:
-    return [100 * (s.std or 0.0) for s in stats]
-
-
-def write_figure(rows: list[Row], path) -> Path:
-    """WER (%) by probed layer, and by re-initialised blocks, with seed std as error bars."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise W2VCacheError(
-            "the figure needs matplotlib: pip install 'w2vcache[plots]', or leave the figure out (--no-figure)"
-        ) from None
-
-    probes = [r for r in rows if r.kind == "probe"]
-    tunes = [r for r in rows if r.kind == "finetune"]
-    panels = [p for p in (probes, tunes) if p] or [[]]
-    # Figure + Agg canvas rather than pyplot: no global backend switch, no display, no leaked figures.
-    fig = Figure(figsize=(FIGURE_PANEL_INCHES[0] * len(panels), FIGURE_PANEL_INCHES[1]), dpi=FIGURE_DPI,
-                 layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    splits = split_order(s for r in rows for s in r.wer)
-    colours = {s: f"C{i}" for i, s in enumerate(splits)}
-
-    ax = iter(axes)
-    if probes:
-        a = next(ax)
-        # Unnumbered layers (the CNN output) sit left of layer 0, in table order.
-        unnumbered = [r for r in probes if r.layer is None]
-        x = {id(r): (r.layer if r.layer is not None else unnumbered.index(r) - len(unnumbered)) for r in probes}
-        for split in splits:
-            scored = [r for r in probes if split in r.wer]
-            if not scored:
-                continue
-            a.errorbar([x[id(r)] for r in scored], [100 * r.wer[split].mean for r in scored],
-                       yerr=_errors([r.wer[split] for r in scored]), label=split, color=colours[split],
-                       linestyle="--" if split.startswith("dev") else "-", marker="o", markersize=3, capsize=3)
-        best = best_probe(rows)
-        if best:
-            row, by = best
-            a.axvline(x[id(row)], color="0.5", linestyle=":", linewidth=1)
-            a.plot([x[id(row)]], [100 * row.wer[by].mean], marker="*", markersize=12, color="black",
-                   linestyle="none", label=f"best: layer {row.label} ({by})")
-        a.set_xticks([x[id(r)] for r in probes], [r.label for r in probes])
-        a.set_xlabel("layer")
-        a.set_ylabel("WER (%)")
-        a.set_title("Probe WER by layer")
-        a.grid(alpha=0.3)
-        a.legend(fontsize="small")
-    if tunes:
-        a = next(ax)
-        shown = [s for s in splits if not s.startswith("dev") and any(s in r.wer for r in tunes)]
-        shown = shown or [s for s in splits if any(s in r.wer for r in tunes)]
-        width = 0.8 / len(shown)
-        for i, split in enumerate(shown):
-            xs = [x + (i - (len(shown) - 1) / 2) * width for x in range(len(tunes))]
-            stats = [r.wer.get(split) for r in tunes]
-            a.bar(xs, [100 * s.mean if s else 0.0 for s in stats], width,
-                  yerr=[100 * (s.std or 0.0) if s else 0.0 for s in stats], capsize=3,
-                  label=split, color=colours[split])
-        a.set_xticks(range(len(tunes)), [r.label for r in tunes])
-        a.set_ylim(0, 1.2 * a.get_ylim()[1])  # headroom for the legend above the bars
-        a.set_xlabel("re-initialised blocks")
-        a.set_ylabel("WER (%)")
-        a.set_title("Fine-tuning WER")
-        a.grid(axis="y", alpha=0.3)
-        a.legend(fontsize="small", loc="upper left", ncols=len(shown))
-
-    with record.replacing(path) as tmp:
-        fig.savefig(tmp, dpi=FIGURE_DPI, format="png")  # no bbox_inches="tight": it would change the size
-    return Path(path)
-
-
-# ---------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -714,6 +401,8 @@ def write_files(runs: list[Run], rows: list[Row], out_dir, formats=FORMATS, figu
 
     written = {}
     if figure:
+        from .figure import write_figure  # matplotlib is optional (the plots extra)
+
         written["png"] = write_figure(rows, out / f"{REPORT_NAME}.png")
     if "md" in formats:
         written["md"] = out / f"{REPORT_NAME}.md"
