@@ -30,7 +30,7 @@ from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
 from w2vcache import text, threads
 from w2vcache.audio import SAMPLE_RATE
-from w2vcache.backbone import load_backbone
+from w2vcache.checkpoints import load_backbone
 from w2vcache.corpus import build_corpus
 from w2vcache.finetune import AudioBatches, FinetuneConfig, FinetuneTask
 from w2vcache.train import TrainConfig, seed_everything

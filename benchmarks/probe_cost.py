@@ -27,7 +27,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from w2vcache import threads
 from w2vcache.audio import SAMPLE_RATE, load_audio
-from w2vcache.backbone import forward_layers, load_backbone
+from w2vcache.backbone import forward_layers
+from w2vcache.checkpoints import load_backbone
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract
 from w2vcache.layers import layer_name

@@ -26,7 +26,7 @@ import torch
 
 from w2vcache import threads
 from w2vcache.audio import SAMPLE_RATE, load_audio
-from w2vcache.backbone import load_backbone
+from w2vcache.checkpoints import load_backbone
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract
 from w2vcache.finetune import AudioBatches, FinetuneConfig, FinetuneTask

@@ -4,7 +4,7 @@ import soundfile as sf
 
 from conftest import write_wave
 from w2vcache.audio import SAMPLE_RATE, AudioError, audio_info, load_audio
-from w2vcache.backbone import load_backbone
+from w2vcache.checkpoints import load_backbone
 
 
 def test_loads_16k_mono_as_float32(tmp_path):

@@ -9,14 +9,9 @@ import pytest
 import torch
 from transformers import HubertConfig, HubertForCTC, Wav2Vec2ForCTC, Wav2Vec2Model
 
-from w2vcache.backbone import (
-    BUILTIN_MODELS,
-    SAMPLE_RATE,
-    forward_layers,
-    load_backbone,
-    reinit_layers,
-    state_dict_hash,
-)
+from w2vcache.audio import SAMPLE_RATE
+from w2vcache.backbone import forward_layers, reinit_layers, state_dict_hash
+from w2vcache.checkpoints import BUILTIN_MODELS, load_backbone
 from w2vcache.errors import W2VCacheError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +61,8 @@ def test_tiny_geometry_and_layer_names():
     bb = load_backbone("builtin:tiny")
     assert isinstance(bb.model, Wav2Vec2Model) and not bb.model.training
     assert bb.num_layers == 4 and bb.hidden_size == 64
-    assert bb.layer_names == ["layer00", "layer01", "layer02", "layer03", "layer04"]
-    assert bb.layer_names(include_cnn=True) == ["cnn", *bb.layer_names]
+    assert bb.layer_names() == ["layer00", "layer01", "layer02", "layer03", "layer04"]
+    assert bb.layer_names(include_cnn=True) == ["cnn", *bb.layer_names()]
     assert bb.frame_rate == SAMPLE_RATE / 320 == 50.0
     assert bb.receptive_field == 400
     assert bb.name == "builtin:tiny" and bb.revision is None and bb.normalize is True

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from conftest import write_wave
 from w2vcache.audio import load_audio
-from w2vcache.backbone import forward_layers, load_backbone
+from w2vcache.backbone import forward_layers
+from w2vcache.checkpoints import load_backbone
 from w2vcache.cli import main
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract, plan_splits, provenance, select_layers
@@ -140,17 +141,17 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, reference):
     # still only says it is being created), or after its N-th mark_done (it only does pending blocks).
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import w2vcache.store
+        import w2vcache.store.creation
         from w2vcache.cli import main
         from w2vcache.store import FeatureStore
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
         if sys.argv[1] == "creation":
-            write_split = w2vcache.store._write_split
+            write_split = w2vcache.store.creation._write_split
             def dying_write_split(*args):
                 write_split(*args)
                 die()
-            w2vcache.store._write_split = dying_write_split
+            w2vcache.store.creation._write_split = dying_write_split
         else:
             mark_done, calls = FeatureStore.mark_done, []
             def dying_mark_done(self, block):

@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from w2vcache.audio import audio_info
-from w2vcache.backbone import load_backbone, reinit_layers
+from w2vcache.backbone import reinit_layers
+from w2vcache.checkpoints import load_backbone
 from w2vcache.cli import main
 from w2vcache.corpus import build_corpus
 from w2vcache.errors import W2VCacheError

@@ -257,7 +257,7 @@ def test_refusals(store, tmp_path):
 
 def test_incomplete_split_is_refused(tmp_path):
     # A store whose dev split is only partly extracted: kill-free, by filling some blocks only.
-    from w2vcache.backbone import load_backbone
+    from w2vcache.checkpoints import load_backbone
     from w2vcache.extract import fill_blocks, plan_splits, provenance, select_layers
     from w2vcache.store import FeatureStore
 

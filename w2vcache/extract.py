@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from . import record, text, threads
 from .audio import SAMPLE_RATE, AudioError, audio_info, check_complete, check_format, load_audio
-from .backbone import CNN_LAYER, Backbone, forward_layers, load_backbone
+from .backbone import CNN_LAYER, Backbone, forward_layers
 from .batching import length_batches
+from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .layers import choose_layers, layer_name

@@ -22,8 +22,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import text
 from .audio import SAMPLE_RATE, audio_info, load_audio
-from .backbone import Backbone, encode, load_backbone, reinit_layers
+from .backbone import Backbone, encode, reinit_layers
 from .batching import length_batches
+from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
