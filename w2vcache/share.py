@@ -45,10 +45,10 @@ from .layers import choose_layers
 from .store import (
     FeatureStore,
     SplitPlan,
-    _local_root,
-    _pid_alive,
-    _protocol,
+    local_root,
     open_store,
+    pid_alive,
+    url_protocol,
     verify,
 )
 
@@ -140,7 +140,7 @@ def public_url(path: Any) -> str:
     """Where a store is, as recorded in provenance: an absolute local path, or the URL without
     credentials (user:password@, query strings such as pre-signed signatures)."""
     text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
-    if _protocol(text) is None:
+    if url_protocol(text) is None:
         return str(Path(text).absolute())
     return "::".join(_without_credentials(part) for part in text.split("::"))  # zip::https://...
 
@@ -211,7 +211,7 @@ def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | in
     """
     started = time.perf_counter()
     dst_label = os.fspath(dst)
-    if _protocol(dst_label) not in (None, "file"):
+    if url_protocol(dst_label) not in (None, "file"):
         raise W2VCacheError(f"copy destination {dst_label}: must be a local directory (the writer's locks "
                             f"live on the local file system); copy to a local directory, then upload "
                             f"it (e.g. `aws s3 sync`, `gsutil -m rsync -r`)")
@@ -221,7 +221,7 @@ def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | in
     source = open_store(src)
     try:
         where = f"copy from {source.path}"
-        if _protocol(source.path) is None and Path(source.path).absolute() == _local_root(dst).absolute():
+        if url_protocol(source.path) is None and Path(source.path).absolute() == local_root(dst).absolute():
             raise W2VCacheError(f"{where}: the destination is the source itself")
         keep_layers = choose_layers(layers, list(source.layers), where)
         keep_splits = choose_splits(splits, source.splits, where)
@@ -244,7 +244,7 @@ def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | in
             pending = {split: out.pending_blocks(split) for split in keep_splits}
             already = sum(out.status(s).n_blocks for s in keep_splits) - sum(map(len, pending.values()))
             copied = _copy_blocks(source, out, pending, progress)
-            root = _local_root(dst)
+            root = local_root(dst)
             runs = _copy_runs(source, root)
             result = CopyResult(
                 source=subset["source"], destination=dst_label, layers=keep_layers, splits=keep_splits,
@@ -333,13 +333,13 @@ def _remove_dead_partials(final: Path) -> None:
     host = socket.gethostname()
     for path in final.parent.glob(f".{final.name}.*.partial"):
         match = re.fullmatch(rf"\.{re.escape(final.name)}\.(.+)\.(\d+)\.[0-9a-f]+\.partial", path.name)
-        if match and match[1] == host and not _pid_alive(int(match[2])):
+        if match and match[1] == host and not pid_alive(int(match[2])):
             path.unlink(missing_ok=True)
 
 
 def _output_file(path: str | os.PathLike, suffixes: tuple[str, ...], what: str, overwrite: bool) -> Path:
     label = os.fspath(path)
-    if _protocol(label) not in (None, "file"):
+    if url_protocol(label) not in (None, "file"):
         raise W2VCacheError(f"{what} {label}: must be a local file; write it locally, then upload it")
     final = Path(label[len("file://"):] if label.startswith("file://") else label)
     if not final.name.lower().endswith(suffixes):

@@ -1,0 +1,615 @@
+"""The FeatureStore: opened for reading (`open_store`) or writing (`FeatureStore.create`).
+
+Reading utterances and whole layers, handing out pending blocks, writing them (`write_block`,
+`write_layer`, `BlockWriter`) and marking them done.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.buffer.cpu import NDBuffer
+
+from w2vcache.errors import W2VCacheError
+
+from .creation import _create_layout, _differences, _jsonable, _root_state, _sorted_plan, _wipe
+from .layout import (
+    BLOCK_CHUNKS,
+    COMPRESSIONS,
+    CREATING_KEY,
+    DEFAULT_COMPRESSION,
+    DTYPES,
+    FORMAT_VERSION,
+    INDEX_ARRAYS,
+    META_KEY,
+    Block,
+    SplitPlan,
+    SplitStatus,
+    StoredUtterance,
+    _check_name,
+    _check_shard,
+    choose_chunk_frames,
+)
+from .locks import _acquire_create_lock, _acquire_writer_lock, _Lock, _lock_name
+from .location import _close_store, _open_group, _store_label, local_root
+
+# ----------------------------------------------------------------------------------------------
+# The store
+
+
+class _SplitIndex:
+    """One split's per-utterance arrays, read once."""
+
+    def __init__(self, ids, texts, paths, lengths, offsets, blocks, done):
+        self.ids: list[str] = ids
+        self.texts: list[str] = texts
+        self.paths: list[str] = paths
+        self.lengths: np.ndarray = lengths
+        self.offsets: np.ndarray = offsets
+        self.blocks: np.ndarray = blocks
+        self.done: np.ndarray = done  # bool (n_blocks,)
+        self.position = {utt_id: i for i, utt_id in enumerate(ids)}
+        self.block_of = np.repeat(np.arange(len(blocks)), blocks[:, 1] - blocks[:, 0])
+
+
+class FeatureStore:
+    """A feature store opened for reading (`open_store`) or writing (`FeatureStore.create`)."""
+
+    def __init__(self, group: zarr.Group, label: str, *, lock: _Lock | None = None,
+                 shard: tuple[int, int] | None = None):
+        self._root = group
+        self.path = label
+        self.read_only = lock is None
+        self.shard = shard
+        self._lock = lock
+        self._meta = self._check_meta(group, label)
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._index: dict[str, _SplitIndex] = {}
+        self._written: set[tuple[str, int]] = set()
+        self._layers_written: dict[tuple[str, int], set[str]] = {}  # by write_layer
+        self._owned_store: Any = None  # a store open_store opened (a zip pack's handle), closed by close()
+        # How to open the store again in a forked child (a DataLoader worker): the parent's http
+        # session belongs to the parent's event loop, and a pack's file offset would be shared.
+        self._reopen: Callable[[], tuple[zarr.Group, Any]] | None = None
+        self._opened_in = os.getpid()
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_meta(group: zarr.Group, label: str) -> dict:
+        attrs = group.attrs.asdict()
+        meta = attrs.get(META_KEY)
+        if not isinstance(meta, dict):
+            if CREATING_KEY in attrs:
+                raise W2VCacheError(f"store {label} was never fully created (creation was "
+                                    f"interrupted); re-run extract to create it again")
+            raise W2VCacheError(f"{label} is a zarr group but not a w2vcache store (no "
+                                f"'{META_KEY}' attribute)")
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise W2VCacheError(f"store {label} has format version {version}; this w2vcache "
+                                f"understands up to {FORMAT_VERSION}: upgrade w2vcache")
+        return meta
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, provenance: Mapping[str, Any],
+               splits_plan: Mapping[str, SplitPlan | Sequence[tuple[str, str, str, int]]],
+               layers: Mapping[str, int], dtype: str = "float16", *,
+               shard: tuple[int, int] | None = None, compression: str | None = None,
+               chunk_frames: int | None = None, block_chunks: int | None = None) -> FeatureStore:
+        """Create the store at `path`, or open it to resume if it exists with the same settings.
+
+        Returns the store open for writing and holding the writer lock for `shard` (None: the whole
+        store; (i, n): blocks b with b % n == i). Release it with `close()` or a `with` block.
+        compression, chunk_frames and block_chunks default to the existing store's values, or for
+        a new store to DEFAULT_COMPRESSION, `choose_chunk_frames` and BLOCK_CHUNKS.
+        """
+        root = local_root(path)
+        label = os.fspath(path)
+        if dtype not in DTYPES:
+            raise W2VCacheError(f"store {label}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if compression is not None and compression not in COMPRESSIONS:
+            raise W2VCacheError(f"store {label}: compression {compression!r} is not one of "
+                                f"{', '.join(COMPRESSIONS)}")
+        for value, what in ((chunk_frames, "chunk_frames"), (block_chunks, "block_chunks")):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise W2VCacheError(f"store {label}: {what} must be a positive integer, got {value!r}")
+        shard = _check_shard(shard, label)
+        if not layers:
+            raise W2VCacheError(f"store {label}: no layers to store")
+        layers = dict(layers)
+        for name, dim in layers.items():
+            _check_name(name, "layer")
+            if name in INDEX_ARRAYS:
+                raise W2VCacheError(f"layer name {name!r} is reserved for the store's own arrays")
+            if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+                raise W2VCacheError(f"layer {name}: dimension {dim!r} is not a positive integer")
+            layers[name] = int(dim)
+        if not splits_plan:
+            raise W2VCacheError(f"store {label}: no splits to store")
+        for split in splits_plan:
+            _check_name(split, "split")
+        plans = {split: _sorted_plan(split, plan) for split, plan in splits_plan.items()}
+        provenance = _jsonable(dict(provenance), "provenance")
+        asked = {"dtype": dtype, "compression": compression, "chunk_frames": chunk_frames,
+                 "block_chunks": block_chunks, "layers": layers, "provenance": provenance}
+
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            create_lock = _acquire_create_lock(root, label)
+        except OSError as e:
+            raise W2VCacheError(f"cannot write the store at {label}: {e}") from None
+        try:
+            state = _root_state(root)
+            if state == "foreign":
+                raise W2VCacheError(f"{label} exists and is not a w2vcache store; choose another "
+                                    f"path or remove it")
+            if state == "initialised":
+                store = cls(zarr.open_group(str(root), mode="r", zarr_format=3, use_consolidated=False), label)
+                diffs = _differences(store._meta, store._plan_view, asked, plans)
+                if diffs:
+                    raise W2VCacheError(f"store {label} already exists with other settings: "
+                                        + "; ".join(diffs))
+            else:
+                if state == "half":
+                    _wipe(root)
+                _create_layout(root, plans, provenance, layers, dtype,
+                               compression or DEFAULT_COMPRESSION,
+                               chunk_frames or choose_chunk_frames(layers, dtype),
+                               block_chunks or BLOCK_CHUNKS)
+        finally:
+            create_lock.release()
+        try:
+            lock = _acquire_writer_lock(root, shard, label)
+        except OSError as e:
+            raise W2VCacheError(f"cannot lock the store at {label}: {e}") from None
+        try:
+            return cls(zarr.open_group(str(root), mode="r+", zarr_format=3, use_consolidated=False),
+                       label, lock=lock, shard=shard)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _plan_view(self, split: str) -> tuple[list[str], list[str], list[int]]:
+        index = self._split_index(split)
+        return index.ids, index.texts, index.lengths.tolist()
+
+    def close(self) -> None:
+        """Release the writer lock (if any) and a pack's file handle. Reading stays possible."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._owned_store is not None:
+            _close_store(self._owned_store)
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self.read_only else f"writing {_lock_name(self.shard)}"
+        return f"FeatureStore({self.path!r}, {mode})"
+
+    # -- description --------------------------------------------------------------------------
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self._meta["splits"])
+
+    @property
+    def provenance(self) -> dict:
+        return dict(self._meta["provenance"])
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """Layer name -> feature dimension, in extraction order."""
+        return dict(self._meta["layers"])
+
+    @property
+    def dtype(self) -> str:
+        return self._meta["dtype"]
+
+    def split_attrs(self, split: str) -> dict:
+        return self._group(split).attrs.asdict()
+
+    def chunk_frames(self, split: str) -> int:
+        return int(self.split_attrs(split)["chunk_frames"])
+
+    def utterances(self, split: str) -> list[StoredUtterance]:
+        """Every utterance of the split in store order (by length, then id), done or not."""
+        index = self._split_index(split)
+        return [StoredUtterance(i, t, int(n)) for i, t, n in zip(index.ids, index.texts, index.lengths)]
+
+    def status(self, split: str, refresh: bool = False) -> SplitStatus:
+        index = self._split_index(split, refresh=refresh)
+        sizes = index.blocks[:, 1] - index.blocks[:, 0]
+        return SplitStatus(n_blocks=len(index.blocks), blocks_done=int(index.done.sum()),
+                           n_utterances=len(index.ids), utterances_done=int(sizes[index.done].sum()))
+
+    # -- access helpers -----------------------------------------------------------------------
+
+    def _check_fork(self) -> None:
+        if self._opened_in != os.getpid() and self._reopen is not None:
+            self._root, self._owned_store = self._reopen()
+            self._arrays.clear()
+        self._opened_in = os.getpid()
+
+    def _group(self, split: str) -> zarr.Group:
+        self._check_fork()
+        if split not in self._meta["splits"]:
+            raise W2VCacheError(f"store {self.path} has no split {split!r}; it has "
+                                f"{', '.join(self._meta['splits'])}")
+        return self._root[split]
+
+    def _array(self, split: str, name: str) -> zarr.Array:
+        self._check_fork()
+        key = (split, name)
+        if key not in self._arrays:
+            if name not in INDEX_ARRAYS and name not in self._meta["layers"]:
+                raise W2VCacheError(f"store {self.path} has no layer {name!r}; it has "
+                                    f"{', '.join(self._meta['layers'])}")
+            group = self._group(split)
+            try:
+                array = group[name]
+            except KeyError:
+                raise W2VCacheError(f"store {self.path}: array {split}/{name} is missing") from None
+            if not self.read_only:
+                # write_empty_chunks is runtime config, not metadata: without it zarr silently skips
+                # chunks equal to the fill value, and `verify` could not demand every done chunk.
+                array = array.with_config({"write_empty_chunks": True})
+            self._arrays[key] = array
+        return self._arrays[key]
+
+    def _read(self, split: str, name: str, selection: slice | int = slice(None),
+              out: np.ndarray | None = None) -> np.ndarray:
+        """array[selection] (into `out` if given), naming the chunk when a checksum fails."""
+        array = self._array(split, name)
+        try:
+            if out is None:
+                return array[selection]
+            array.get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+            return out
+        except W2VCacheError:
+            raise
+        except Exception as e:
+            bad = _find_bad_chunk(array, selection)
+            if bad is None:
+                raise
+            raise W2VCacheError(f"store {self.path}: {split}/{name} chunk {bad}: checksum "
+                                f"mismatch or unreadable chunk ({e}); run `w2vcache verify` and "
+                                f"re-extract or re-copy the store") from None
+
+    def _split_index(self, split: str, refresh: bool = False) -> _SplitIndex:
+        if split not in self._index:
+            self._group(split)
+            strings = [self._read(split, name).tolist() for name in ("ids", "texts", "paths")]
+            self._index[split] = _SplitIndex(
+                *strings, self._read(split, "lengths"), self._read(split, "offsets"),
+                self._read(split, "blocks"), np.zeros(0, dtype=bool))
+            refresh = True
+        index = self._index[split]
+        if refresh:
+            index.done = self._read(split, "done").astype(bool)
+        return index
+
+    def _block(self, split: str, b: int) -> Block:
+        index = self._split_index(split)
+        start, stop = (int(x) for x in index.blocks[b])
+        return Block(split=split, index=b, start=start, stop=stop,
+                     frame_offset=int(index.offsets[start]), ids=tuple(index.ids[start:stop]),
+                     paths=tuple(index.paths[start:stop]), lengths=tuple(int(n) for n in index.lengths[start:stop]))
+
+    def _incomplete_message(self, split: str) -> str:
+        s = self.status(split)
+        return (f"split {split} of store {self.path} is incomplete: {s.n_blocks - s.blocks_done} "
+                f"of {s.n_blocks} blocks ({s.n_utterances - s.utterances_done} of {s.n_utterances} "
+                f"utterances) are not extracted yet; re-running extract resumes it")
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def index_of(self, split: str, key: int | str) -> int:
+        """Store position of an utterance given by position or id."""
+        index = self._split_index(split)
+        if isinstance(key, str):
+            if key not in index.position:
+                raise W2VCacheError(f"store {self.path}: split {split} has no utterance {key!r}")
+            return index.position[key]
+        i = int(key)
+        if not 0 <= i < len(index.ids):
+            raise W2VCacheError(f"store {self.path}: split {split} has {len(index.ids)} "
+                                f"utterances, no index {i}")
+        return i
+
+    def read(self, split: str, layer: str, key: int | str) -> np.ndarray:
+        """Features (frames, dim) of one utterance, given by store position or id."""
+        return self.read_batch(split, layer, [key])[0]
+
+    def read_batch(self, split: str, layer: str, keys: Sequence[int | str]) -> list[np.ndarray]:
+        """Features of several utterances; consecutive ones of one block are read in one go."""
+        self._array(split, layer)  # refuse an unknown layer before anything else
+        index = self._split_index(split)
+        positions = [self.index_of(split, k) for k in keys]
+        for i in positions:
+            b = index.block_of[i]
+            if not index.done[b]:
+                index = self._split_index(split, refresh=True)  # a writer may have finished it
+                if not index.done[b]:
+                    raise W2VCacheError(f"store {self.path}: utterance {index.ids[i]} of split "
+                                        f"{split} is in block {b}, which is not extracted yet. "
+                                        + self._incomplete_message(split))
+        features: dict[int, np.ndarray] = {}
+        wanted = sorted(set(positions))
+        run_start = 0
+        for k in range(1, len(wanted) + 1):
+            if k < len(wanted) and wanted[k] == wanted[k - 1] + 1 \
+                    and index.block_of[wanted[k]] == index.block_of[wanted[k - 1]]:
+                continue  # utterances of one block lie end to end: extend the run
+            first, last = wanted[run_start], wanted[k - 1]
+            lo = int(index.offsets[first])
+            frames = self._read(split, layer, slice(lo, int(index.offsets[last] + index.lengths[last])))
+            for i in wanted[run_start:k]:
+                s = int(index.offsets[i]) - lo
+                features[i] = frames[s: s + int(index.lengths[i])]
+            run_start = k
+        return [features[i] for i in positions]
+
+    def read_layer(self, split: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """All frames of one layer of a complete split, padding removed.
+
+        Returns (frames (sum of lengths, dim), offsets (n+1,)): utterance i (store order, as in
+        `utterances`) is frames[offsets[i]:offsets[i+1]].
+        """
+        array = self._array(split, layer)
+        index = self._split_index(split, refresh=True)
+        if not index.done.all():
+            raise W2VCacheError(self._incomplete_message(split))
+        offsets = np.zeros(len(index.ids) + 1, dtype=np.int64)
+        np.cumsum(index.lengths, out=offsets[1:])
+        frames = np.empty((int(offsets[-1]), array.shape[1]), dtype=array.dtype)
+        for start, stop in index.blocks:
+            lo = int(index.offsets[start])
+            n = int(offsets[stop] - offsets[start])
+            self._read(split, layer, slice(lo, lo + n), out=frames[offsets[start]: offsets[stop]])
+        return frames, offsets
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._lock is None:
+            raise W2VCacheError(f"store {self.path} is open read-only (or closed); open it for "
+                                f"writing with FeatureStore.create")
+
+    def owns(self, block_index: int) -> bool:
+        return self.shard is None or block_index % self.shard[1] == self.shard[0]
+
+    def pending_blocks(self, split: str, shard: tuple[int, int] | None = None) -> list[Block]:
+        """Blocks of `split` not yet done that this writer owns (or that `shard` owns)."""
+        shard = _check_shard(shard, self.path) if shard is not None else self.shard
+        index = self._split_index(split, refresh=True)
+        return [self._block(split, b) for b in range(len(index.blocks))
+                if not index.done[b] and (shard is None or b % shard[1] == shard[0])]
+
+    def block_writer(self, block: Block) -> BlockWriter:
+        """A writer that takes the block's utterances one at a time, in order."""
+        self._check_writable()
+        self._check_block(block)
+        return BlockWriter(self, block)
+
+    def write_block(self, block: Block, features: Mapping[str, np.ndarray]) -> None:
+        """Write a whole block: features[layer] is (block.n_frames, dim), utterances end to end."""
+        with self.block_writer(block) as writer:
+            for layer, x in features.items():
+                if layer in self._meta["layers"] and len(x) != block.n_frames:
+                    raise W2VCacheError(f"store {self.path}: {block.split} block {block.index} "
+                                        f"has {block.n_frames} frames, {layer} features have {len(x)}")
+            starts = np.concatenate([[0], np.cumsum(block.lengths)])
+            for k in range(len(block.ids)):
+                writer.append({layer: x[starts[k]: starts[k + 1]] for layer, x in features.items()})
+
+    def write_layer(self, block: Block, layer: str, frames: np.ndarray) -> None:
+        """Write one layer of a whole block: frames is (block.n_frames, dim), utterances end to end.
+
+        Layer by layer a block needs one layer in memory, not all of them (copying a store does
+        this). Every chunk of the block is written whole, padding included; `mark_done` once every
+        layer is written.
+        """
+        self._check_writable()
+        self._check_block(block)
+        if layer not in self._meta["layers"]:
+            raise W2VCacheError(f"store {self.path} has no layer {layer!r}; it has "
+                                f"{', '.join(self._meta['layers'])}")
+        where = f"store {self.path}: {block.split} block {block.index}: {layer} features"
+        x = _convert_features(frames, (block.n_frames, self.layers[layer]), self.dtype, where)
+        chunk = self.chunk_frames(block.split)
+        rows = -(-block.n_frames // chunk) * chunk  # up to the chunk boundary where the next block starts
+        padded = np.zeros((rows, x.shape[1]), dtype=self.dtype)
+        padded[: block.n_frames] = x
+        self._array(block.split, layer)[block.frame_offset: block.frame_offset + rows] = padded
+        self._layers_written.setdefault((block.split, block.index), set()).add(layer)
+
+    def mark_done(self, block: Block) -> None:
+        """Record that every layer of `block` is written (by `write_block`, a BlockWriter, or
+        `write_layer` for each layer)."""
+        self._check_writable()
+        self._check_block(block)
+        key = (block.split, block.index)
+        if key not in self._written:
+            by_layer = self._layers_written.get(key, set())
+            missing = [layer for layer in self._meta["layers"] if layer not in by_layer]
+            if not by_layer:
+                raise W2VCacheError(f"store {self.path}: {block.split} block {block.index} was not "
+                                    f"written by this writer; write it before marking it done")
+            if missing:
+                raise W2VCacheError(f"store {self.path}: {block.split} block {block.index}: layers "
+                                    f"{missing} were not written; write them before marking it done")
+        done = self._array(block.split, "done")
+        done[block.index] = 1
+        index = self._split_index(block.split)
+        index.done[block.index] = True
+        if all(index.done[b] for b in range(len(index.done)) if self.owns(b)):
+            index = self._split_index(block.split, refresh=True)
+            if index.done.all():
+                # Every writer that finishes re-checks, so the last one to finish sets the flag;
+                # rewriting the same attributes concurrently is harmless (atomic, identical).
+                self._group(block.split).update_attributes({"complete": True})
+
+    def _check_block(self, block: Block) -> None:
+        index = self._split_index(block.split)
+        if not 0 <= block.index < len(index.blocks) or tuple(index.blocks[block.index]) != (block.start, block.stop):
+            raise W2VCacheError(f"store {self.path}: {block.split} block {block.index} does not "
+                                f"belong to this store")
+        if not self.owns(block.index):
+            raise W2VCacheError(f"store {self.path}: {block.split} block {block.index} belongs to "
+                                f"shard {block.index % self.shard[1]}/{self.shard[1]}, not to this "
+                                f"writer's shard {self.shard[0]}/{self.shard[1]}")
+        if index.done[block.index]:
+            raise W2VCacheError(f"store {self.path}: {block.split} block {block.index} is already "
+                                f"done; a finished block is never rewritten")
+
+
+class BlockWriter:
+    """Collects a block's utterances in order and writes each layer in whole chunks.
+
+    Memory is one chunk per layer however long the block is. Use as a context manager: leaving
+    the `with` block normally writes the zero-padded last chunk; then call `store.mark_done`.
+    """
+
+    def __init__(self, store: FeatureStore, block: Block):
+        self.store, self.block = store, block
+        self.chunk_frames = store.chunk_frames(block.split)
+        self.layers = store.layers
+        self._arrays = {name: store._array(block.split, name) for name in self.layers}
+        self._buffers = {name: np.zeros((self.chunk_frames, dim), dtype=store.dtype)
+                         for name, dim in self.layers.items()}
+        self._filled = 0  # frames in the current chunk buffers
+        self._chunk_start = block.frame_offset
+        self._next = 0  # next utterance, relative to the block
+        self._pool = ThreadPoolExecutor(max_workers=min(8, len(self.layers)))
+        self._closed = False
+
+    def __enter__(self) -> BlockWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._pool.shutdown()
+
+    def _where(self) -> str:
+        b = self.block
+        return f"store {self.store.path}: {b.split} block {b.index}"
+
+    def append(self, features: Mapping[str, np.ndarray]) -> None:
+        """Add the next utterance: features[layer] is (its n_frames, dim) for every layer."""
+        if self._next >= len(self.block.ids):
+            raise W2VCacheError(f"{self._where()}: all {len(self.block.ids)} utterances are "
+                                f"already written")
+        utt_id, length = self.block.ids[self._next], self.block.lengths[self._next]
+        missing = [name for name in self.layers if name not in features]
+        extra = [name for name in features if name not in self.layers]
+        if missing or extra:
+            raise W2VCacheError(f"{self._where()}: utterance {utt_id}: features lack layers "
+                                f"{missing} / have unknown layers {extra}; the store has {list(self.layers)}")
+        # numpy releases the GIL while casting, so layers convert in parallel
+        converted = dict(zip(self.layers, self._pool.map(
+            lambda name: self._convert(name, utt_id, length, features[name]), self.layers)))
+        pos = 0
+        while pos < length:
+            n = min(length - pos, self.chunk_frames - self._filled)
+            for name, x in converted.items():
+                self._buffers[name][self._filled: self._filled + n] = x[pos: pos + n]
+            self._filled += n
+            pos += n
+            if self._filled == self.chunk_frames:
+                self._flush()
+        self._next += 1
+
+    def _convert(self, layer: str, utt_id: str, length: int, x: Any) -> np.ndarray:
+        return _convert_features(x, (length, self.layers[layer]), self.store.dtype,
+                                 f"{self._where()}: utterance {utt_id}: {layer} features")
+
+    def _flush(self) -> None:
+        """Write the current chunk of every layer: whole chunks only, never read back."""
+        lo, hi = self._chunk_start, self._chunk_start + self.chunk_frames
+
+        def write(name: str) -> None:
+            self._arrays[name][lo:hi] = self._buffers[name]
+
+        list(self._pool.map(write, self.layers))  # layers in parallel; map re-raises errors
+        for buffer in self._buffers.values():
+            buffer[:] = 0  # what the last chunk's padding must hold
+        self._chunk_start, self._filled = hi, 0
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._next != len(self.block.ids):
+            self._pool.shutdown()
+            raise W2VCacheError(f"{self._where()}: only {self._next} of {len(self.block.ids)} "
+                                f"utterances were written; the block stays pending")
+        try:
+            if self._filled:
+                self._flush()
+        finally:
+            self._pool.shutdown()
+        self._closed = True
+        self.store._written.add((self.block.split, self.block.index))
+
+
+def _convert_features(x: Any, shape: tuple[int, int], dtype: str, what: str) -> np.ndarray:
+    """x as `dtype`, refusing a wrong shape, NaN/infinity, and values beyond dtype's range."""
+    x = np.asarray(x)
+    if x.shape != shape:
+        raise W2VCacheError(f"{what} have shape {x.shape}, expected {shape} (frames, dim)")
+    with np.errstate(over="ignore"):  # overflow is detected below, with a better message
+        y = x.astype(dtype, copy=False)
+    if not np.isfinite(y).all():
+        if not np.isfinite(x).all():
+            raise W2VCacheError(f"{what} contain NaN or infinity")
+        raise W2VCacheError(f"{what} reach {np.abs(x).max():.4g}, beyond {dtype}'s range; "
+                            f"create the store with dtype float32")
+    return y
+
+
+def _find_bad_chunk(array: zarr.Array, selection: slice | int) -> int | None:
+    """The first chunk (along axis 0) of `selection` that fails to decode, if any."""
+    start, stop, _ = (selection if isinstance(selection, slice)
+                      else slice(selection, selection + 1)).indices(array.shape[0])
+    step = array.chunks[0]
+    for c in range(start // step, -(-stop // step)):
+        try:
+            array[c * step: (c + 1) * step]
+        except Exception:
+            return c
+    return None
+
+
+def open_store(path: Any) -> FeatureStore:
+    """Open a store read-only: a local path, an fsspec URL, a .zip pack, or any zarr store object.
+
+    URLs: "s3://bucket/features.zarr", "gs://...", "https://host/features.zarr" (read-only),
+    "features.zip" or "https://host/features.zip" (a pack, read in place). Credentials come from the
+    environment the way the fsspec package of that protocol finds them (s3fs, gcsfs, ...).
+    Nothing under the store is ever modified through it. `close()` releases a pack's file handle.
+    """
+    label = _store_label(path)
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    group, owned = _open_group(path, label)
+    try:
+        store = FeatureStore(group, label)
+    except BaseException:
+        _close_store(owned)
+        raise
+    store._owned_store = owned
+    if owned is not None:
+        store._reopen = lambda: _open_group(path, label)
+    return store

@@ -1,0 +1,204 @@
+"""Writer locks: <store>/.locks/<name>.lock holding {pid, host, started, pid_start}.
+
+One lock for the whole store or one per shard, a create lock that serialises creation, pid
+liveness (`pid_alive`), and the takeover of a stale lock whose holder is provably dead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from w2vcache.errors import W2VCacheError
+
+LOCK_DIR = ".locks"
+ALL_LOCK = "all"
+CREATE_LOCK = "create"
+CREATE_WAIT_S = 600  # how long a creator waits for another live creator before giving up
+BREAKER_STALE_S = 30  # a stale-lock breaker older than this was killed mid-way (it takes ms)
+
+
+def _pid_start(pid: int) -> str | None:
+    """The kernel's start time of a process (Linux), to tell a reused pid from the lock's owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else fields[19]  # a zombie has finished: not alive
+
+
+def pid_alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would signal the process on Windows; assume it lives
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if Path("/proc").is_dir():
+        return _pid_start(pid) is not None
+    return True
+
+
+def _holder_alive(holder: dict) -> bool:
+    """False only when the holder is provably dead: same host, and its pid gone or reused."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return False
+    started = holder.get("pid_start")
+    return started is None or started == _pid_start(pid)
+
+
+def _shard_of_lock(name: str) -> tuple[int, int] | None:
+    """ "shard-i-of-n" -> (i, n); None for any other name."""
+    match = re.fullmatch(r"shard-(\d+)-of-(\d+)", name)
+    return (int(match[1]), int(match[2])) if match and int(match[2]) > 0 else None
+
+
+def _locks_conflict(a: str, b: str) -> bool:
+    """Whether two writer locks may own a common block (other lock names never conflict)."""
+    if a == ALL_LOCK or b == ALL_LOCK:
+        return all(name == ALL_LOCK or _shard_of_lock(name) for name in (a, b))
+    shard_a, shard_b = _shard_of_lock(a), _shard_of_lock(b)
+    if shard_a is None or shard_b is None:
+        return False
+    (i, n), (j, m) = shard_a, shard_b
+    # blocks b with b % n == i and b % m == j exist iff i == j (mod gcd(n, m))
+    return (i - j) % math.gcd(n, m) == 0
+
+
+def _lock_name(shard: tuple[int, int] | None) -> str:
+    return ALL_LOCK if shard is None else f"shard-{shard[0]}-of-{shard[1]}"
+
+
+class _Lock:
+    """One held lock file; `release` removes it only if it is still ours."""
+
+    def __init__(self, path: Path, content: bytes):
+        self.path, self.content = path, content
+
+    def release(self) -> None:
+        try:
+            if self.path.read_bytes() == self.content:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        try:
+            self.path.parent.rmdir()  # leave no .locks behind once nobody writes
+        except OSError:
+            pass
+
+
+def _read_holder(path: Path) -> tuple[bytes, dict] | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(raw)
+    except ValueError:
+        holder = {}
+    return raw, holder if isinstance(holder, dict) else {}
+
+
+def _busy_message(label: str, holder: dict, lock_path: Path) -> str:
+    return (f"store {label} is being written by pid {holder.get('pid')} on host "
+            f"{holder.get('host')} since {holder.get('started')} (lock {lock_path.name}); wait "
+            f"for it to finish, or if that process is dead on another host delete {lock_path}")
+
+
+def _break_stale(lock_path: Path, seen: bytes) -> None:
+    """Remove a stale lock, unless someone replaced it since we read it.
+
+    A second O_EXCL file serialises breakers, so two processes that both saw the same stale lock
+    cannot remove each other's fresh lock.
+    """
+    breaker = lock_path.with_name(lock_path.name + ".breaking")
+    try:
+        fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            if time.time() - breaker.stat().st_mtime > BREAKER_STALE_S:
+                breaker.unlink()
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+        return
+    try:
+        current = _read_holder(lock_path)
+        if current is not None and current[0] == seen:
+            lock_path.unlink()
+    finally:
+        os.close(fd)
+        breaker.unlink(missing_ok=True)
+
+
+def _try_lock(root: Path, name: str, label: str) -> _Lock | dict:
+    """Take lock `name` (taking over a stale one); return it, or the live holder's record."""
+    lock_dir = root / LOCK_DIR
+    lock_path = lock_dir / f"{name}.lock"
+    while True:
+        content = json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "pid_start": _pid_start(os.getpid()), "lock": name,
+        }).encode()
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        # Write the record first, then link it into place: the link is atomic and fails if the lock
+        # exists, so nobody ever reads a half-written lock.
+        tmp = lock_dir / f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        try:
+            tmp.write_bytes(content)
+            os.link(tmp, lock_path)
+            return _Lock(lock_path, content)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            continue  # a releaser removed the empty .locks directory under us
+        finally:
+            tmp.unlink(missing_ok=True)
+        found = _read_holder(lock_path)
+        if found is None:
+            continue
+        raw, holder = found
+        if _holder_alive(holder):
+            return holder
+        _break_stale(lock_path, raw)
+
+
+def _acquire_writer_lock(root: Path, shard: tuple[int, int] | None, label: str) -> _Lock:
+    name = _lock_name(shard)
+    got = _try_lock(root, name, label)
+    if isinstance(got, dict):
+        raise W2VCacheError(_busy_message(label, got, root / LOCK_DIR / f"{name}.lock"))
+    for other in sorted((root / LOCK_DIR).glob("*.lock")):
+        other_name = other.name[: -len(".lock")]
+        if other_name in (name, CREATE_LOCK) or not _locks_conflict(name, other_name):
+            continue
+        found = _read_holder(other)
+        if found is not None and _holder_alive(found[1]):
+            got.release()
+            raise W2VCacheError(_busy_message(label, found[1], other))
+    return got
+
+
+def _acquire_create_lock(root: Path, label: str) -> _Lock:
+    deadline = time.monotonic() + CREATE_WAIT_S
+    while True:
+        got = _try_lock(root, CREATE_LOCK, label)
+        if isinstance(got, _Lock):
+            return got
+        if time.monotonic() > deadline:
+            raise W2VCacheError(_busy_message(label, got, root / LOCK_DIR / f"{CREATE_LOCK}.lock"))
+        time.sleep(0.1)

@@ -1,0 +1,285 @@
+"""verify and info: read every chunk of a store back and check its layout; summarise a store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore, ZipStore
+
+from w2vcache.errors import W2VCacheError
+
+from .featurestore import FeatureStore, open_store
+from .layout import INDEX_ARRAYS
+from .location import _store_label
+
+HTTP_PROTOCOLS = ("http", "https")  # read-only, and no listing: bytes on disk are unknown there
+EXISTS_CONCURRENCY = 10  # chunk-existence checks in flight at once (as zarr's async.concurrency)
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    problems: list[str] = field(default_factory=list)  # each names split/array and chunk at fault
+    chunks_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: Any) -> VerifyReport:
+    """Read every chunk of every array (zarr checks each chunk's crc32c) and check the layout."""
+    report = VerifyReport(path=_store_label(path))
+    try:
+        store = open_store(path)
+    except W2VCacheError as e:
+        report.problems.append(str(e))
+        return report
+    try:
+        for split in store.splits:
+            _verify_split(store, split, report)
+    finally:
+        store.close()
+    return report
+
+
+def _verify_split(store: FeatureStore, split: str, report: VerifyReport) -> None:
+    problems = report.problems
+    try:
+        group = store._group(split)
+    except Exception as e:
+        problems.append(f"{split}: split group is missing or unreadable ({e})")
+        return
+    values = {}
+    for name in INDEX_ARRAYS:
+        array = _member(group, split, name, problems)
+        if array is None:
+            continue
+        values[name] = _read_chunkwise(array, f"{split}/{name}", report)
+    if any(v is None for v in values.values()) or len(values) < len(INDEX_ARRAYS):
+        return  # the layout cannot be checked on unreadable index arrays
+    ids, texts, paths = (values[k].tolist() for k in ("ids", "texts", "paths"))
+    lengths, offsets, blocks, done = (values[k] for k in ("lengths", "offsets", "blocks", "done"))
+    attrs = group.attrs.asdict()
+    chunk_frames = attrs.get("chunk_frames")
+    n = len(ids)
+    layout = []
+    if not (len(texts) == len(paths) == len(lengths) == n and offsets.shape == (n + 1,)):
+        layout.append(f"{split}: array lengths disagree: ids {n}, texts {len(texts)}, paths "
+                      f"{len(paths)}, lengths {len(lengths)}, offsets {len(offsets)} (want n+1)")
+    if len(set(ids)) != n:
+        layout.append(f"{split}/ids: {n - len(set(ids))} duplicate ids")
+    if attrs.get("n_utterances") != n:
+        layout.append(f"{split}: attribute n_utterances {attrs.get('n_utterances')} but {n} ids")
+    if layout:
+        problems += layout
+        return
+    if (lengths < 1).any():
+        problems.append(f"{split}/lengths: {int((lengths < 1).sum())} utterances with no frames")
+    if attrs.get("n_frames") != int(lengths.sum()):
+        problems.append(f"{split}: attribute n_frames {attrs.get('n_frames')} but lengths sum "
+                        f"to {int(lengths.sum())}")
+    expect_blocks = blocks.ndim == 2 and len(blocks) and blocks[0, 0] == 0 and blocks[-1, 1] == n \
+        and (blocks[1:, 0] == blocks[:-1, 1]).all() and (blocks[:, 1] > blocks[:, 0]).all()
+    if not expect_blocks:
+        problems.append(f"{split}/blocks: blocks do not cover utterances 0..{n} in order")
+        return
+    if done.shape != (len(blocks),):
+        problems.append(f"{split}/done: shape {done.shape}, want ({len(blocks)},)")
+        return
+    if not isinstance(chunk_frames, int) or chunk_frames < 1:
+        problems.append(f"{split}: attribute chunk_frames {chunk_frames!r} is not a positive integer")
+        return
+    if offsets[0] != 0:
+        problems.append(f"{split}/offsets: starts at {offsets[0]}, not 0")
+    for b, (start, stop) in enumerate(blocks):
+        if (offsets[start + 1: stop] != offsets[start: stop - 1] + lengths[start: stop - 1]).any():
+            problems.append(f"{split}/offsets: utterances of block {b} do not lie end to end")
+        end = int(offsets[stop - 1] + lengths[stop - 1])
+        if offsets[stop] != -(-end // chunk_frames) * chunk_frames:
+            problems.append(f"{split}/offsets: block {b} ends at frame {end}, the next starts at "
+                            f"{offsets[stop]}, not at the next chunk boundary ({chunk_frames} frames)")
+    order = sorted(range(n), key=lambda i: (lengths[i], ids[i]))
+    if order != list(range(n)):
+        problems.append(f"{split}: utterances are not in store order (by length, then id)")
+    if not np.isin(done, (0, 1)).all():
+        problems.append(f"{split}/done: values other than 0 and 1")
+    pending = int((done == 0).sum())
+    if pending:
+        sizes = blocks[:, 1] - blocks[:, 0]
+        problems.append(f"{split}: incomplete: {pending} of {len(blocks)} blocks "
+                        f"({int(sizes[done == 0].sum())} of {n} utterances) not extracted yet; "
+                        f"re-running extract resumes it")
+    n_rows = int(offsets[-1])
+    for layer, dim in store.layers.items():
+        array = _member(group, split, layer, problems)
+        if array is None:
+            continue
+        if array.shape != (n_rows, dim) or str(array.dtype) != store.dtype or array.chunks != (chunk_frames, dim):
+            problems.append(f"{split}/{layer}: shape {array.shape} dtype {array.dtype} chunks "
+                            f"{array.chunks}, want ({n_rows}, {dim}) {store.dtype} ({chunk_frames}, {dim})")
+            continue
+        for b, (start, stop) in enumerate(blocks):
+            if done[b]:
+                first = int(offsets[start]) // chunk_frames
+                last = -(-int(offsets[start] + lengths[start:stop].sum()) // chunk_frames)
+                _verify_chunks(array, f"{split}/{layer}", first, last, report)
+
+
+def _member(group: zarr.Group, split: str, name: str, problems: list[str]) -> zarr.Array | None:
+    try:
+        return group[name]
+    except KeyError:
+        problems.append(f"{split}/{name}: array is missing")
+    except Exception as e:  # unreadable metadata
+        problems.append(f"{split}/{name}: array metadata is unreadable ({e})")
+    return None
+
+
+def _read_chunkwise(array: zarr.Array, name: str, report: VerifyReport) -> np.ndarray | None:
+    """The whole array, reporting each chunk that fails; None if any did."""
+    n_chunks = array.nchunks if array.ndim else 1
+    report.chunks_checked += n_chunks
+    try:
+        return array[...]
+    except Exception:
+        pass
+    step = array.chunks[0]
+    for c in range(-(-array.shape[0] // step)):
+        try:
+            array[c * step: (c + 1) * step]
+        except Exception as e:
+            report.problems.append(f"{name} chunk {c}: checksum mismatch or unreadable ({e})")
+    return None
+
+
+def _verify_chunks(array: zarr.Array, name: str, first: int, last: int, report: VerifyReport) -> None:
+    """Chunks first..last-1 (along frames) must exist and decode."""
+    step = array.chunks[0]
+    keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, 0))}" for c in range(first, last)]
+    for c, exists in zip(range(first, last), _keys_exist(array.store_path.store, keys)):
+        if not exists:
+            report.problems.append(f"{name} chunk {c}: missing (its block is marked done)")
+    report.chunks_checked += last - first
+    try:
+        array[first * step: last * step]
+        return
+    except Exception:
+        pass
+    for c in range(first, last):
+        try:
+            array[c * step: (c + 1) * step]
+        except Exception as e:
+            report.problems.append(f"{name} chunk {c}: checksum mismatch or unreadable ({e})")
+
+
+def _keys_exist(store: Any, keys: list[str]) -> list[bool]:
+    """store.exists for each key, many at once: one request per key on a remote store."""
+    async def check_all() -> list[bool]:
+        limit = asyncio.Semaphore(EXISTS_CONCURRENCY)
+
+        async def check(key: str) -> bool:
+            async with limit:
+                return await store.exists(key)
+
+        return await asyncio.gather(*(check(key) for key in keys))
+
+    return sync(check_all())
+
+
+def _key_sizes(store: Any) -> dict[str, int] | None:
+    """{key: bytes} of every key under the store, listed once; None where it cannot be listed.
+
+    Plain http(s) has no listing (a server's HTML index is not one to rely on): None there.
+    """
+    if isinstance(store, LocalStore):
+        root = Path(store.root)
+        return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    if isinstance(store, ZipStore):
+        if not store._is_open:
+            store._sync_open()
+        return {i.filename: i.compress_size for i in store._zf.infolist() if not i.is_dir()}
+    if isinstance(store, FsspecStore):
+        protocols = store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
+        if set(protocols) & set(HTTP_PROTOCOLS):
+            return None
+        found = sync(store.fs._find(store.path, withdirs=False, detail=True))
+        prefix = store.path.rstrip("/") + "/" if store.path.strip("/") else ""
+        return {path.removeprefix(prefix): int(entry.get("size") or 0) for path, entry in found.items()}
+
+    async def list_sizes() -> dict[str, int]:
+        return {key: await store.getsize(key) async for key in store.list()}
+
+    return sync(list_sizes())
+
+
+def _bytes_on_disk(store: FeatureStore) -> dict:
+    """Stored bytes per layer (all splits) and in total; None for each where they are unknown."""
+    zarr_store, root = store._root.store_path.store, store._root.store_path.path
+    try:
+        sizes = _key_sizes(zarr_store)
+    except (NotImplementedError, OSError, TypeError, ValueError):
+        sizes = None
+    if sizes is None:
+        return {"layers": dict.fromkeys(store.layers), "total": None}
+    prefix = f"{root}/" if root else ""
+    sizes = {k.removeprefix(prefix): n for k, n in sizes.items() if k.startswith(prefix)}
+    layers = dict.fromkeys(store.layers, 0)
+    for key, n in sizes.items():
+        split, _, rest = key.partition("/")
+        layer = rest.partition("/")[0]
+        if split in store.splits and layer in layers:  # <split>/<layer>/zarr.json and its chunks
+            layers[layer] += n
+    total = sum(sizes.values())
+    if isinstance(zarr_store, ZipStore):
+        total = os.path.getsize(zarr_store.path)  # the pack file itself, headers included
+    return {"layers": layers, "total": total}
+
+
+def info(path: Any) -> dict:
+    """A JSON-safe summary: splits, sizes, completeness, layers, bytes on disk, provenance.
+
+    Bytes on disk are None (unknown) where the store cannot be listed: plain http(s).
+    """
+    store = open_store(path)
+    try:
+        return _info(store)
+    finally:
+        store.close()
+
+
+def _info(store: FeatureStore) -> dict:
+    splits = {}
+    for split in store.splits:
+        attrs = store.split_attrs(split)
+        status = store.status(split)
+        splits[split] = {
+            "utterances": status.n_utterances,
+            "frames": attrs.get("n_frames"),
+            "hours": attrs.get("hours"),
+            "complete": status.complete,
+            "blocks": status.n_blocks,
+            "blocks_done": status.blocks_done,
+            "utterances_done": status.utterances_done,
+            "source": attrs.get("source"),
+            "skipped": attrs.get("skipped", []),
+            "chunk_frames": attrs.get("chunk_frames"),
+        }
+    meta = store._meta
+    return {
+        "path": store.path,
+        "format_version": meta["format_version"],
+        "layers": store.layers,
+        "dtype": store.dtype,
+        "compression": meta.get("compression"),
+        "splits": splits,
+        "bytes": _bytes_on_disk(store),
+        "provenance": store.provenance,
+    }
