@@ -1,3 +1,7 @@
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,27 @@ def write_wave(path, seconds=0.5, rate=16000, channels=1, seed=0, subtype="PCM_1
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), x.astype(np.float32), rate, subtype=subtype)
     return path
+
+
+def run_killed_after_first_checkpoint(args: list[str]) -> None:
+    """Run `w2vcache ARGS` in a child process that SIGKILLs itself right after it has saved its first
+    epoch's checkpoint.pt (best.pt is saved just before it): a kill at a fixed point, however fast
+    or loaded the machine."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        import w2vcache.train
+        from w2vcache.cli import main
+        save = w2vcache.train._save
+        def dying_save(obj, path):
+            save(obj, path)
+            if path.name == "checkpoint.pt":
+                os.kill(os.getpid(), signal.SIGKILL)
+        w2vcache.train._save = dying_save
+        main({[str(a) for a in args]!r}, standalone_mode=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err
 
 
 def make_librispeech_split(root, chapters, seconds=0.5):

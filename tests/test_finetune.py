@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import run_killed_after_first_checkpoint
 from w2vcache.audio import audio_info
 from w2vcache.backbone import reinit_layers
 from w2vcache.checkpoints import load_backbone
@@ -134,29 +135,12 @@ def test_killed_finetune_resumes_to_the_same_result(tmp_path, tiny):
     """SIGKILL right after the first epoch's checkpoint is saved, re-run: it resumes from there (the
     first epoch is not trained again) to the same weights and WER as an uninterrupted run, with
     dropout and time masking on (their random draws are restored from the checkpoint)."""
-    import signal
-    import textwrap
-
     args = ["finetune", *tiny, "--test-splits", "test-clean", "--epochs", "3", "--freeze-epochs", "1",
             "--lr", "2e-3", "--batch-seconds", "7", "--num-workers", "0", "--mask-time-prob", "0.2"]
     whole = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
     run = tmp_path / "killed" / "finetune" / "reinit-none" / "seed0"
-    script = textwrap.dedent(f"""
-        import os, signal
-        import w2vcache.train
-        from w2vcache.cli import main
-        save = w2vcache.train._save
-        def dying_save(obj, path):
-            save(obj, path)
-            if path.name == "checkpoint.pt":  # the first epoch's; best.pt is saved before it
-                os.kill(os.getpid(), signal.SIGKILL)
-        w2vcache.train._save = dying_save
-        main({[*args, "--out", str(tmp_path / "killed")]!r}, standalone_mode=False)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, err
+    run_killed_after_first_checkpoint([*args, "--out", str(tmp_path / "killed")])
     assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
     first_epoch = (run / "metrics.jsonl").read_text()
     assert [json.loads(line)["epoch"] for line in first_epoch.splitlines()] == [1]

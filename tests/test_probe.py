@@ -3,10 +3,6 @@ the sweep, and every refusal."""
 
 import json
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 
 import jiwer
 import pytest
@@ -14,6 +10,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
+from conftest import run_killed_after_first_checkpoint
 from w2vcache.cli import main
 from w2vcache.corpus import build_corpus
 from w2vcache.errors import W2VCacheError
@@ -148,21 +145,7 @@ def test_killed_run_resumes_to_the_same_result(store, tmp_path):
     assert whole.exit_code == 0, whole.output
     killed = tmp_path / "killed"
     metrics = killed / "probe" / "layer01" / "seed0" / "metrics.jsonl"
-    script = textwrap.dedent(f"""
-        import os, signal
-        import w2vcache.train
-        from w2vcache.cli import main
-        save = w2vcache.train._save
-        def dying_save(obj, path):
-            save(obj, path)
-            if path.name == "checkpoint.pt":  # the first epoch's; best.pt is saved before it
-                os.kill(os.getpid(), signal.SIGKILL)
-        w2vcache.train._save = dying_save
-        main({[*args, "--out", str(killed)]!r}, standalone_mode=False)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, err
+    run_killed_after_first_checkpoint([*args, "--out", str(killed)])
     assert torch.load(metrics.parent / "checkpoint.pt", weights_only=False)["epoch"] == 1
     first_epoch = metrics.read_text()
     assert [json.loads(line)["epoch"] for line in first_epoch.splitlines()] == [1]
