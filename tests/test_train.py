@@ -90,3 +90,27 @@ def test_gradient_accumulation_averages_over_the_batches_of_each_update(tmp_path
     record = RunRecord(kind="probe", experiment="layer00", layer=0, reinit=[], seed=0, model={}, data={}, device="cpu")
     train(task, TrainConfig(epochs=1, grad_accum=accum, test_splits=()), tmp_path, record, progress=False)
     assert seen == pytest.approx(expected)
+
+
+class _RunsCode:
+    def __reduce__(self):  # unpickling this would call os.system
+        return (__import__("os").system, ("echo pickled code ran",))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path):
+    from w2vcache.errors import W2VCacheError
+    from w2vcache.runs import CHECKPOINT, CONFIG, RunRecord
+    from w2vcache.train import train
+
+    record = RunRecord(kind="probe", experiment="layer00", layer=0, reinit=[], seed=0, model={}, data={}, device="cpu")
+    task, config = OneWeight(2), TrainConfig(epochs=2, test_splits=())
+    train(task, config, tmp_path, record, progress=False)  # a real run directory
+    (tmp_path / "result.json").unlink()
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    state["epoch"] = 1
+    state["extra"] = _RunsCode()  # what a stranger's run directory could hold
+    torch.save(state, tmp_path / CHECKPOINT)
+    assert (tmp_path / CONFIG).exists()
+    with pytest.raises(W2VCacheError, match=r"checkpoint\.pt: holds more than tensors and numbers \(a pickled "
+                                            r"(posix|os|nt)\.system\).*refused"):
+        train(OneWeight(2), config, tmp_path, record, progress=False)

@@ -8,7 +8,9 @@ the run directory of docs/RUNS.md.
 
 import json
 import math
+import pickle
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,6 +110,20 @@ def _save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as data only: tensors, numbers, strings, lists and dicts, which is all w2vcache
+    saves. Run directories get shared, and unpickling anything else could run code on load."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the global it refused
+        raise W2VCacheError(
+            f"{path}: holds more than tensors and numbers (a pickled {found[1] if found else 'object'}); "
+            "w2vcache never writes such a file, and loading it could run code, so it is refused. "
+            "Delete the run directory to train the run afresh"
+        ) from None
+
+
 def _read_metrics(run_dir: Path, upto_epoch: int) -> list[dict]:
     path = run_dir / METRICS
     if not path.exists():
@@ -175,7 +191,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
     selected = f"dev_{config.select_by}"
     first_epoch, best = 0, {"epoch": None, selected: math.inf}
     if (run_dir / CHECKPOINT).exists():
-        state = torch.load(run_dir / CHECKPOINT, weights_only=False, map_location="cpu")
+        state = load_checkpoint(run_dir / CHECKPOINT)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -254,7 +270,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
             dist.barrier()  # the other ranks may read best.pt / checkpoint.pt next
 
     eval_started = time.perf_counter()
-    model.load_state_dict(torch.load(run_dir / BEST, weights_only=True, map_location="cpu"))
+    model.load_state_dict(load_checkpoint(run_dir / BEST))
     result = dict(
         run_record.identity(),
         status="finished",
