@@ -67,7 +67,8 @@ def main():
     task = FinetuneTask(backbone, build_corpus(), config, TrainConfig(dev_split="dev"), device=args.device)
     task.start_epoch(config.freeze_epochs)
     task.model.train()
-    utterances, frames, batches = task.splits["train"]
+    split = task.splits["train"]
+    utterances, frames, batches = split.utterances, split.frames, split.batches
     members = max(batches, key=lambda b: sum(len(utterances[i].text) for i in b))  # most speech
     batch = AudioBatches(utterances, frames, [members], 0, 1)[0]
     waves, texts = batch.waves, batch.texts

@@ -75,7 +75,8 @@ def finetune_step(model: str, batch_seconds: float, requested):
     config = FinetuneConfig(batch_seconds=batch_seconds, num_workers=0)
     task = FinetuneTask(backbone, build_corpus(), config, TrainConfig(test_splits=()))
     task.start_epoch(config.freeze_epochs)  # unfrozen, as after the head-only epochs
-    utterances, frames, batches = task.splits["train"]
+    split = task.splits["train"]
+    utterances, frames, batches = split.utterances, split.frames, split.batches
     batch = AudioBatches(utterances, frames, [batches[len(batches) // 2]], 0, 1)[0]
     optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-4)
 

@@ -16,7 +16,7 @@ from .corpus import build_corpus
 from .extract import ExtractConfig, extract
 from .finetune import FinetuneConfig, finetune
 from .probe import ProbeConfig, probe
-from .report import summarize, write_report
+from .report import best_probe, summarize, write_report
 from .runs import find_runs
 from .train import TrainConfig
 
@@ -106,16 +106,11 @@ def reached(runs) -> dict:
         return ", ".join(f"{split} CER {100 * row.cer[split].mean:.1f} % / WER {100 * row.wer[split].mean:.1f} %"
                          for split in row.cer)
 
-    probes = [r for r in rows if r.kind == "probe" and "dev" in r.cer]
-    best = min(probes, key=lambda r: r.cer["dev"].mean) if probes else None
-    lines = []
-    if best is not None:
-        lines.append(f"reached: best probe layer {best.label} (chosen on dev): {rates(best)}")
-    for row in rows:
-        if row.kind == "finetune":
-            lines.append(f"reached: fine-tune re-init {row.label}: {rates(row)}")
+    best, on = best_probe(rows, "cer") or (None, None)
+    lines = [f"reached: best probe layer {best.label} (chosen on {on}): {rates(best)}"] if best else []
+    lines += [f"reached: fine-tune re-init {row.label}: {rates(row)}" for row in rows if row.kind == "finetune"]
     return {"best_probe_layer": best.label if best else None,
-            "best_probe_dev_cer": best.cer["dev"].mean if best else None, "lines": lines}
+            "best_probe_dev_cer": best.cer[on].mean if best else None, "lines": lines}
 
 
 def _can_plot() -> bool:

@@ -96,6 +96,15 @@ class AudioBatch:
     frames: int  # W2V frames of this share (progress and metrics)
 
 
+@dataclass
+class SplitBatches:
+    """One split as fine-tuning reads it: utterances sorted by length, their W2V frames, batches."""
+
+    utterances: list
+    frames: list[int]
+    batches: list[list[int]]  # indices into utterances, at most batch_seconds of padded audio each
+
+
 class AudioBatches(torch.utils.data.Dataset):
     """Batch i: this rank's share of the utterances of global batch i, as loaded audio."""
 
@@ -142,7 +151,7 @@ class FinetuneTask:
             utterances = sorted(corpus.splits[split], key=lambda u: (num_samples[u.id], u.id))
             samples = [num_samples[u.id] for u in utterances]
             batches = [list(range(b.start, b.stop)) for b in length_batches(samples, int(config.batch_seconds * SAMPLE_RATE))]
-            self.splits[split] = (utterances, [backbone.num_frames(n) for n in samples], batches)
+            self.splits[split] = SplitBatches(utterances, [backbone.num_frames(n) for n in samples], batches)
         self.train_split = train_split
         self.frozen = None
 
@@ -171,20 +180,20 @@ class FinetuneTask:
     # -- batches ---------------------------------------------------------------------------------
 
     def _loader(self, split: str, batches: list[list[int]], rank: int, world: int):
-        utterances, frames, _ = self.splits[split]
-        dataset = AudioBatches(utterances, frames, batches, rank, world, self.model.backbone_ref.receptive_field)
+        dataset = AudioBatches(self.splits[split].utterances, self.splits[split].frames, batches, rank, world,
+                               self.model.backbone_ref.receptive_field)
         return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_collate,
                                            num_workers=self.config.num_workers,
                                            prefetch_factor=2 if self.config.num_workers else None)
 
     def train_batches(self, epoch: int):
-        order = list(self.splits[self.train_split][2])
+        order = list(self.splits[self.train_split].batches)
         random.Random(self.seed * 100_003 + epoch).shuffle(order)  # identical on every rank and on resume
         return self._loader(self.train_split, order, self.rank, self.world)
 
     def eval_batches(self, split: str):
         # Every rank evaluates the whole split (simple and exact; only rank 0 writes the result).
-        return self._loader(split, self.splits[split][2], rank=0, world=1)
+        return self._loader(split, self.splits[split].batches, rank=0, world=1)
 
     # -- loss and decoding -------------------------------------------------------------------------
 

@@ -225,14 +225,15 @@ def not_included(runs: list[Run]) -> list[Run]:
     return sorted((r for r in runs if r.status != "finished"), key=lambda r: (r.key, r.seed, r.name))
 
 
-def best_probe(rows: list[Row]) -> tuple[Row, str] | None:
-    """The probe row with the lowest mean WER on dev (test-clean where no probe reports dev)."""
+def best_probe(rows: list[Row], measure: str = "wer") -> tuple[Row, str] | None:
+    """The probe row with the lowest mean WER (or CER) on dev (test-clean where no probe reports dev)."""
     probes = [r for r in rows if r.kind == "probe"]
-    names = split_order(s for r in probes for s in r.wer)
+    stats = {id(r): getattr(r, measure) for r in probes}
+    names = split_order(s for r in probes for s in stats[id(r)])
     for split in ("dev", *(s for s in names if s.startswith("dev")), "test-clean", *names):
-        scored = [r for r in probes if split in r.wer]
+        scored = [r for r in probes if split in stats[id(r)]]
         if scored:
-            return min(scored, key=lambda r: (r.wer[split].mean, r.key)), split
+            return min(scored, key=lambda r: (stats[id(r)][split].mean, r.key)), split
     return None
 
 
