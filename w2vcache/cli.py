@@ -65,6 +65,16 @@ def corpus_options(command):
     return command
 
 
+def read_corpus(librispeech, librilight, splits):
+    """The corpus the options name; how its splits were assembled is said on stderr, one line each."""
+    from .corpus import build_corpus
+
+    corpus = build_corpus(librispeech, librilight, list(splits))
+    for note in corpus.notes if int(os.environ.get("RANK", "0")) == 0 else ():  # under torchrun, once
+        click.echo(note, err=True)
+    return corpus
+
+
 @main.command("corpus")
 @corpus_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -74,9 +84,9 @@ def corpus_command(librispeech, librilight, splits, as_json):
 
     With no corpus named, the mini corpus bundled in data/.
     """
-    from .corpus import build_corpus, summarize
+    from .corpus import summarize
 
-    rows = summarize(build_corpus(librispeech, librilight, list(splits)))
+    rows = summarize(read_corpus(librispeech, librilight, splits))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -112,11 +122,9 @@ def corpus_command(librispeech, librilight, splits, as_json):
 @user_errors
 def extract_command(librispeech, librilight, splits, **options):
     """Extract every layer of a frozen W2V into a feature store (resumable: re-run to finish)."""
-    from .corpus import build_corpus
     from .extract import ExtractConfig, extract
 
-    corpus = build_corpus(librispeech, librilight, list(splits))
-    result = extract(corpus, ExtractConfig(**options))
+    result = extract(read_corpus(librispeech, librilight, splits), ExtractConfig(**options))
     click.echo(
         f"{result.store}: wrote {result.blocks_written} block(s), {result.utterances_written} utterances, "
         f"{result.audio_seconds / 3600:.3f} h of audio in {result.seconds:.1f} s ({result.speed:.1f}x real time)"
@@ -178,7 +186,8 @@ def training_options(command):
         from .train import TrainConfig
 
         config = TrainConfig(epochs=epochs, lr=lr, warmup_epochs=warmup_epochs, decay_from_epoch=decay_from_epoch,
-                             dev_split=dev_split, test_splits=tuple(s for s in test_splits.split(",") if s),
+                             dev_split=dev_split,
+                             test_splits=None if test_splits is None else tuple(s for s in test_splits.split(",") if s),
                              select_by=select_by)
         return command(*args, train_config=config, **kwargs)
 
@@ -192,8 +201,9 @@ def training_options(command):
                      "[default: half the epochs]"),
         click.option("--train-split", default="train", show_default=True),
         click.option("--dev-split", default="dev", show_default=True),
-        click.option("--test-splits", default="test-clean,test-other", show_default=True,
-                     help="Comma-separated; each is tested with the best-dev weights."),
+        click.option("--test-splits",
+                     help="Comma-separated; each is tested with the best-dev weights.  "
+                     "[default: test-clean,test-other, those of them the store or corpus has]"),
         click.option("--select-by", type=click.Choice(["wer", "cer"]), default="wer", show_default=True,
                      help="The dev error rate that picks the best epoch."),
     ]
@@ -263,12 +273,11 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, tra
                      freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length, final_dropout,
                      batch_seconds, grad_accum, num_workers, precision, device, revision, threads, out):
     """Fine-tune W2V with a CTC head, top blocks re-initialised first (torchrun for several GPUs)."""
-    from .corpus import build_corpus
     from .finetune import FinetuneConfig, finetune, parse_reinit
     from .probe import parse_seeds
 
     result = finetune(
-        build_corpus(librispeech, librilight, list(splits)), model,
+        read_corpus(librispeech, librilight, splits), model,
         [parse_reinit(r) for r in reinits], parse_seeds(seeds), out,
         FinetuneConfig(freeze_epochs=freeze_epochs, train_feature_encoder=train_feature_encoder,
                        final_dropout=final_dropout, mask_time_prob=mask_time_prob, mask_time_length=mask_time_length,

@@ -6,7 +6,8 @@ and `build_corpus`, which assembles named splits from them the way the command l
 
 - nothing named: the mini corpus in `data/` (train, dev, test-clean, test-other);
 - `--librispeech DIR --librilight DIR`: the standard recipe (train = Libri-light 10 h,
-  dev = dev-clean + dev-other, test-clean, test-other);
+  dev = dev-clean + dev-other, test-clean, test-other), as far as the folders given reach: a tree
+  with only some splits gives the splits it has, and `Corpus.notes` says what is missing;
 - `--split NAME=SOURCE[,SOURCE...]`: exactly the splits named, a source being a directory,
   a manifest file, a LibriSpeech split name (`dev-clean`) or a Libri-light set (`librilight-1h`).
 """
@@ -14,7 +15,7 @@ and `build_corpus`, which assembles named splits from them the way the command l
 import csv
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .audio import audio_info
@@ -62,6 +63,7 @@ class Utterance:
 class Corpus:
     splits: dict[str, list[Utterance]]
     sources: dict[str, list[str]]  # split -> the sources it was read from, for provenance
+    notes: list[str] = field(default_factory=list)  # what a person should know about how it was assembled
 
     def __iter__(self):
         for utterances in self.splits.values():
@@ -245,6 +247,54 @@ def parse_split_spec(spec: str) -> tuple[str, list[str]]:
     return name.strip(), sources
 
 
+def librispeech_folders(root) -> dict[str, str]:
+    """LibriSpeech split folders under `root` (or `root/LibriSpeech`): folder name -> the recipe's
+    name for it, so that Mini LibriSpeech's `dev-clean-2` stands in for `dev-clean`."""
+    root = Path(root)
+    found = {}
+    for parent in (root, root / "LibriSpeech"):
+        if parent.is_dir():
+            for folder in sorted(parent.iterdir()):
+                match = _SPLIT_DIR.fullmatch(folder.name)
+                if folder.is_dir() and match:
+                    found.setdefault(folder.name, f"{match[1]}-{match[2]}")
+    return found
+
+
+def recipe_plan(librispeech=None, librilight=None) -> tuple[dict[str, list[str]], str]:
+    """The standard recipe's splits from the folders that are there, and one line saying how they
+    map and which of the recipe's are missing. Without Libri-light, LibriSpeech's own train
+    folders (train-clean-100, Mini LibriSpeech's train-clean-5, ...) make the train split."""
+    folders = librispeech_folders(librispeech) if librispeech is not None else {}
+    plan, missing = {}, []
+    if librilight is not None:
+        plan["train"] = STANDARD_SPLITS["train"]
+    else:
+        train = [f for f, kind in folders.items() if kind.startswith("train-")]
+        if train:
+            plan["train"] = train
+        missing.append("Libri-light's 10 h train set (--librilight DIR)")
+    for name in ("dev", "test-clean", "test-other"):
+        sources = []
+        for kind in STANDARD_SPLITS[name]:
+            found = [f for f, k in folders.items() if k == kind]
+            sources += found
+            if not found and librispeech is not None:
+                missing.append(kind)
+        if sources:
+            plan[name] = sources
+    if librispeech is None:
+        missing.append("LibriSpeech's dev and test splits (--librispeech DIR)")
+    if not plan:
+        raise W2VCacheError(
+            f"{librispeech}: none of the recipe's LibriSpeech splits is there (it has: "
+            f"{', '.join(sorted(p.name for p in Path(librispeech).iterdir() if p.is_dir())) or 'no folders'}); "
+            "name the splits with --split NAME=SOURCE"
+        )
+    mapping = "; ".join(f"{name} = {' + '.join(sources)}" for name, sources in plan.items())
+    return plan, f"splits: {mapping}" + (f" (not there: {', '.join(missing)})" if missing else "")
+
+
 def build_corpus(librispeech=None, librilight=None, splits: list[str] = ()) -> Corpus:
     """The corpus the command line describes (see the module docstring)."""
     plan: dict[str, list[str]] = {}
@@ -253,18 +303,14 @@ def build_corpus(librispeech=None, librilight=None, splits: list[str] = ()) -> C
         if name in plan:
             raise W2VCacheError(f"split {name!r} is named twice (--split {name}=...)")
         plan[name] = sources
+    notes = []
     if not plan:
         if librispeech is None and librilight is None:
             plan = MINI_SPLITS
         else:
-            # The standard recipe, as far as the named corpora reach: train needs Libri-light,
-            # dev and test need LibriSpeech.
-            plan = {
-                name: sources
-                for name, sources in STANDARD_SPLITS.items()
-                if (librilight if name == "train" else librispeech) is not None
-            }
-    corpus = Corpus({}, {})
+            plan, note = recipe_plan(librispeech, librilight)
+            notes.append(note)
+    corpus = Corpus({}, {}, notes)
     origin: dict[str, str] = {}
     for name, sources in plan.items():
         utterances = []

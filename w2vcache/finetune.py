@@ -28,7 +28,7 @@ from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
-from .train import TrainConfig, seed_everything, sweep, train
+from .train import TrainConfig, seed_everything, sweep, test_splits_for, train
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -144,6 +144,7 @@ class FinetuneTask:
         self.ddp = None
         self.ctc = nn.CTCLoss(blank=text.BLANK_ID, reduction="none", zero_infinity=True)
         self.splits = {}
+        train_config = test_splits_for(train_config, corpus.splits)
         for split in (train_split, train_config.dev_split, *train_config.test_splits):
             if split not in corpus.splits:
                 raise W2VCacheError(f"the corpus has no split {split!r}; it has {', '.join(corpus.splits)}")
@@ -267,6 +268,7 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
         raise W2VCacheError(f"--device {device}: no CUDA GPU is available here")
     device = init_distributed(device)
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    train_config = test_splits_for(train_config, corpus.splits, "the corpus" if progress and main_rank else None)
 
     def start(blocks: tuple[int, ...], seed: int, directory: Path) -> None:
         tc = TrainConfig(**{**asdict(train_config), "seed": seed})

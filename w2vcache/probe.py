@@ -22,7 +22,7 @@ from .errors import W2VCacheError
 from .layers import choose_layers, layer_index
 from .runs import RunRecord, SweepResult, run_dir
 from .store import open_store
-from .train import TrainConfig, seed_everything, sweep, train
+from .train import TrainConfig, seed_everything, sweep, test_splits_for, train
 
 DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's layer kept in memory; larger ones stream
 # The LSTM computes on every padded frame, so a batch is also cut where padding would pass this share.
@@ -155,6 +155,7 @@ class ProbeTask:
     def __init__(self, store, layer: str, config: ProbeConfig, train_config: TrainConfig, train_split: str = "train",
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu"):
         self.config, self.seed, self.device = config, train_config.seed, torch.device(device)
+        train_config = test_splits_for(train_config, store.splits)
         self.splits = {
             split: SplitFeatures(store, split, layer, memory_budget)
             for split in (train_split, train_config.dev_split, *train_config.test_splits)
@@ -248,6 +249,7 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     store = open_store(store_url)
     check_store(store)
     chosen, seed_list = choose_layers(layers, list(store.layers), "--layer"), parse_seeds(seeds)
+    train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress else None)
 
     def start(layer: str, seed: int, directory: Path) -> None:
         tc = TrainConfig(**{**asdict(train_config), "seed": seed})

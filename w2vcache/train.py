@@ -11,8 +11,9 @@ import math
 import pickle
 import random
 import re
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -41,10 +42,28 @@ class TrainConfig:
     grad_accum: int = 1  # batches per update
     seed: int = 0
     dev_split: str = "dev"
-    test_splits: tuple[str, ...] = ("test-clean", "test-other")
+    # None: those of the recipe's test splits (RECIPE_TEST_SPLITS) that the data has; see test_splits_for.
+    test_splits: tuple[str, ...] | None = None
     # Which dev error rate picks the best epoch. The recipe's is WER; on a few minutes of speech
     # WER stays near 100 % while CER falls, so the demo picks by CER.
     select_by: str = "wer"
+
+
+RECIPE_TEST_SPLITS = ("test-clean", "test-other")
+
+
+def test_splits_for(config: TrainConfig, available, where: str | None = None) -> TrainConfig:
+    """`config` with its test splits decided: when none were named, the recipe's that `available`
+    (the store's or corpus's splits) has. With `where` (what the data is, for a person), says
+    on stderr which are tested when some of the recipe's are missing."""
+    if config.test_splits is not None:
+        return config
+    present = tuple(s for s in RECIPE_TEST_SPLITS if s in available)
+    if where and len(present) < len(RECIPE_TEST_SPLITS):
+        missing = [s for s in RECIPE_TEST_SPLITS if s not in available]
+        print(f"testing on {', '.join(present) or 'no split'}: {where} has no {' or '.join(missing)} "
+              f"(it has {', '.join(available)}; --test-splits names others)", file=sys.stderr)
+    return replace(config, test_splits=present)
 
 
 class Task(Protocol):
@@ -277,7 +296,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         best_epoch=best["epoch"],
         epochs=config.epochs,
     )
-    for split in (config.dev_split, *config.test_splits):
+    for split in (config.dev_split, *(config.test_splits or ())):
         result[split] = evaluate(task, split)
     result["timings"] = {
         "total_s": sum(m["seconds"] for m in _read_metrics(run_dir, config.epochs)) + time.perf_counter() - eval_started,
