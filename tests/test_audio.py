@@ -1,3 +1,7 @@
+import re
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -21,6 +25,18 @@ def test_wrong_rate_names_the_rate_and_the_fix(tmp_path):
     with pytest.raises(AudioError, match=r"narrow\.flac.*8000 Hz.*16000.*sox") as err:
         load_audio(path)
     assert err.value.path == str(path)
+
+
+def test_one_sox_command_fixes_rate_and_channels_at_once(tmp_path):
+    path = write_wave(tmp_path / "both.wav", rate=22050, channels=2)
+    with pytest.raises(AudioError, match=r"22050 Hz and has 2 channels") as err:
+        load_audio(path)
+    command = re.search(r"`(sox [^`]+)`", str(err.value))[1]
+    if shutil.which("sox") is None:
+        pytest.skip("sox is not installed; the command is checked where it is")
+    subprocess.run(command.split(), cwd=tmp_path, check=True)
+    fixed = load_audio(tmp_path / "out.flac")
+    assert len(fixed) == pytest.approx(0.5 * SAMPLE_RATE, abs=2)
 
 
 def test_stereo_is_refused(tmp_path):

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,7 +251,7 @@ def test_bad_audio_stops_with_its_path_or_is_skipped(tmp_path):
     assert "cut.flac" in result.output and "truncated" in result.output and "--skip-bad" in result.output
     result = run_cli(*args, "--skip-bad")
     assert result.exit_code == 0, result.output
-    assert "skipped in dev: cut" in result.output
+    assert "skipped 1 utterance(s) of split dev" in result.output and "\n  cut: truncated" in result.output
     info = run_cli("info", str(store))
     assert "cut.flac" in info.output and "truncated" in info.output
     assert [u.id for u in open_store(store).utterances("dev")] == [p.stem for p in good]
@@ -276,3 +277,48 @@ def test_torchrun_variables_must_be_integers(monkeypatch):
     assert parse_shard(None) == (1, 2)
     with pytest.raises(W2VCacheError, match="--cnn"):
         select_layers("cnn", 4)
+
+
+def test_every_bad_file_is_named_in_one_run_and_the_long_list_goes_to_a_file(tmp_path):
+    """Twelve bad files among good ones: one run names them all (ten in the message, each on a line
+    of its own, and all twelve in a TSV beside the store); nothing is written to the store."""
+    good = [write_wave(tmp_path / f"g{i}.flac", seconds=0.5, seed=i) for i in range(3)]
+    bad = [write_wave(tmp_path / f"rate{i}.flac", rate=8000, seed=i) for i in range(6)]
+    bad += [write_wave(tmp_path / f"stereo{i}.flac", channels=2, seed=i) for i in range(6)]
+    manifest = tmp_path / "m.tsv"
+    manifest.write_text("".join(f"{p.name}\tWORDS\n" for p in good + bad))
+    store = tmp_path / "s.zarr"
+    result = run_cli("extract", "--store", str(store), "--split", f"train={manifest}")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "12 of 15 audio files cannot be used:" in result.output
+    shown = [line for line in result.output.splitlines() if line.startswith("  ") and ".flac:" in line]
+    assert len(shown) == 10
+    listing = tmp_path / "s.zarr.bad-audio.tsv"
+    assert f"and 2 more; all 12 are listed in {listing}" in result.output
+    rows = [line.split("\t") for line in listing.read_text().splitlines()[1:]]
+    assert sorted(Path(r[2]).name for r in rows) == sorted(p.name for p in bad)
+    assert all("8000 Hz" in r[3] for r in rows if "rate" in r[2]) and all("2 channels" in r[3] for r in rows if "stereo" in r[2])
+    assert not store.exists()
+
+
+def test_skip_bad_also_skips_audio_without_a_transcript(tmp_path):
+    from conftest import make_librispeech_split
+
+    tree = make_librispeech_split(tmp_path / "dev-clean", {(84, 121): ["HELLO THERE", "GOOD MORNING", "YES"]})
+    orphan = write_wave(tree / "84" / "121" / "84-121-0009.flac", seed=9)
+    store = tmp_path / "s.zarr"
+    args = ["extract", "--store", str(store), "--split", f"dev={tree}"]
+    result = run_cli(*args)
+    assert result.exit_code == 1 and "84-121-0009.flac" in result.output and "--skip-bad" in result.output
+    result = run_cli(*args, "--skip-bad")
+    assert result.exit_code == 0, result.output
+    assert "84-121-0009: no transcript line" in result.output
+    assert [u.id for u in open_store(store).utterances("dev")] == ["84-121-0000", "84-121-0001", "84-121-0002"]
+    assert "84-121-0009" in run_cli("info", str(store)).output and str(orphan) in run_cli("info", str(store)).output
+
+
+def test_real_missing_transcript_is_skipped(shared_fixtures, tmp_path):
+    tree = shared_fixtures / "missing-transcript"
+    result = run_cli("extract", "--store", str(tmp_path / "s.zarr"), "--librispeech", str(tree), "--skip-bad")
+    assert result.exit_code == 0, result.output
+    assert "1003-2-0002: no transcript line" in result.output

@@ -65,17 +65,20 @@ def audio_info(path) -> AudioInfo:
 def check_format(path, info: AudioInfo, min_samples: int = 1) -> None:
     """Raise AudioError unless the file is 16 kHz mono and has `min_samples` (callers that feed a
     model pass its receptive field, `Backbone.receptive_field`: the audio one frame needs)."""
+    # One message and one sox command for everything wrong with the format, so a single
+    # conversion fixes the file.
+    wrong, fix = [], []
     if info.sample_rate != SAMPLE_RATE:
-        raise AudioError(
-            path,
-            f"sample rate is {info.sample_rate} Hz, W2V needs {SAMPLE_RATE} Hz; "
-            f"convert it first, e.g. `sox {path} -r {SAMPLE_RATE} out.flac`",
-        )
+        wrong.append(f"sample rate is {info.sample_rate} Hz")
+        fix.append(f"-r {SAMPLE_RATE}")
     if info.channels != 1:
+        wrong.append(f"has {info.channels} channels")
+    if wrong:
+        fix.append("out.flac" + (" remix 1" if info.channels != 1 else ""))
         raise AudioError(
             path,
-            f"has {info.channels} channels, W2V needs mono; keep one channel first, "
-            f"e.g. `sox {path} out.flac remix 1`",
+            f"{' and '.join(wrong)}, W2V needs {SAMPLE_RATE} Hz mono; "
+            f"convert it first, e.g. `sox {path} {' '.join(fix)}`",
         )
     if info.num_samples < min_samples:
         raise AudioError(

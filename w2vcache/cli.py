@@ -65,11 +65,11 @@ def corpus_options(command):
     return command
 
 
-def read_corpus(librispeech, librilight, splits):
+def read_corpus(librispeech, librilight, splits, skip_bad=False):
     """The corpus the options name; how its splits were assembled is said on stderr, one line each."""
     from .corpus import build_corpus
 
-    corpus = build_corpus(librispeech, librilight, list(splits))
+    corpus = build_corpus(librispeech, librilight, list(splits), skip_bad)
     for note in corpus.notes if int(os.environ.get("RANK", "0")) == 0 else ():  # under torchrun, once
         click.echo(note, err=True)
     return corpus
@@ -122,15 +122,19 @@ def corpus_command(librispeech, librilight, splits, as_json):
 @user_errors
 def extract_command(librispeech, librilight, splits, **options):
     """Extract every layer of a frozen W2V into a feature store (resumable: re-run to finish)."""
-    from .extract import ExtractConfig, extract
+    from .extract import SHOWN_BAD, ExtractConfig, extract
 
-    result = extract(read_corpus(librispeech, librilight, splits), ExtractConfig(**options))
+    result = extract(read_corpus(librispeech, librilight, splits, options["skip_bad"]), ExtractConfig(**options))
     click.echo(
         f"{result.store}: wrote {result.blocks_written} block(s), {result.utterances_written} utterances, "
         f"{result.audio_seconds / 3600:.3f} h of audio in {result.seconds:.1f} s ({result.speed:.1f}x real time)"
     )
     for split, skipped in result.skipped.items():
-        click.echo(f"skipped in {split}: " + ", ".join(f"{s['id']} ({s['reason']})" for s in skipped))
+        click.echo(f"skipped {len(skipped)} utterance(s) of split {split}, recorded in the store:")
+        for s in skipped[:SHOWN_BAD]:
+            click.echo(f"  {s['id']}: {s['reason']} ({s['path']})")
+        if len(skipped) > SHOWN_BAD:
+            click.echo(f"  ... and {len(skipped) - SHOWN_BAD} more: `w2vcache info {result.store}` lists them all")
 
 
 @main.command("info")

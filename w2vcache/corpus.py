@@ -64,6 +64,8 @@ class Corpus:
     splits: dict[str, list[Utterance]]
     sources: dict[str, list[str]]  # split -> the sources it was read from, for provenance
     notes: list[str] = field(default_factory=list)  # what a person should know about how it was assembled
+    # split -> utterances left out while reading (skip_bad): {"id", "path", "reason"}
+    skipped: dict[str, list[dict]] = field(default_factory=dict)
 
     def __iter__(self):
         for utterances in self.splits.values():
@@ -79,11 +81,13 @@ def _listing(items) -> str:
     return ", ".join(items[:_SHOWN]) + more
 
 
-def read_transcript_tree(directory, split: str) -> list[Utterance]:
+def read_transcript_tree(directory, split: str, skipped: list | None = None) -> list[Utterance]:
     """Every utterance under a LibriSpeech-style tree (`*.trans.txt` beside the audio files).
 
     Serves LibriSpeech splits and Libri-light folds alike: both keep `SPK-CH.trans.txt` lines
-    `SPK-CH-NNNN TRANSCRIPT` next to `SPK-CH-NNNN.flac`.
+    `SPK-CH-NNNN TRANSCRIPT` next to `SPK-CH-NNNN.flac`. An audio file without a transcript line,
+    or a line without its audio file, is an error; given a `skipped` list, it is left out and
+    appended there as {"id", "path", "reason"} instead (--skip-bad).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -106,15 +110,19 @@ def read_transcript_tree(directory, split: str) -> list[Utterance]:
             f"{directory}: no utterances found (expected LibriSpeech layout: "
             f"SPEAKER/CHAPTER/SPEAKER-CHAPTER-NNNN.flac with SPEAKER-CHAPTER{TRANSCRIPT_SUFFIX})"
         )
-    no_text = [audio[u] for u in audio.keys() - texts.keys()]
-    if no_text:
-        raise W2VCacheError(f"{directory}: {len(no_text)} audio file(s) have no transcript line: {_listing(no_text)}")
-    no_audio = [f"{u} ({where[u]})" for u in texts.keys() - audio.keys()]
-    if no_audio:
-        raise W2VCacheError(
-            f"{directory}: {len(no_audio)} transcript line(s) have no audio file: {_listing(no_audio)}"
-        )
-    return [Utterance(u, str(audio[u].resolve()), texts[u], split) for u in sorted(texts)]
+    no_text = sorted(audio.keys() - texts.keys())
+    no_audio = sorted(texts.keys() - audio.keys())
+    if skipped is None and no_text:
+        raise W2VCacheError(f"{directory}: {len(no_text)} audio file(s) have no transcript line: "
+                            f"{_listing(audio[u] for u in no_text)}; pass --skip-bad to leave them out")
+    if skipped is None and no_audio:
+        raise W2VCacheError(f"{directory}: {len(no_audio)} transcript line(s) have no audio file: "
+                            f"{_listing(f'{u} ({where[u]})' for u in no_audio)}; pass --skip-bad to leave them out")
+    for u in no_text:
+        skipped.append({"id": u, "path": str(audio[u].resolve()), "reason": "no transcript line"})
+    for u in no_audio:
+        skipped.append({"id": u, "path": str(where[u]), "reason": "transcript line without an audio file"})
+    return [Utterance(u, str(audio[u].resolve()), texts[u], split) for u in sorted(texts) if u in audio]
 
 
 def find_librispeech_split(root, name: str) -> Path:
@@ -129,7 +137,7 @@ def find_librispeech_split(root, name: str) -> Path:
     )
 
 
-def read_librilight(root, subset: str, split: str) -> list[Utterance]:
+def read_librilight(root, subset: str, split: str, skipped: list | None = None) -> list[Utterance]:
     """Libri-light's labelled fine-tuning set: `10min`, `1h` or `10h` (= 1h + 9h)."""
     if subset not in LIBRILIGHT_SETS:
         raise W2VCacheError(f"unknown Libri-light set {subset!r}; choose one of {', '.join(LIBRILIGHT_SETS)}")
@@ -145,13 +153,14 @@ def read_librilight(root, subset: str, split: str) -> list[Utterance]:
                     f"{folder}: missing; expected Libri-light's librispeech_finetuning layout "
                     "(1h/0..5/{clean,other}, 9h/{clean,other})"
                 )
-            utterances += read_transcript_tree(folder, split)
+            utterances += read_transcript_tree(folder, split, skipped)
     return sorted(utterances, key=lambda u: u.id)
 
 
-def read_manifest(path, split: str) -> list[Utterance]:
+def read_manifest(path, split: str, skipped: list | None = None) -> list[Utterance]:
     """A TSV (`path<TAB>text[<TAB>id]`, optional header) or JSONL (`{"audio"|"path", "text", "id"?}`)
-    manifest; relative audio paths are resolved against the manifest's folder."""
+    manifest; relative audio paths are resolved against the manifest's folder. A line naming
+    audio that does not exist is an error, or with a `skipped` list, left out and listed there."""
     path = Path(path)
     rows = []
     if path.suffix == ".jsonl":
@@ -187,13 +196,17 @@ def read_manifest(path, split: str) -> list[Utterance]:
     utterances, missing = [], []
     for n, audio, text, uid in rows:
         audio_path = (path.parent / audio).resolve()
+        uid = str(uid) if uid else audio_path.name.split(".")[0]
         if not audio_path.is_file():
             missing.append(f"{audio} (line {n})")
-        uid = str(uid) if uid else audio_path.name.split(".")[0]
+            if skipped is not None:
+                skipped.append({"id": uid, "path": str(audio_path), "reason": f"file not found ({path}:{n})"})
+            continue
         utterances.append(Utterance(uid, str(audio_path), text.strip(), split))
-    if missing:
-        raise W2VCacheError(f"{path}: {len(missing)} line(s) name audio that does not exist: {_listing(missing)}")
-    if not utterances:
+    if missing and skipped is None:
+        raise W2VCacheError(f"{path}: {len(missing)} line(s) name audio that does not exist: {_listing(missing)}; "
+                            "pass --skip-bad to leave them out")
+    if not utterances and not missing:
         raise W2VCacheError(f"{path}: the manifest lists no utterances")
     seen, dups = set(), set()
     for u in utterances:
@@ -203,17 +216,19 @@ def read_manifest(path, split: str) -> list[Utterance]:
     return sorted(utterances, key=lambda u: u.id)
 
 
-def read_source(source: str, split: str, librispeech=None, librilight=None) -> list[Utterance]:
+def read_source(source: str, split: str, librispeech=None, librilight=None,
+                skipped: list | None = None) -> list[Utterance]:
     """One source of a split: a path (directory or manifest), a LibriSpeech split name, or
-    `librilight-10h|1h|10min`. Split names resolve under `librispeech`, else the bundled corpus."""
+    `librilight-10h|1h|10min`. Split names resolve under `librispeech`, else the bundled corpus.
+    `skipped`: see read_transcript_tree."""
     if source.startswith("librilight-"):
         if librilight is None:
             raise W2VCacheError(f"source {source!r} needs --librilight DIR (the librispeech_finetuning folder)")
-        return read_librilight(librilight, source.removeprefix("librilight-"), split)
+        return read_librilight(librilight, source.removeprefix("librilight-"), split, skipped)
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "1h").is_dir() and (path / "9h").is_dir():
-            return read_librilight(path, "10h", split)
+            return read_librilight(path, "10h", split, skipped)
         inside = sorted(p.name for p in path.iterdir() if p.is_dir() and _SPLIT_DIR.fullmatch(p.name))
         if inside or (path / "LibriSpeech").is_dir():
             # Read recursively, a LibriSpeech root would merge every split into one (test into train).
@@ -221,13 +236,13 @@ def read_source(source: str, split: str, librispeech=None, librilight=None) -> l
                 f"source {source!r} holds several LibriSpeech splits ({', '.join(inside) or 'LibriSpeech/'}); "
                 f"name one: --librispeech {source} --split {split}={inside[0] if inside else 'dev-clean'}"
             )
-        return read_transcript_tree(path, split)
+        return read_transcript_tree(path, split, skipped)
     if path.is_file():
-        return read_manifest(path, split)
+        return read_manifest(path, split, skipped)
     if "/" in source or source.endswith((".tsv", ".jsonl")):
         raise W2VCacheError(f"source {source!r}: no such file or directory")
     root = librispeech if librispeech is not None else mini_corpus_dir()
-    return read_transcript_tree(find_librispeech_split(root, source), split)
+    return read_transcript_tree(find_librispeech_split(root, source), split, skipped)
 
 
 def mini_corpus_dir() -> Path:
@@ -295,8 +310,9 @@ def recipe_plan(librispeech=None, librilight=None) -> tuple[dict[str, list[str]]
     return plan, f"splits: {mapping}" + (f" (not there: {', '.join(missing)})" if missing else "")
 
 
-def build_corpus(librispeech=None, librilight=None, splits: list[str] = ()) -> Corpus:
-    """The corpus the command line describes (see the module docstring)."""
+def build_corpus(librispeech=None, librilight=None, splits: list[str] = (), skip_bad: bool = False) -> Corpus:
+    """The corpus the command line describes (see the module docstring). `skip_bad`: audio without
+    a transcript line (and lines without audio) are left out, listed in `Corpus.skipped`."""
     plan: dict[str, list[str]] = {}
     for spec in splits:
         name, sources = parse_split_spec(spec)
@@ -313,9 +329,9 @@ def build_corpus(librispeech=None, librilight=None, splits: list[str] = ()) -> C
     corpus = Corpus({}, {}, notes)
     origin: dict[str, str] = {}
     for name, sources in plan.items():
-        utterances = []
+        utterances, skipped = [], [] if skip_bad else None
         for source in sources:
-            for u in read_source(source, name, librispeech, librilight):
+            for u in read_source(source, name, librispeech, librilight, skipped):
                 if u.id in origin:
                     raise W2VCacheError(
                         f"utterance {u.id} appears twice: in {origin[u.id]} and in split {name} source {source}"
@@ -324,6 +340,8 @@ def build_corpus(librispeech=None, librilight=None, splits: list[str] = ()) -> C
                 utterances.append(u)
         corpus.splits[name] = utterances
         corpus.sources[name] = list(sources)
+        if skipped:
+            corpus.skipped[name] = skipped
     return corpus
 
 

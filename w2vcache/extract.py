@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .layers import choose_layers, layer_name
-from .store import FeatureStore, SplitPlan
+from .store import FeatureStore, SplitPlan, local_root
 
 DEFAULT_STORE = "features.zarr"
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -119,37 +120,60 @@ def _device(config: ExtractConfig) -> str:
 # Planning: every utterance's frame count, known from the audio header before any compute
 
 
+SHOWN_BAD = 10  # bad files listed in the error itself; the rest go to a file
+
+
+class BadAudioError(W2VCacheError):
+    """Every unusable file of a corpus, found in one pass; `bad` holds (split, id, path, reason)."""
+
+    def __init__(self, bad: list[tuple[str, str, str, str]], total: int, listing: str | None = None):
+        self.bad, self.total = bad, total
+        lines = [f"  {path}: {reason} (utterance {uid}, split {split})" for split, uid, path, reason in bad]
+        more = len(bad) - SHOWN_BAD
+        tail = [f"  ... and {more} more" + (f"; all {len(bad)} are listed in {listing}" if listing else "")] if more > 0 else []
+        super().__init__(
+            f"{len(bad)} of {total} audio files cannot be used:\n" + "\n".join(lines[:SHOWN_BAD] + tail)
+            + "\nfix or remove them, or pass --skip-bad to record them in the store and go on"
+        )
+
+    def write_listing(self, path) -> "BadAudioError":
+        """The full list as TSV (split, id, path, reason) at `path`; the error that names it."""
+        rows = ["split\tid\tpath\treason"] + ["\t".join(row) for row in self.bad]
+        Path(path).write_text("\n".join(rows) + "\n", encoding="utf-8")
+        return BadAudioError(self.bad, self.total, str(path))
+
+
 def plan_splits(corpus: Corpus, backbone: Backbone, skip_bad: bool = False, progress: bool = True) -> dict[str, SplitPlan]:
     """Per split, (id, transcript, path, frames) of every usable utterance.
 
     Every file's header is checked (rate, channels, length) and its last samples read (a
-    truncated file fails there), so bad files are found before any compute: they stop the run,
-    or with `skip_bad` are left out and recorded in the store. A file whose middle is corrupt
-    is only found when it is decoded; that stops extraction, keeping every finished block.
+    truncated file fails there), so bad files are found before any compute, all of them in one
+    pass: they stop the run with a BadAudioError listing each, or with `skip_bad` are left out and
+    recorded in the store, with the utterances the corpus left out while reading (no transcript).
+    A file whose middle is corrupt is only found when it is decoded (see fill_blocks).
     """
-    plans = {}
-    bar = tqdm(total=len(corpus), desc="checking audio", unit="file", disable=not progress, leave=False)
-    for split, utterances in corpus.splits.items():
-        plan = SplitPlan([], source=", ".join(corpus.sources.get(split, [])))
-        for u in utterances:
-            bar.update()
-            try:
-                info = audio_info(u.path)
-                check_format(u.path, info, backbone.receptive_field)
-                check_complete(u.path, info)
-            except AudioError as err:
-                if not skip_bad:
-                    raise W2VCacheError(
-                        f"utterance {u.id} (split {split}): {err}; fix or remove the file, "
-                        "or pass --skip-bad to record it in the store and go on"
-                    ) from None
-                plan.skipped.append({"id": u.id, "path": u.path, "reason": err.reason})
-                continue
-            plan.utterances.append((u.id, u.text, u.path, backbone.num_frames(info.num_samples)))
+    plans, bad = {}, []
+    with tqdm(total=len(corpus), desc="checking audio", unit="file", disable=not progress, leave=False) as bar:
+        for split, utterances in corpus.splits.items():
+            plan = SplitPlan([], source=", ".join(corpus.sources.get(split, [])))
+            plan.skipped += corpus.skipped.get(split, [])
+            for u in utterances:
+                bar.update()
+                try:
+                    info = audio_info(u.path)
+                    check_format(u.path, info, backbone.receptive_field)
+                    check_complete(u.path, info)
+                except AudioError as err:
+                    bad.append((split, u.id, u.path, err.reason))
+                    plan.skipped.append({"id": u.id, "path": u.path, "reason": err.reason})
+                    continue
+                plan.utterances.append((u.id, u.text, u.path, backbone.num_frames(info.num_samples)))
+            plans[split] = plan
+    if bad and not skip_bad:
+        raise BadAudioError(bad, len(corpus))
+    for split, plan in plans.items():
         if not plan.utterances:
             raise W2VCacheError(f"split {split}: no usable utterances (all {len(plan.skipped)} were skipped)")
-        plans[split] = plan
-    bar.close()
     return plans
 
 
@@ -330,7 +354,13 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
     layers = select_layers(config.layers, backbone.num_layers)
     if config.include_cnn:
         layers = [CNN_LAYER, *layers]
-    plans = plan_splits(corpus, backbone, config.skip_bad, progress)
+    try:
+        plans = plan_splits(corpus, backbone, config.skip_bad, progress)
+    except BadAudioError as err:
+        if len(err.bad) <= SHOWN_BAD:
+            raise
+        store = local_root(config.store)
+        raise err.write_listing(store.with_name(store.name + ".bad-audio.tsv")) from None
     dims = {name: backbone.config.conv_dim[-1] if name == CNN_LAYER else backbone.hidden_size for name in layers}
     with FeatureStore.create(
         config.store,
