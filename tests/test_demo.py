@@ -21,9 +21,10 @@ def test_demo_runs_the_whole_workflow_end_to_end(tmp_path, capsys):
     png = result["paths"]["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     # The last lines say what was reached: the probe chosen on dev by CER, each fine-tune.
-    best = min(report["rows"][:5], key=lambda row: row["cer"]["dev"]["mean"])
+    best = min(report["rows"][:5], key=lambda row: row["cer_percent"]["dev"]["mean"])
     assert result["reached"]["best_probe_layer"] == best["label"]
-    assert f"reached: best probe layer {best['label']} (chosen on dev): dev CER {100 * best['cer']['dev']['mean']:.1f} %" in printed
+    assert result["reached"]["best_probe_dev_cer_percent"] == best["cer_percent"]["dev"]["mean"]
+    assert f"reached: best probe layer {best['label']} (chosen on dev): dev CER {best['cer_percent']['dev']['mean']:.1f} %" in printed
     assert printed.count("reached: fine-tune re-init") == 2 and "wall time" in printed
     # Re-running resumes: every step is already done, no run is trained again.
     trained = {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.jsonl")}

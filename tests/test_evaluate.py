@@ -25,3 +25,14 @@ def test_cer_known_answer_and_normalisation():
 def test_empty_reference_counts_insertions():
     rates = error_rates(["", "a b"], ["x y", "a b"])
     assert rates.word_edits == 2 and rates.words == 2 and rates.wer == 1.0
+
+
+def test_rates_given_to_a_person_are_percent_and_insertions_take_them_above_100():
+    import jiwer
+
+    refs, hyps = ["a b", "seven"], ["x a y b z w", "seven"]
+    rates = error_rates(refs, hyps).to_dict()
+    assert rates["wer_percent"] == pytest.approx(100 * jiwer.wer(refs, hyps)) and rates["wer_percent"] > 100
+    assert rates["cer_percent"] == pytest.approx(100 * jiwer.cer(refs, hyps))
+    assert rates["wer_percent"] == 100 * rates["word_edits"] / rates["words"]
+    assert "wer" not in rates and "cer" not in rates

@@ -73,14 +73,14 @@ def test_probe_lowers_ctc_loss_and_writes_a_complete_run(store, tmp_path):
     assert config["data"]["model"]["name"] == "builtin:tiny" and config["versions"]["torch"] == torch.__version__
     res = json.loads((run / "result.json").read_text())
     assert res["status"] == "finished" and 1 <= res["best_epoch"] <= 4
-    best = min(metrics, key=lambda m: m["dev_wer"])
-    assert res["dev"]["wer"] == pytest.approx(best["dev_wer"])  # the best-dev weights are the ones tested
+    best = min(metrics, key=lambda m: m["dev_wer_percent"])
+    assert res["dev"]["wer_percent"] == pytest.approx(best["dev_wer_percent"])  # the best-dev weights are the ones tested
     for split, words in (("dev", 260), ("test-clean", 205)):
         assert res[split]["words"] == words
     assert res["test-other"]["utterances"] == 22
     # Each split's reported rates are those of best.pt's own greedy decoding of that split, recomputed
-    # here with jiwer: corpus-level edits over reference words (characters), as fractions. (This tiny
-    # run's WER is 1.0 on every split, so the edit and character counts are what tell weights apart:
+    # here with jiwer: corpus-level edits over reference words (characters), in percent. (This tiny
+    # run's WER is 100 % on every split, so the edit and character counts are what tell weights apart:
     # best.pt here is epoch 1, which emits some letters; the last epoch's weights emit only blanks.)
     task = ProbeTask(open_store(store), "layer03", ProbeConfig(hidden=32, lstm_layers=1, batch_frames=1500),
                      TrainConfig())
@@ -95,8 +95,8 @@ def test_probe_lowers_ctc_loss_and_writes_a_complete_run(store, tmp_path):
         n_words, n_chars = sum(len(r.split()) for r in refs), sum(len(r) for r in refs)
         assert (res[split]["word_edits"], res[split]["words"]) == (word_edits, n_words), split
         assert (res[split]["char_edits"], res[split]["chars"]) == (char_edits, n_chars), split
-        assert res[split]["wer"] == pytest.approx(word_edits / n_words), split
-        assert res[split]["cer"] == pytest.approx(char_edits / n_chars), split
+        assert res[split]["wer_percent"] == pytest.approx(100 * word_edits / n_words), split
+        assert res[split]["cer_percent"] == pytest.approx(100 * char_edits / n_chars), split
 
 
 def decode_split(task, split):
@@ -119,7 +119,7 @@ def decode_split(task, split):
 
 def test_reported_wer_is_the_decoded_splits_word_error_rate(store, tmp_path, monkeypatch):
     """With hypotheses that drop exactly the first word of every reference, each split's WER must
-    be its utterance count over its word count (e.g. dev: 26 / 260 = 0.1): a fraction, of that split."""
+    be its utterance count over its word count (e.g. dev: 26 / 260 = 10 %), in percent, of that split."""
     decode = ProbeTask.decode
 
     def first_word_dropped(self, batch):
@@ -133,8 +133,8 @@ def test_reported_wer_is_the_decoded_splits_word_error_rate(store, tmp_path, mon
     expected = {"dev": (26, 260), "test-clean": (20, 205), "test-other": (22, 225)}
     for split, (utterances, words) in expected.items():
         assert (res[split]["utterances"], res[split]["words"], res[split]["word_edits"]) == (utterances, words, utterances)
-        assert res[split]["wer"] == pytest.approx(utterances / words), split
-    assert res["dev"]["wer"] == pytest.approx(0.1)
+        assert res[split]["wer_percent"] == pytest.approx(100 * utterances / words), split
+    assert res["dev"]["wer_percent"] == pytest.approx(10.0)
 
 
 def test_killed_run_resumes_to_the_same_result(store, tmp_path):
@@ -183,8 +183,8 @@ def test_select_by_cer_keeps_the_epoch_of_lowest_dev_cer(store, tmp_path):
     run = tmp_path / "probe" / "layer02" / "seed0"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     res = json.loads((run / "result.json").read_text())
-    best = min(metrics, key=lambda m: (m["dev_cer"], m["epoch"]))
-    assert res["best_epoch"] == best["epoch"] and res["dev"]["cer"] == pytest.approx(best["dev_cer"])
+    best = min(metrics, key=lambda m: (m["dev_cer_percent"], m["epoch"]))
+    assert res["best_epoch"] == best["epoch"] and res["dev"]["cer_percent"] == pytest.approx(best["dev_cer_percent"])
     assert json.loads((run / "config.json").read_text())["train"]["select_by"] == "cer"
     refused = cli("probe", "--store", store, "--select-by", "loss", "--out", tmp_path)
     assert refused.exit_code == 2 and "'loss' is not one of 'wer', 'cer'" in refused.output

@@ -1,8 +1,8 @@
 """report: run directories written by hand (docs/RUNS.md) -> table, CSV, JSON, figure, command line.
 
-Every expected number is worked out by hand from the metrics written below: three values a-d, a,
-a+d have mean a and sample standard deviation d; two values a, b have mean (a+b)/2 and sample
-standard deviation |a-b|/sqrt(2) (0.02/sqrt(2) = 0.0141 -> "1.41" %).
+Every expected number is worked out by hand from the metrics written below, in percent as
+result.json holds them: three values a-d, a, a+d have mean a and sample standard deviation d; two
+values a, b have mean (a+b)/2 and sample standard deviation |a-b|/sqrt(2) (2/sqrt(2) = 1.414 -> "1.41").
 """
 
 import csv
@@ -20,31 +20,31 @@ from w2vcache.report_cli import report_command
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SPLITS = ("dev", "test-clean", "test-other")
 
-# (dev WER, test-clean WER, test-other WER, dev CER, test-clean CER, test-other CER) per seed.
+# (dev WER, test-clean WER, test-other WER, dev CER, test-clean CER, test-other CER) per seed, in %.
 PROBES = {
-    0: {0: (0.50, 0.48, 0.70, 0.20, 0.19, 0.30),
-        1: (0.52, 0.50, 0.72, 0.22, 0.21, 0.32),
-        2: (0.54, 0.52, 0.74, 0.24, 0.23, 0.34)},
-    4: {0: (0.20, 0.19, 0.35, 0.08, 0.07, 0.15),  # seed 2 unfinished: n=2
-        1: (0.22, 0.21, 0.39, 0.10, 0.09, 0.17)},
-    8: {0: (0.10, 0.09, 0.20, 0.03, 0.02, 0.07),
-        1: (0.12, 0.11, 0.23, 0.04, 0.03, 0.08),
-        2: (0.14, 0.13, 0.26, 0.05, 0.04, 0.09)},
-    12: {0: (0.30, 0.28, 0.45, 0.12, 0.11, 0.20)},  # seed 1 failed: n=1
+    0: {0: (50.0, 48.0, 70.0, 20.0, 19.0, 30.0),
+        1: (52.0, 50.0, 72.0, 22.0, 21.0, 32.0),
+        2: (54.0, 52.0, 74.0, 24.0, 23.0, 34.0)},
+    4: {0: (20.0, 19.0, 35.0, 8.0, 7.0, 15.0),  # seed 2 unfinished: n=2
+        1: (22.0, 21.0, 39.0, 10.0, 9.0, 17.0)},
+    8: {0: (10.0, 9.0, 20.0, 3.0, 2.0, 7.0),
+        1: (12.0, 11.0, 23.0, 4.0, 3.0, 8.0),
+        2: (14.0, 13.0, 26.0, 5.0, 4.0, 9.0)},
+    12: {0: (30.0, 28.0, 45.0, 12.0, 11.0, 20.0)},  # seed 1 failed: n=1
 }
 # The published fine-tuning means (none 10.71/19.47, 12: 10.93/19.58, ...) spread by 0.1 %.
 FINETUNES = {
-    (): {0: (0.09, 0.1061, 0.1937, 0.03, 0.04, 0.08),
-         1: (0.10, 0.1071, 0.1947, 0.03, 0.04, 0.08),
-         2: (0.11, 0.1081, 0.1957, 0.03, 0.04, 0.08)},
-    (12,): {0: (0.10, 0.1083, 0.1948, 0.03, 0.04, 0.08),
-            1: (0.11, 0.1093, 0.1958, 0.03, 0.04, 0.08),
-            2: (0.12, 0.1103, 0.1968, 0.03, 0.04, 0.08)},
-    (11, 12): {0: (0.10, 0.1072, 0.1935, 0.03, 0.04, 0.08),  # seed 1 failed: n=2
-               2: (0.10, 0.1092, 0.1955, 0.03, 0.04, 0.08)},
-    (10, 11, 12): {0: (0.12, 0.1139, 0.2108, 0.04, 0.05, 0.09),
-                   1: (0.13, 0.1149, 0.2118, 0.04, 0.05, 0.09),
-                   2: (0.14, 0.1159, 0.2128, 0.04, 0.05, 0.09)},
+    (): {0: (9.0, 10.61, 19.37, 3.0, 4.0, 8.0),
+         1: (10.0, 10.71, 19.47, 3.0, 4.0, 8.0),
+         2: (11.0, 10.81, 19.57, 3.0, 4.0, 8.0)},
+    (12,): {0: (10.0, 10.83, 19.48, 3.0, 4.0, 8.0),
+            1: (11.0, 10.93, 19.58, 3.0, 4.0, 8.0),
+            2: (12.0, 11.03, 19.68, 3.0, 4.0, 8.0)},
+    (11, 12): {0: (10.0, 10.72, 19.35, 3.0, 4.0, 8.0),  # seed 1 failed: n=2
+               2: (10.0, 10.92, 19.55, 3.0, 4.0, 8.0)},
+    (10, 11, 12): {0: (12.0, 11.39, 21.08, 4.0, 5.0, 9.0),
+                   1: (13.0, 11.49, 21.18, 4.0, 5.0, 9.0),
+                   2: (14.0, 11.59, 21.28, 4.0, 5.0, 9.0)},
 }
 
 # Markdown cells, by hand from the values above.
@@ -95,8 +95,9 @@ def experiment(kind, layer, reinit):
 
 
 def write_run(root, kind, seed, values=None, layer=None, reinit=(), status="finished", epochs_done=10,
-              error=None, splits=SPLITS, lr=1e-4, prefix="", name=None):
-    """One run directory as probe/finetune write it: config.json, metrics.jsonl, result.json."""
+              error=None, splits=SPLITS, lr=1e-4, prefix="", name=None, fractions=False):
+    """One run directory as probe/finetune write it: config.json, metrics.jsonl, result.json.
+    `values` in percent; `fractions`: as earlier versions wrote them, 0.21 for 21 % under "wer"."""
     name = name or experiment(kind, layer, reinit)
     directory = root / prefix / kind / name / f"seed{seed}"
     directory.mkdir(parents=True)
@@ -107,8 +108,8 @@ def write_run(root, kind, seed, values=None, layer=None, reinit=(), status="fini
     (directory / "config.json").write_text(json.dumps(config))
     with open(directory / "metrics.jsonl", "w") as f:
         for epoch in range(1, epochs_done + 1):
-            f.write(json.dumps({"epoch": epoch, "train_loss": 1.0, "lr": 1e-4, "dev_wer": 0.5, "dev_cer": 0.2,
-                                "seconds": 1.0, "updates": 4}) + "\n")
+            rates = {"dev_wer": 0.5, "dev_cer": 0.2} if fractions else {"dev_wer_percent": 50.0, "dev_cer_percent": 20.0}
+            f.write(json.dumps({"epoch": epoch, "train_loss": 1.0, "lr": 1e-4, **rates, "seconds": 1.0, "updates": 4}) + "\n")
     if status == "unfinished":
         return directory
     result = {**ident, "status": status, "best_epoch": 7, "epochs": 10,
@@ -118,7 +119,8 @@ def write_run(root, kind, seed, values=None, layer=None, reinit=(), status="fini
     else:
         wers, cers = values[: len(values) // 2], values[len(values) // 2:]
         for split, wer, cer in zip(splits, wers, cers):
-            result[split] = {"wer": wer, "cer": cer, "words": 1000, "utterances": 100}
+            rates = {"wer": wer / 100, "cer": cer / 100} if fractions else {"wer_percent": wer, "cer_percent": cer}
+            result[split] = {**rates, "words": 1000, "utterances": 100}
     (directory / "result.json").write_text(json.dumps(result))
     return directory
 
@@ -193,8 +195,9 @@ def test_find_runs_reads_every_run_with_its_status(runs):
     assert by_name["probe/layer12/seed1"].error.startswith("CUDA out of memory")
     run = by_name["finetune/reinit-11-12/seed2"]
     assert (run.kind, run.experiment, run.layer, run.reinit, run.seed) == ("finetune", "reinit-11-12", None, [11, 12], 2)
-    assert run.metrics == {"dev": {"wer": 0.10, "cer": 0.03}, "test-clean": {"wer": 0.1092, "cer": 0.04},
-                           "test-other": {"wer": 0.1955, "cer": 0.08}}
+    assert run.metrics == {"dev": {"wer_percent": 10.0, "cer_percent": 3.0},
+                           "test-clean": {"wer_percent": 10.92, "cer_percent": 4.0},
+                           "test-other": {"wer_percent": 19.55, "cer_percent": 8.0}}
     assert run.best_epoch == 7 and run.status == "finished"
 
 
@@ -220,16 +223,17 @@ def test_summarize_rows_and_deltas(runs):
         ("probe", "0", 3), ("probe", "4", 2), ("probe", "8", 3), ("probe", "12", 1),
         ("finetune", "none", 3), ("finetune", "12", 3), ("finetune", "11,12", 2), ("finetune", "10,11,12", 3)]
     layer8 = rows[2]
-    assert layer8.wer["dev"].mean == pytest.approx(0.12) and layer8.wer["dev"].std == pytest.approx(0.02)
-    assert layer8.cer["test-other"].mean == pytest.approx(0.08) and layer8.cer["test-other"].std == pytest.approx(0.01)
-    assert rows[1].wer["test-other"].std == pytest.approx(0.04 / 2 ** 0.5)
-    assert rows[3].wer["dev"].std is None and rows[3].not_included == ["probe/layer12/seed1"]
+    assert layer8.wer_percent["dev"].mean == pytest.approx(12.0) and layer8.wer_percent["dev"].std == pytest.approx(2.0)
+    assert layer8.cer_percent["test-other"].mean == pytest.approx(8.0)
+    assert layer8.cer_percent["test-other"].std == pytest.approx(1.0)
+    assert rows[1].wer_percent["test-other"].std == pytest.approx(4.0 / 2 ** 0.5)
+    assert rows[3].wer_percent["dev"].std is None and rows[3].not_included == ["probe/layer12/seed1"]
     assert rows[1].not_included == ["probe/layer04/seed2"]
-    assert layer8.delta_wer == {}
+    assert layer8.delta_wer_points == {}
     reinit_10_11_12 = rows[7]
-    assert reinit_10_11_12.delta_wer["test-clean"] == pytest.approx(0.1149 - 0.1071)
-    assert reinit_10_11_12.delta_wer["test-other"] == pytest.approx(0.2118 - 0.1947)
-    assert rows[6].delta_wer["test-other"] == pytest.approx(0.1945 - 0.1947)
+    assert reinit_10_11_12.delta_wer_points["test-clean"] == pytest.approx(11.49 - 10.71)
+    assert reinit_10_11_12.delta_wer_points["test-other"] == pytest.approx(21.18 - 19.47)
+    assert rows[6].delta_wer_points["test-other"] == pytest.approx(19.45 - 19.47)
     assert rows[6].seeds == [0, 2]
 
 
@@ -242,31 +246,82 @@ def test_csv_and_json(runs, tmp_path):
         ("finetune", "", "none"), ("finetune", "", "12"), ("finetune", "", "11,12"), ("finetune", "", "10,11,12")]
     layer8, layer12, reinit12 = lines[2], lines[3], lines[5]
     assert (layer8["experiment"], layer8["n"], layer8["seeds"]) == ("layer08", "3", "0 1 2")
-    assert float(layer8["dev_wer_mean"]) == pytest.approx(0.12)  # fractions, not percent
-    assert float(layer8["dev_wer_std"]) == pytest.approx(0.02)
-    assert float(layer8["test-other_wer_std"]) == pytest.approx(0.03)
-    assert float(layer8["test-clean_cer_mean"]) == pytest.approx(0.03)
-    assert layer8["dev_wer_n"] == "3" and layer8["test-clean_wer_delta"] == ""
-    assert layer12["dev_wer_std"] == "" and float(layer12["dev_wer_mean"]) == pytest.approx(0.30)
-    assert float(reinit12["test-clean_wer_delta"]) == pytest.approx(0.0022)
-    assert float(reinit12["test-other_wer_delta"]) == pytest.approx(0.0011)
-    assert float(reinit12["dev_wer_delta"]) == pytest.approx(0.01)
+    assert float(layer8["dev_wer_percent_mean"]) == pytest.approx(12.0)
+    assert float(layer8["dev_wer_percent_std"]) == pytest.approx(2.0)
+    assert float(layer8["test-other_wer_percent_std"]) == pytest.approx(3.0)
+    assert float(layer8["test-clean_cer_percent_mean"]) == pytest.approx(3.0)
+    assert layer8["dev_wer_percent_n"] == "3" and layer8["test-clean_delta_wer_points"] == ""
+    assert layer12["dev_wer_percent_std"] == "" and float(layer12["dev_wer_percent_mean"]) == pytest.approx(30.0)
+    assert float(reinit12["test-clean_delta_wer_points"]) == pytest.approx(0.22)
+    assert float(reinit12["test-other_delta_wer_points"]) == pytest.approx(0.11)
+    assert float(reinit12["dev_delta_wer_points"]) == pytest.approx(1.0)
 
     report = json.loads(written["json"].read_text())
     assert report["splits"] == ["dev", "test-clean", "test-other"]
     assert report["best_layer"] == {"layer": 8, "experiment": "layer08", "by": "dev wer"}
     assert len(report["rows"]) == 8 and len(report["runs"]) == 24
     row = report["rows"][2]
-    assert row["layer"] == 8 and row["seeds"] == [0, 1, 2] and row["delta_wer"] is None
-    assert row["wer"]["test-other"]["mean"] == pytest.approx(0.23)
-    assert row["wer"]["test-other"]["std"] == pytest.approx(0.03) and row["wer"]["test-other"]["n"] == 3
-    assert report["rows"][3]["wer"]["dev"]["std"] is None
-    assert report["rows"][4]["delta_wer"] == {"dev": 0.0, "test-clean": 0.0, "test-other": 0.0}
+    assert row["layer"] == 8 and row["seeds"] == [0, 1, 2] and row["delta_wer_points"] is None
+    assert row["wer_percent"]["test-other"]["mean"] == pytest.approx(23.0)
+    assert row["wer_percent"]["test-other"]["std"] == pytest.approx(3.0) and row["wer_percent"]["test-other"]["n"] == 3
+    assert report["rows"][3]["wer_percent"]["dev"]["std"] is None
+    assert report["rows"][4]["delta_wer_points"] == {"dev": 0.0, "test-clean": 0.0, "test-other": 0.0}
     statuses = {r["name"]: r["status"] for r in report["runs"]}
     assert statuses["probe/layer07/seed0"] == "unfinished" and statuses["finetune/reinit-11-12/seed1"] == "failed"
     assert [r["name"] for r in report["not_included"]] == [
         "probe/layer04/seed2", "probe/layer07/seed0", "probe/layer12/seed1", "finetune/reinit-11-12/seed1"]
     assert report["notes"] == []
+
+
+def same_numbers(a, b) -> bool:
+    """Equal JSON values, numbers up to float rounding (x / 100 * 100 need not give back x)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_numbers(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(same_numbers, a, b))
+    if isinstance(a, float):
+        return b == pytest.approx(a)
+    return a == b
+
+
+def test_runs_of_earlier_versions_in_fractions_are_reported_in_the_same_percent(runs, tmp_path):
+    """Earlier versions wrote result.json's rates as fractions under "wer" and "cer" (0.21 = 21 %):
+    the same runs written that way give the same tables, and a fraction above 1 is a WER above 100 %."""
+    old = tmp_path / "old"
+    write_probes(old, fractions=True)
+    write_finetunes(old, fractions=True)
+    assert json.loads((old / "probe/layer08/seed0/result.json").read_text())["dev"]["wer"] == PROBES[8][0][0] / 100
+    new_report = write_report(runs, tmp_path / "new-report", figure=False)
+    old_report = write_report(old, tmp_path / "old-report", figure=False)
+    text = old_report["md"].read_text()
+    assert markdown_tables(text) == markdown_tables(new_report["md"].read_text())
+    assert markdown_tables(text) == {"Probes (frozen W2V layer, BiLSTM-CTC)": PROBE_TABLE,
+                                     "Fine-tuning (W2V + CTC head, re-initialised blocks)": FINETUNE_TABLE}
+    assert "Best layer: 8 (lowest mean dev WER, 12.00 %)." in text
+    old_json, new_json = (json.loads(r["json"].read_text()) for r in (old_report, new_report))
+    assert same_numbers(old_json["rows"], new_json["rows"])
+    assert same_numbers([r["metrics"] for r in old_json["runs"]], [r["metrics"] for r in new_json["runs"]])
+    with open(old_report["csv"], newline="") as f, open(new_report["csv"], newline="") as g:
+        old_csv, new_csv = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [list(line) for line in old_csv] == [list(line) for line in new_csv]
+    for old_line, new_line in zip(old_csv, new_csv):
+        for column, value in new_line.items():
+            assert old_line[column] == value or float(old_line[column]) == pytest.approx(float(value)), column
+
+    # Seeds written by both versions average together; an earlier version's "wer": 25.47 is 2547 %.
+    mixed = tmp_path / "mixed"
+    seed0, seed1, babbling = (10.0, 10.0, 20.0, 5.0, 5.0, 10.0), (12.0, 12.0, 22.0, 6.0, 6.0, 11.0), 2547.0
+    write_run(mixed, "probe", 0, seed0, layer=8)
+    write_run(mixed, "probe", 1, seed1, layer=8, fractions=True)
+    write_run(mixed, "probe", 0, (babbling, babbling, babbling, 90.0, 90.0, 90.0), layer=2, fractions=True)
+    assert json.loads((mixed / "probe/layer02/seed0/result.json").read_text())["dev"]["wer"] > 1
+    written = write_report(mixed, figure=False)
+    table = markdown_tables(written["md"].read_text())["Probes (frozen W2V layer, BiLSTM-CTC)"]
+    mean, std = (seed0[0] + seed1[0]) / 2, abs(seed0[0] - seed1[0]) / 2 ** 0.5
+    assert table["8"]["dev WER"] == f"{mean:.2f} ± {std:.2f} (n=2)"
+    assert table["2"]["dev WER"] == f"{babbling:.2f} (n=1)" and babbling > 100
+    row = json.loads(written["json"].read_text())["rows"][0]
+    assert row["layer"] == 2 and row["wer_percent"]["dev"]["mean"] == pytest.approx(babbling)
 
 
 def test_figure_is_a_png_of_the_documented_size(runs, tmp_path):
@@ -291,9 +346,9 @@ def test_probes_only(tmp_path):
 def test_finetunes_only_without_baseline_and_with_another_test_split(tmp_path):
     root = tmp_path / "runs"
     splits = ("test-clean", "test-other", "test-noisy")
-    for seed, values in {0: (0.11, 0.20, 0.30, 0.04, 0.08, 0.12), 1: (0.13, 0.22, 0.36, 0.05, 0.09, 0.13)}.items():
+    for seed, values in {0: (11.0, 20.0, 30.0, 4.0, 8.0, 12.0), 1: (13.0, 22.0, 36.0, 5.0, 9.0, 13.0)}.items():
         write_run(root, "finetune", seed, values, reinit=(12,), splits=splits)
-    write_run(root, "finetune", 0, (0.15, 0.25, 0.40, 0.05, 0.10, 0.15), reinit=(11, 12), splits=splits)
+    write_run(root, "finetune", 0, (15.0, 25.0, 40.0, 5.0, 10.0, 15.0), reinit=(11, 12), splits=splits)
     written = write_report(root)
     assert png_size(written["png"]) == (500, 400)
     text = written["md"].read_text()
@@ -311,15 +366,15 @@ def test_finetunes_only_without_baseline_and_with_another_test_split(tmp_path):
     }}
     report = json.loads(written["json"].read_text())
     assert report["splits"] == ["test-clean", "test-other", "test-noisy"] and report["best_layer"] is None
-    assert report["rows"][0]["delta_wer"] == {"test-clean": None, "test-other": None, "test-noisy": None}
+    assert report["rows"][0]["delta_wer_points"] == {"test-clean": None, "test-other": None, "test-noisy": None}
     with open(written["csv"], newline="") as f:
-        assert float(next(csv.DictReader(f))["test-noisy_wer_mean"]) == pytest.approx(0.33)
+        assert float(next(csv.DictReader(f))["test-noisy_wer_percent_mean"]) == pytest.approx(33.0)
 
 
 def test_probe_without_dev_picks_best_layer_by_test_clean(tmp_path):
     root = tmp_path / "runs"
-    for layer, wer in ((6, 0.30), (8, 0.20), (10, 0.25)):
-        write_run(root, "probe", 0, (wer, wer, 0.1, 0.1), layer=layer, splits=("test-clean", "test-other"))
+    for layer, wer in ((6, 30.0), (8, 20.0), (10, 25.0)):
+        write_run(root, "probe", 0, (wer, wer, 10.0, 10.0), layer=layer, splits=("test-clean", "test-other"))
     text = write_report(root)["md"].read_text()
     assert "Best layer: 8 (lowest mean test-clean WER, 20.00 %)." in text
 
@@ -327,8 +382,8 @@ def test_probe_without_dev_picks_best_layer_by_test_clean(tmp_path):
 def test_cnn_output_probe_comes_before_layer_0(tmp_path):
     # probe.py names the CNN-output experiment "cnn" and gives it no layer number.
     root = tmp_path / "runs"
-    write_run(root, "probe", 0, (0.60, 0.60, 0.8, 0.3, 0.3, 0.4), layer=0)
-    write_run(root, "probe", 0, (0.05, 0.05, 0.1, 0.02, 0.02, 0.05), name="cnn")
+    write_run(root, "probe", 0, (60.0, 60.0, 80.0, 30.0, 30.0, 40.0), layer=0)
+    write_run(root, "probe", 0, (5.0, 5.0, 10.0, 2.0, 2.0, 5.0), name="cnn")
     written = write_report(root)
     text = written["md"].read_text()
     assert list(markdown_tables(text)["Probes (frozen W2V layer, BiLSTM-CTC)"]) == ["cnn", "0"]
@@ -339,7 +394,7 @@ def test_cnn_output_probe_comes_before_layer_0(tmp_path):
 
 def test_failed_run_shows_the_line_of_its_error_that_matters(tmp_path):
     root = tmp_path / "runs"
-    write_run(root, "probe", 0, (0.1, 0.1, 0.1, 0.1), layer=8, splits=("test-clean", "test-other"))
+    write_run(root, "probe", 0, (10.0, 10.0, 10.0, 10.0), layer=8, splits=("test-clean", "test-other"))
     write_run(root, "probe", 1, layer=8, status="failed",
               error='Traceback (most recent call last):\n  File "x.py", line 1\nRuntimeError: CUDA error')
     assert "- not included: probe/layer08/seed1 (failed: RuntimeError: CUDA error)" in write_report(root)["md"].read_text()
@@ -347,8 +402,8 @@ def test_failed_run_shows_the_line_of_its_error_that_matters(tmp_path):
 
 def test_runs_at_any_depth_and_differing_configs_are_noted(tmp_path):
     root = tmp_path / "runs"
-    write_run(root, "probe", 0, (0.10, 0.10, 0.2, 0.05, 0.05, 0.1), layer=8, prefix="alice/sweep")
-    write_run(root, "probe", 1, (0.12, 0.12, 0.2, 0.05, 0.05, 0.1), layer=8, prefix="bob", lr=3e-4)
+    write_run(root, "probe", 0, (10.0, 10.0, 20.0, 5.0, 5.0, 10.0), layer=8, prefix="alice/sweep")
+    write_run(root, "probe", 1, (12.0, 12.0, 20.0, 5.0, 5.0, 10.0), layer=8, prefix="bob", lr=3e-4)
     written = write_report(root)
     text = written["md"].read_text()
     assert markdown_tables(text)["Probes (frozen W2V layer, BiLSTM-CTC)"]["8"]["dev WER"] == "11.00 ± 1.41 (n=2)"
@@ -370,18 +425,18 @@ def test_user_mistakes_name_the_path(tmp_path):
         write_report(waiting)
 
     broken = tmp_path / "broken"
-    run = write_run(broken, "probe", 0, (0.1, 0.1, 0.1, 0.1, 0.1, 0.1), layer=8)
+    run = write_run(broken, "probe", 0, (10.0,) * 6, layer=8)
     (run / "result.json").write_text('{"kind": "probe", ')
     with pytest.raises(W2VCacheError, match=f"{run / 'result.json'}: not valid JSON"):
         find_runs(broken)
     (run / "result.json").write_text(json.dumps({"kind": "probe", "layer": 9, "seed": 0, "status": "finished",
-                                                 "dev": {"wer": 0.1, "cer": 0.1}}))
+                                                 "dev": {"wer_percent": 10.0, "cer_percent": 10.0}}))
     with pytest.raises(W2VCacheError, match=f"{run}: result.json says layer 9 but config.json says 8"):
         find_runs(broken)
 
     twice = tmp_path / "twice"
-    write_run(twice, "probe", 0, (0.1, 0.1, 0.1, 0.1, 0.1, 0.1), layer=8)
-    write_run(twice, "probe", 0, (0.1, 0.1, 0.1, 0.1, 0.1, 0.1), layer=8, prefix="copy")
+    write_run(twice, "probe", 0, (10.0,) * 6, layer=8)
+    write_run(twice, "probe", 0, (10.0,) * 6, layer=8, prefix="copy")
     with pytest.raises(W2VCacheError, match="seed 0 of probe layer08 is also finished in"):
         write_report(twice)
 
@@ -436,7 +491,7 @@ def test_cli_errors_are_one_line(report_cli, tmp_path):
     waiting = tmp_path / "waiting"
     write_run(waiting, "probe", 0, layer=3, status="unfinished", epochs_done=2)
     broken = tmp_path / "broken"
-    run = write_run(broken, "probe", 0, (0.1, 0.1, 0.1, 0.1, 0.1, 0.1), layer=8)
+    run = write_run(broken, "probe", 0, (10.0,) * 6, layer=8)
     (run / "result.json").write_text('{"kind": "probe", ')
     for runs_dir, message in (
         (tmp_path / "empty", f"Error: {tmp_path / 'empty'}: no run directories (none holds config.json or result.json)"),

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -114,3 +116,73 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path):
     with pytest.raises(W2VCacheError, match=r"checkpoint\.pt: holds more than tensors and numbers \(a pickled "
                                             r"(posix|os|nt)\.system\).*refused"):
         train(OneWeight(2), config, tmp_path, record, progress=False)
+
+
+class Babbler(OneWeight):
+    """A task whose decoding inserts words: more edits than reference words, a WER above 100 %."""
+
+    DECODED = {"dev": (["the cat sat", "on the mat"], ["a b c d e f g h the cat sat", "on the mat and the hat"]),
+               "test-clean": (["hello world"], ["hello hello hello world wide world"])}
+
+    def eval_batches(self, split):
+        return [split]
+
+    def decode(self, batch):
+        return self.DECODED[batch]
+
+
+def _babbler_run(directory, progress=False):
+    from w2vcache.runs import RunRecord
+    from w2vcache.train import train
+
+    record = RunRecord(kind="probe", experiment="layer00", layer=0, reinit=[], seed=0, model={}, data={}, device="cpu")
+    return train(Babbler(2), TrainConfig(epochs=2, test_splits=("test-clean",)), directory, record, progress=progress)
+
+
+def test_a_wer_above_100_percent_is_written_shown_and_reported_as_such(tmp_path, capsys):
+    import jiwer
+
+    from w2vcache.report import write_report
+    from w2vcache.runs import run_dir
+
+    runs = tmp_path / "runs"
+    directory = run_dir(runs, "probe", "layer00", 0)
+    _babbler_run(directory, progress=True)
+    wer = {split: 100 * jiwer.wer(refs, hyps) for split, (refs, hyps) in Babbler.DECODED.items()}
+    cer = {split: 100 * jiwer.cer(refs, hyps) for split, (refs, hyps) in Babbler.DECODED.items()}
+    assert min(wer.values()) > 100
+
+    result = json.loads((directory / "result.json").read_text())
+    for split in Babbler.DECODED:
+        assert result[split]["wer_percent"] == pytest.approx(wer[split]), split
+        assert result[split]["cer_percent"] == pytest.approx(cer[split]), split
+        assert "wer" not in result[split] and "cer" not in result[split]
+    metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    assert [m["dev_wer_percent"] for m in metrics] == pytest.approx([wer["dev"]] * 2)
+    assert [m["dev_cer_percent"] for m in metrics] == pytest.approx([cer["dev"]] * 2)
+    assert f"dev WER {wer['dev']:.2f} %, CER {cer['dev']:.2f} %" in capsys.readouterr().out
+
+    written = write_report(runs, figure=False)
+    assert (f"| 0 | 0 | {wer['dev']:.2f} (n=1) | {wer['test-clean']:.2f} (n=1) | "
+            f"{cer['dev']:.2f} (n=1) | {cer['test-clean']:.2f} (n=1) |") in written["md"].read_text()
+    row = json.loads(written["json"].read_text())["rows"][0]
+    assert row["wer_percent"]["dev"]["mean"] == pytest.approx(wer["dev"])
+    assert row["wer_percent"]["test-clean"]["mean"] == pytest.approx(wer["test-clean"])
+
+
+def test_resuming_a_run_of_an_earlier_version_rewrites_its_metrics_in_percent(tmp_path):
+    """Earlier versions wrote the dev rates of metrics.jsonl as fractions under dev_wer and dev_cer."""
+    _babbler_run(tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    written = [json.loads(line) for line in metrics.read_text().splitlines()]
+    earlier = [{k.removesuffix("_percent"): v / 100 if k.endswith("_percent") else v for k, v in m.items()}
+               for m in written]
+    assert all("dev_wer" in m and "dev_wer_percent" not in m for m in earlier)
+    metrics.write_text("".join(json.dumps(m) + "\n" for m in earlier))
+    (tmp_path / "result.json").unlink()  # killed after its last checkpoint: it resumes there
+    result = _babbler_run(tmp_path)
+    rewritten = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [list(m) for m in rewritten] == [list(m) for m in written]  # the same keys, in the same order
+    for again, first in zip(rewritten, written):
+        assert again == pytest.approx(first)
+    assert result["dev"]["wer_percent"] == pytest.approx(written[0]["dev_wer_percent"])

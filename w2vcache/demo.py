@@ -103,14 +103,14 @@ def reached(runs) -> dict:
     rows = summarize(find_runs(runs))
 
     def rates(row) -> str:
-        return ", ".join(f"{split} CER {100 * row.cer[split].mean:.1f} % / WER {100 * row.wer[split].mean:.1f} %"
-                         for split in row.cer)
+        return ", ".join(f"{split} CER {row.cer_percent[split].mean:.1f} % / WER {row.wer_percent[split].mean:.1f} %"
+                         for split in row.cer_percent)
 
     best, on = best_probe(rows, "cer") or (None, None)
     lines = [f"reached: best probe layer {best.label} (chosen on {on}): {rates(best)}"] if best else []
     lines += [f"reached: fine-tune re-init {row.label}: {rates(row)}" for row in rows if row.kind == "finetune"]
     return {"best_probe_layer": best.label if best else None,
-            "best_probe_dev_cer": best.cer[on].mean if best else None, "lines": lines}
+            "best_probe_dev_cer_percent": best.cer_percent[on].mean if best else None, "lines": lines}
 
 
 def _can_plot() -> bool:

@@ -3,6 +3,10 @@
 Corpus-level means total edits over total reference words (characters) of the whole split, the way
 WER is published for LibriSpeech — not the mean of per-utterance rates, which over-weights short
 utterances.
+
+`ErrorRates` keeps the rates as fractions (0.21), which the training loop compares; everything a
+person reads (files, progress lines, tables) takes them in percent from `to_dict`, under names that
+say so: a WER of 25.47 is 2547 %, and "wer_percent": 2547.0 cannot be read as 25 %.
 """
 
 from dataclasses import asdict, dataclass
@@ -22,8 +26,25 @@ class ErrorRates:
     word_edits: int
     char_edits: int
 
+    @property
+    def wer_percent(self) -> float:
+        return _rate(self.word_edits, self.words, per=100)
+
+    @property
+    def cer_percent(self) -> float:
+        return _rate(self.char_edits, self.chars, per=100)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A split as result.json holds it: the rates in percent, then the counts they come from."""
+        counts = {k: v for k, v in asdict(self).items() if k not in ("wer", "cer")}
+        return {"wer_percent": self.wer_percent, "cer_percent": self.cer_percent, **counts}
+
+
+def _rate(edits: int, total: int, per: int = 1) -> float:
+    """Edits per `per` reference units. `per * edits / total` rather than `per * (edits / total)`:
+    7 edits of 100 words give 7.0 %, not 7.000000000000001. A split whose references are all
+    empty is at 0 without edits, at `per` with any."""
+    return per * edits / total if total else float(per * (edits > 0))
 
 
 def _edits(out) -> int:
@@ -48,8 +69,8 @@ def error_rates(references: list[str], hypotheses: list[str]) -> ErrorRates:
         word_edits += _edits(jiwer.process_words(list(r), list(h)))
         char_edits += _edits(jiwer.process_characters(list(r), list(h)))
     return ErrorRates(
-        wer=word_edits / words if words else float(word_edits > 0),
-        cer=char_edits / chars if chars else float(char_edits > 0),
+        wer=_rate(word_edits, words),
+        cer=_rate(char_edits, chars),
         words=words,
         chars=chars,
         utterances=len(refs),

@@ -22,7 +22,7 @@ def figure_size(rows: list[Row]) -> tuple[int, int]:
 
 
 def _errors(stats: list[Stat]) -> list[float]:
-    return [100 * (s.std or 0.0) for s in stats]
+    return [s.std or 0.0 for s in stats]
 
 
 def write_figure(rows: list[Row], path) -> Path:
@@ -43,7 +43,7 @@ def write_figure(rows: list[Row], path) -> Path:
                  layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    splits = split_order(s for r in rows for s in r.wer)
+    splits = split_order(s for r in rows for s in r.wer_percent)
     colours = {s: f"C{i}" for i, s in enumerate(splits)}
 
     ax = iter(axes)
@@ -53,17 +53,17 @@ def write_figure(rows: list[Row], path) -> Path:
         unnumbered = [r for r in probes if r.layer is None]
         x = {id(r): (r.layer if r.layer is not None else unnumbered.index(r) - len(unnumbered)) for r in probes}
         for split in splits:
-            scored = [r for r in probes if split in r.wer]
+            scored = [r for r in probes if split in r.wer_percent]
             if not scored:
                 continue
-            a.errorbar([x[id(r)] for r in scored], [100 * r.wer[split].mean for r in scored],
-                       yerr=_errors([r.wer[split] for r in scored]), label=split, color=colours[split],
+            a.errorbar([x[id(r)] for r in scored], [r.wer_percent[split].mean for r in scored],
+                       yerr=_errors([r.wer_percent[split] for r in scored]), label=split, color=colours[split],
                        linestyle="--" if split.startswith("dev") else "-", marker="o", markersize=3, capsize=3)
         best = best_probe(rows)
         if best:
             row, by = best
             a.axvline(x[id(row)], color="0.5", linestyle=":", linewidth=1)
-            a.plot([x[id(row)]], [100 * row.wer[by].mean], marker="*", markersize=12, color="black",
+            a.plot([x[id(row)]], [row.wer_percent[by].mean], marker="*", markersize=12, color="black",
                    linestyle="none", label=f"best: layer {row.label} ({by})")
         a.set_xticks([x[id(r)] for r in probes], [r.label for r in probes])
         a.set_xlabel("layer")
@@ -73,14 +73,14 @@ def write_figure(rows: list[Row], path) -> Path:
         a.legend(fontsize="small")
     if tunes:
         a = next(ax)
-        shown = [s for s in splits if not s.startswith("dev") and any(s in r.wer for r in tunes)]
-        shown = shown or [s for s in splits if any(s in r.wer for r in tunes)]
+        shown = [s for s in splits if not s.startswith("dev") and any(s in r.wer_percent for r in tunes)]
+        shown = shown or [s for s in splits if any(s in r.wer_percent for r in tunes)]
         width = 0.8 / len(shown)
         for i, split in enumerate(shown):
             xs = [x + (i - (len(shown) - 1) / 2) * width for x in range(len(tunes))]
-            stats = [r.wer.get(split) for r in tunes]
-            a.bar(xs, [100 * s.mean if s else 0.0 for s in stats], width,
-                  yerr=[100 * (s.std or 0.0) if s else 0.0 for s in stats], capsize=3,
+            stats = [r.wer_percent.get(split) for r in tunes]
+            a.bar(xs, [s.mean if s else 0.0 for s in stats], width,
+                  yerr=[(s.std or 0.0) if s else 0.0 for s in stats], capsize=3,
                   label=split, color=colours[split])
         a.set_xticks(range(len(tunes)), [r.label for r in tunes])
         a.set_ylim(0, 1.2 * a.get_ylim()[1])  # headroom for the legend above the bars

@@ -11,7 +11,7 @@ ones into experiments and averages over seeds, `write_report` writes the files.
 - Each cell is the mean and the sample standard deviation (ddof=1) over the finished seeds that
   report that split. With one seed the standard deviation is None (JSON null, an empty CSV
   cell) and the Markdown cell shows "n=1" without a "±".
-- Every split of result.json that has a "wer" is carried (dev, test-clean, test-other, or any
+- Every split of result.json that has a WER is carried (dev, test-clean, test-other, or any
   other name), in the order dev, test-clean, test-other, then the others alphabetically.
 - Fine-tune rows carry, for each WER split, the change of the mean against the mean of the
   fine-tuning baseline (no block re-initialised); None where there is no baseline.
@@ -19,8 +19,9 @@ ones into experiments and averages over seeds, `write_report` writes the files.
   config.json differ in train/model/data settings are pointed out in a note.
 - The best layer is the probe with the lowest mean dev WER (test-clean where there is no dev).
 
-Units: Markdown shows WER and CER in percent with two decimals and deltas in percentage points;
-CSV and JSON keep the fractions of result.json (0.21 = 21 %), unrounded.
+Units: WER and CER in percent as result.json gives them (21.0 = 21 %; a WER above 100 %, from
+insertions, stays above 100), deltas in percentage points. Markdown rounds to two decimals; CSV and
+JSON keep them unrounded, under names that say the unit (dev_wer_percent_mean, delta_wer_points).
 
 The figure is figure.py's.
 """
@@ -69,9 +70,10 @@ class Row:
     layer: int | None
     reinit: list[int]
     seeds: list[int]  # the finished seeds averaged
-    wer: dict[str, Stat]  # split -> stat
-    cer: dict[str, Stat]
-    delta_wer: dict[str, float | None] = field(default_factory=dict)  # fine-tunes: mean - baseline mean
+    wer_percent: dict[str, Stat]  # split -> stat
+    cer_percent: dict[str, Stat]
+    # fine-tunes: mean WER - baseline mean WER, in percentage points
+    delta_wer_points: dict[str, float | None] = field(default_factory=dict)
     not_included: list[str] = field(default_factory=list)  # names of this experiment's other runs
 
     @property
@@ -93,9 +95,9 @@ class Row:
         return {
             "kind": self.kind, "experiment": self.experiment, "layer": self.layer, "reinit": self.reinit,
             "label": self.label, "n": self.n, "seeds": self.seeds,
-            "wer": {s: v.to_dict() for s, v in self.wer.items()},
-            "cer": {s: v.to_dict() for s, v in self.cer.items()},
-            "delta_wer": self.delta_wer if self.kind == "finetune" else None,
+            "wer_percent": {s: v.to_dict() for s, v in self.wer_percent.items()},
+            "cer_percent": {s: v.to_dict() for s, v in self.cer_percent.items()},
+            "delta_wer_points": self.delta_wer_points if self.kind == "finetune" else None,
             "not_included": self.not_included,
         }
 
@@ -183,8 +185,8 @@ def summarize(runs: list[Run]) -> list[Row]:
             layer=first.layer,
             reinit=first.reinit,
             seeds=sorted(by_seed),
-            wer=stats["wer"],
-            cer=stats["cer"],
+            wer_percent=stats["wer_percent"],
+            cer_percent=stats["cer_percent"],
             not_included=[r.name for r in members if r.status != "finished"],
         ))
 
@@ -192,9 +194,9 @@ def summarize(runs: list[Run]) -> list[Row]:
     for row in rows:
         if row.kind != "finetune":
             continue
-        row.delta_wer = {
-            split: (stat.mean - baseline.wer[split].mean if baseline and split in baseline.wer else None)
-            for split, stat in row.wer.items()
+        row.delta_wer_points = {
+            split: (stat.mean - baseline.wer_percent[split].mean if baseline and split in baseline.wer_percent else None)
+            for split, stat in row.wer_percent.items()
         }
     return rows
 
@@ -228,7 +230,7 @@ def not_included(runs: list[Run]) -> list[Run]:
 def best_probe(rows: list[Row], measure: str = "wer") -> tuple[Row, str] | None:
     """The probe row with the lowest mean WER (or CER) on dev (test-clean where no probe reports dev)."""
     probes = [r for r in rows if r.kind == "probe"]
-    stats = {id(r): getattr(r, measure) for r in probes}
+    stats = {id(r): getattr(r, f"{measure}_percent") for r in probes}
     names = split_order(s for r in probes for s in stats[id(r)])
     for split in ("dev", *(s for s in names if s.startswith("dev")), "test-clean", *names):
         scored = [r for r in probes if split in stats[id(r)]]
@@ -245,15 +247,14 @@ def _percent(stat: Stat | None) -> str:
     if stat is None:
         return "-"
     if stat.std is None:
-        return f"{100 * stat.mean:.2f} (n={stat.n})"
-    return f"{100 * stat.mean:.2f} ± {100 * stat.std:.2f} (n={stat.n})"
+        return f"{stat.mean:.2f} (n={stat.n})"
+    return f"{stat.mean:.2f} ± {stat.std:.2f} (n={stat.n})"
 
 
 def _points(delta: float | None) -> str:
     if delta is None:
         return "-"
-    points = round(100 * delta, 2)
-    return f"{points + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0, so no "-0.00"
+    return f"{round(delta, 2) + 0.0:+.2f}"  # + 0.0 turns -0.0 into 0.0, so no "-0.00"
 
 
 def _markdown_table(header: list[str], align: list[str], lines: list[list[str]]) -> list[str]:
@@ -269,27 +270,29 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
 
     probes = [r for r in rows if r.kind == "probe"]
     if probes:
-        splits = split_order(s for r in probes for s in r.wer)
-        cer_splits = split_order(s for r in probes for s in r.cer)
+        splits = split_order(s for r in probes for s in r.wer_percent)
+        cer_splits = split_order(s for r in probes for s in r.cer_percent)
         header = ["layer", "seeds", *(f"{s} WER" for s in splits), *(f"{s} CER" for s in cer_splits)]
         lines = [[r.label, ",".join(map(str, r.seeds)),
-                  *(_percent(r.wer.get(s)) for s in splits), *(_percent(r.cer.get(s)) for s in cer_splits)]
+                  *(_percent(r.wer_percent.get(s)) for s in splits),
+                  *(_percent(r.cer_percent.get(s)) for s in cer_splits)]
                  for r in probes]
         out += ["", "## Probes (frozen W2V layer, BiLSTM-CTC)", ""]
         out += _markdown_table(header, ["---:", "---", *["---:"] * (len(header) - 2)], lines)
         best = best_probe(rows)
         if best:
             row, split = best
-            out += ["", f"Best layer: {row.label} (lowest mean {split} WER, {100 * row.wer[split].mean:.2f} %)."]
+            out += ["", f"Best layer: {row.label} (lowest mean {split} WER, {row.wer_percent[split].mean:.2f} %)."]
 
     tunes = [r for r in rows if r.kind == "finetune"]
     if tunes:
-        splits = split_order(s for r in tunes for s in r.wer)
-        cer_splits = split_order(s for r in tunes for s in r.cer)
+        splits = split_order(s for r in tunes for s in r.wer_percent)
+        cer_splits = split_order(s for r in tunes for s in r.cer_percent)
         header = ["re-init", "seeds", *(f"{s} WER" for s in splits), *(f"Δ {s}" for s in splits),
                   *(f"{s} CER" for s in cer_splits)]
-        lines = [[r.label, ",".join(map(str, r.seeds)), *(_percent(r.wer.get(s)) for s in splits),
-                  *(_points(r.delta_wer.get(s)) for s in splits), *(_percent(r.cer.get(s)) for s in cer_splits)]
+        lines = [[r.label, ",".join(map(str, r.seeds)), *(_percent(r.wer_percent.get(s)) for s in splits),
+                  *(_points(r.delta_wer_points.get(s)) for s in splits),
+                  *(_percent(r.cer_percent.get(s)) for s in cer_splits)]
                  for r in tunes]
         out += ["", "## Fine-tuning (W2V + CTC head, re-initialised blocks)", ""]
         out += _markdown_table(header, ["---", "---", *["---:"] * (len(header) - 2)], lines)
@@ -312,17 +315,17 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
 
 
 def csv_columns(rows: list[Row]) -> list[str]:
-    splits = split_order(s for r in rows for s in [*r.wer, *r.cer])
+    splits = split_order(s for r in rows for s in [*r.wer_percent, *r.cer_percent])
     columns = ["kind", "experiment", "layer", "reinit", "n", "seeds"]
     for split in splits:
         for measure in MEASURES:
             columns += [f"{split}_{measure}_mean", f"{split}_{measure}_std", f"{split}_{measure}_n"]
-    columns += [f"{split}_wer_delta" for split in splits]
+    columns += [f"{split}_delta_wer_points" for split in splits]
     return columns
 
 
 def render_csv(rows: list[Row]) -> str:
-    """One line per experiment; fractions as in result.json, empty where there is no value."""
+    """One line per experiment; percent as in result.json, unrounded, empty where there is no value."""
     columns = csv_columns(rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
@@ -337,8 +340,8 @@ def render_csv(rows: list[Row]) -> str:
                 line[f"{split}_{measure}_mean"] = repr(stat.mean)
                 line[f"{split}_{measure}_std"] = "" if stat.std is None else repr(stat.std)
                 line[f"{split}_{measure}_n"] = stat.n
-        for split, delta in row.delta_wer.items():
-            line[f"{split}_wer_delta"] = "" if delta is None else repr(delta)
+        for split, delta in row.delta_wer_points.items():
+            line[f"{split}_delta_wer_points"] = "" if delta is None else repr(delta)
         writer.writerow(line)
     return buffer.getvalue()
 
@@ -349,8 +352,10 @@ def report_dict(rows: list[Row], runs: list[Run], runs_dir=None) -> dict:
     return {
         "w2vcache": __version__,
         "runs_dir": None if runs_dir is None else str(runs_dir),
-        "units": "fractions (0.21 = 21 %); std is the sample standard deviation (ddof=1), null with one seed",
-        "splits": split_order(s for r in rows for s in r.wer),
+        "units": "wer_percent, cer_percent: percent (21.0 = 21 %; above 100 where insertions outnumber "
+                 "the reference words); delta_wer_points: percentage points; std is the sample standard "
+                 "deviation (ddof=1), null with one seed",
+        "splits": split_order(s for r in rows for s in r.wer_percent),
         "best_layer": None if best is None else {"layer": best[0].layer, "experiment": best[0].experiment,
                                                  "by": f"{best[1]} wer"},
         "rows": [r.to_dict() for r in rows],

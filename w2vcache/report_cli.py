@@ -23,7 +23,7 @@ def report_command(runs, out, formats, no_figure):
     """The seed's table and WER figure from the runs under RUNS.
 
     Writes report.md (WER/CER in %, mean ± sample std over seeds), report.csv and report.json
-    (fractions, as in result.json) and report.png (WER by layer; WER by re-initialised blocks).
+    (the same in %, unrounded) and report.png (WER by layer; WER by re-initialised blocks).
     Prints the Markdown to stdout and the paths written to stderr, so `> table.md` keeps only
     the table. Failed and unfinished runs are listed, never averaged.
     """

@@ -73,7 +73,7 @@ class SweepResult:
 # Reading runs back (report.py)
 
 STATUSES = ("finished", "failed", "unfinished")
-MEASURES = ("wer", "cer")  # the error rates result.json gives per split
+MEASURES = ("wer_percent", "cer_percent")  # the error rates result.json gives per split
 _ERROR_SHOWN = 80  # characters of a failed run's error shown in a table's footnote
 
 
@@ -95,7 +95,7 @@ class Run:
     reinit: list[int]  # fine-tunes: the blocks re-initialised, [] for the baseline
     seed: int
     status: str  # "finished", "failed" or "unfinished"
-    metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)  # split -> wer, cer
+    metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)  # split -> wer_percent, cer_percent
     best_epoch: int | None = None
     error: str | None = None  # failed runs: what stopped them
     epochs_done: int = 0  # lines in metrics.jsonl
@@ -179,19 +179,36 @@ def _identity(obj: dict, path: Path) -> dict:
 
 
 def _metrics(result: dict, path: Path) -> dict[str, dict[str, float | None]]:
-    """Every split of result.json that has a "wer": split -> {"wer": ..., "cer": ...}."""
+    """Every split of result.json that has a WER: split -> {"wer_percent": ..., "cer_percent": ...}."""
     found = {}
     for split, value in result.items():
-        if not (isinstance(value, dict) and "wer" in value):
+        if not isinstance(value, dict):
+            continue
+        fractions = "wer_percent" not in value and "wer" in value  # an earlier version's result.json
+        if not (fractions or "wer_percent" in value):
             continue
         entry = {}
         for measure in MEASURES:
-            x = value.get(measure)
+            key = measure.removesuffix("_percent") if fractions else measure
+            x = value.get(key)
             if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or x != x):
-                raise W2VCacheError(f"{path}: {split}.{measure} is {x!r}, not a number")
-            entry[measure] = None if x is None else float(x)
+                raise W2VCacheError(f"{path}: {split}.{key} is {x!r}, not a number")
+            entry[measure] = None if x is None else float(x) * (100 if fractions else 1)
         found[split] = entry
     return found
+
+
+# Earlier versions wrote the error rates as fractions (0.21 = 21 %) under "wer" and "cer" in
+# result.json and "dev_wer" and "dev_cer" in metrics.jsonl. Their run directories are read here
+# (and nowhere else) as if written in percent: _metrics above for result.json, this for
+# metrics.jsonl, whose lines a resumed run rewrites.
+_FRACTION_KEYS = ("dev_wer", "dev_cer")
+
+
+def metrics_line(line: dict) -> dict:
+    """One line of metrics.jsonl, with an earlier version's fractions turned into percent."""
+    return {(f"{k}_percent" if k in _FRACTION_KEYS else k): (100 * v if k in _FRACTION_KEYS else v)
+            for k, v in line.items()}
 
 
 def _epochs_logged(path: Path) -> int:
@@ -243,7 +260,7 @@ def read_run(directory, name: str | None = None) -> Run:
             raise W2VCacheError(f"{result_path}: status {status!r} is neither 'finished' nor 'failed'")
         metrics = _metrics(result, result_path)
         if status == "finished" and not metrics:
-            raise W2VCacheError(f"{result_path}: a finished run with no split that has a 'wer'")
+            raise W2VCacheError(f"{result_path}: a finished run with no split that has a 'wer_percent'")
         if status == "failed":
             error = str(result.get("error") or "") or None
 

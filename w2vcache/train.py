@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from . import record, threads
 from .errors import W2VCacheError
-from .evaluate import error_rates
-from .runs import BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult
+from .evaluate import ErrorRates, error_rates
+from .runs import BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, metrics_line
 
 _END = object()  # end of an epoch's batches
 
@@ -147,11 +147,11 @@ def _read_metrics(run_dir: Path, upto_epoch: int) -> list[dict]:
     path = run_dir / METRICS
     if not path.exists():
         return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [metrics_line(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
     return [m for m in lines if m["epoch"] <= upto_epoch]
 
 
-def evaluate(task: Task, split: str) -> dict:
+def evaluate(task: Task, split: str) -> ErrorRates:
     task.model.eval()
     refs, hyps = [], []
     with torch.inference_mode():
@@ -159,7 +159,7 @@ def evaluate(task: Task, split: str) -> dict:
             r, h = task.decode(batch)
             refs += r
             hyps += h
-    return error_rates(refs, hyps).to_dict()
+    return error_rates(refs, hyps)
 
 
 def sweep(runs) -> SweepResult:
@@ -207,6 +207,8 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     updates_per_epoch = math.ceil(len(task.train_batches(0)) / config.grad_accum)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: tri_stage(u, updates_per_epoch, config))
+    # The checkpoint keeps the best dev rate as the fraction compared here, under "dev_wer" or
+    # "dev_cer"; metrics.jsonl and result.json give it in percent.
     selected = f"dev_{config.select_by}"
     first_epoch, best = 0, {"epoch": None, selected: math.inf}
     if (run_dir / CHECKPOINT).exists():
@@ -262,8 +264,8 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
             "train_loss": loss_sum / max(loss_n, 1),
             "lr": optimizer.param_groups[0]["lr"],
             "updates": schedule.last_epoch,
-            "dev_wer": dev["wer"],
-            "dev_cer": dev["cer"],
+            "dev_wer_percent": dev.wer_percent,
+            "dev_cer_percent": dev.cer_percent,
             "seconds": time.perf_counter() - epoch_started,
             "train_seconds": train_seconds,
             "data_wait_seconds": data_wait,
@@ -273,9 +275,10 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         }
         if progress and writer:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
-                       f"dev WER {100 * dev['wer']:.2f}%, CER {100 * dev['cer']:.2f}% ({entry['seconds']:.1f} s)")
-        if dev[config.select_by] < best[selected] or best["epoch"] is None:
-            best = {"epoch": epoch + 1, selected: dev[config.select_by]}
+                       f"dev WER {dev.wer_percent:.2f} %, CER {dev.cer_percent:.2f} % ({entry['seconds']:.1f} s)")
+        rate = getattr(dev, config.select_by)
+        if rate < best[selected] or best["epoch"] is None:
+            best = {"epoch": epoch + 1, selected: rate}
             if writer:
                 _save(model.state_dict(), run_dir / BEST)
         if writer:
@@ -297,7 +300,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         epochs=config.epochs,
     )
     for split in (config.dev_split, *(config.test_splits or ())):
-        result[split] = evaluate(task, split)
+        result[split] = evaluate(task, split).to_dict()
     result["timings"] = {
         "total_s": sum(m["seconds"] for m in _read_metrics(run_dir, config.epochs)) + time.perf_counter() - eval_started,
         "train_s": sum(m["train_seconds"] for m in _read_metrics(run_dir, config.epochs)),
