@@ -156,9 +156,18 @@ def info_command(store, as_json):
     click.echo(f"features   {len(layers)} layers ({layers[0]}..{layers[-1]}), {about['dtype']}, "
                f"dim {max(about['layers'].values())}, {prov.get('frame_rate')} frames/s, compute {prov.get('compute_dtype')}")
     click.echo(f"created    {prov.get('created')}  " + " ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if v))
+    verification = about.get("verification")
+    if verification:
+        damaged = verification.get("damaged_blocks") or {}
+        blocks = ", ".join(f"{s} {' '.join(map(str, b))}" for s, b in damaged.items())
+        click.echo(f"verify     last verification failed ({verification.get('checked')}): {sum(map(len, damaged.values()))} "
+                   f"damaged block(s){' (' + blocks + ')' if blocks else ''}, {verification.get('n_problems')} "
+                   f"problem(s); run `w2vcache verify --repair {store}`")
     click.echo(f"\n{'split':<12} {'utterances':>10} {'hours':>8} {'frames':>10} {'complete':>12} {'skipped':>8}  source")
     for name, split in about["splits"].items():
         done = "yes" if split["complete"] else f"{split['blocks_done']}/{split['blocks']} blocks"
+        if split.get("damaged_blocks"):
+            done = f"{len(split['damaged_blocks'])} damaged"
         click.echo(f"{name:<12} {split['utterances']:>10} {split['hours']:>8.3f} {split['frames']:>10} "
                    f"{done:>12} {len(split['skipped']):>8}  {split['source']}")
     for name, split in about["splits"].items():
@@ -168,17 +177,50 @@ def info_command(store, as_json):
 
 @main.command("verify")
 @click.argument("store")
+@click.option("--repair", is_flag=True,
+              help="Rewrite the blocks whose chunks fail (from the audio with the store's own model and "
+              "settings; a copy from its source), then verify again. Killed, run it again to finish.")
+@click.option("--device", help="With --repair: where the model runs.  [default: where the store was "
+              "extracted, if that is here; else cpu]")
+@click.option("--source", help="With --repair of a copy: where its source store is now.  [default: "
+              "where the copy's provenance says]")
+@threads_option
 @user_errors
-def verify_command(store):
-    """Check every chunk's checksum, the offsets, ids, transcripts and completeness."""
+def verify_command(store, repair, device, source, threads):
+    """Check every chunk's checksum, the offsets, ids, transcripts and completeness.
+
+    With --repair, write the blocks whose chunks fail again and verify once more.
+    """
     from .store import verify
 
+    if not repair and (device or source or threads):
+        raise click.UsageError("--device, --source and --threads go with --repair")
     report = verify(store)
     for problem in report.problems:
         click.echo(f"FAIL {problem}")
+    repaired = ""
+    if repair and report.damaged_blocks:
+        from .repair import RepairConfig, repair as repair_store
+
+        blocks = ", ".join(f"{split} {' '.join(map(str, b))}" for split, b in report.damaged_blocks.items())
+        click.echo(f"repairing {report.n_damaged} block(s) of {store}: {blocks}")
+        result = repair_store(store, RepairConfig(device=device, source=source, threads=threads), report=report)
+        rewritten = sum(map(len, result.rewritten.values()))
+        repaired = f" ({rewritten} block(s) rewritten from {result.source} in {result.seconds:.1f} s)"
+        report = result.after
+        for problem in report.problems:
+            click.echo(f"FAIL {problem}")
     if not report.ok:
-        raise click.ClickException(f"{store}: {len(report.problems)} problem(s) in {report.chunks_checked} chunks checked")
-    click.echo(f"OK {store}: {report.chunks_checked} chunks checked, all intact and complete")
+        if report.damaged_blocks:
+            advice = (f"; run `w2vcache verify --repair {store}` to rewrite the {report.n_damaged} "
+                      f"damaged block(s)")
+        elif report.damage and repair:
+            advice = "; none is in a block that --repair can rewrite"
+        else:
+            advice = ""
+        raise click.ClickException(f"{store}: {len(report.problems)} problem(s) in {report.chunks_checked} "
+                                   f"chunks checked{repaired}{advice}")
+    click.echo(f"OK {store}: {report.chunks_checked} chunks checked, all intact and complete{repaired}")
 
 
 def training_options(command):

@@ -25,25 +25,28 @@ padding), so no two blocks share a chunk and writers of different blocks never t
 The package's modules, one concept each: `layout` (format constants, block/chunk geometry,
 records), `locks` (writer locks, pid liveness, stale-lock takeover), `location` (opening by path,
 URL or zip pack), `creation` (laying out a new store, resume differences), `featurestore`
-(FeatureStore: reading, writing blocks, open_store) and `verification` (verify, info).
+(FeatureStore: reading, writing and reopening blocks, open_store) and `verification` (verify, its
+record of the damage found, info).
 """
 
 from .featurestore import FeatureStore, open_store
 from .layout import CREATING_KEY, FORMAT_VERSION, SplitPlan, plan_blocks
 from .locks import pid_alive
 from .location import local_root, url_protocol
-from .verification import info, verify
+from .verification import VerifyReport, info, record_verification, verify
 
 __all__ = [
     "CREATING_KEY",
     "FORMAT_VERSION",
     "FeatureStore",
     "SplitPlan",
+    "VerifyReport",
     "info",
     "local_root",
     "open_store",
     "pid_alive",
     "plan_blocks",
+    "record_verification",
     "url_protocol",
     "verify",
 ]

@@ -27,6 +27,7 @@ from .layout import (
     FORMAT_VERSION,
     INDEX_ARRAYS,
     META_KEY,
+    VERIFICATION_KEY,
     Block,
     SplitPlan,
     SplitStatus,
@@ -175,6 +176,32 @@ class FeatureStore:
             lock.release()
             raise
 
+    @classmethod
+    def open_writer(cls, path: str | os.PathLike, *, shard: tuple[int, int] | None = None) -> FeatureStore:
+        """Open an existing, fully created local store for writing, holding the writer lock for
+        `shard` (None: the whole store). Repair uses it: it rewrites blocks of a store as it is,
+        with no plan to compare."""
+        root = local_root(path)
+        label = os.fspath(path)
+        shard = _check_shard(shard, label)
+        state = _root_state(root)
+        if state == "empty":
+            raise W2VCacheError(f"no store at {label}")
+        if state == "half":
+            raise W2VCacheError(f"store {label} was never fully created; re-run extract to create it again")
+        if state == "foreign":
+            raise W2VCacheError(f"{label} is not a w2vcache store")
+        try:
+            lock = _acquire_writer_lock(root, shard, label)
+        except OSError as e:
+            raise W2VCacheError(f"cannot lock the store at {label}: {e}") from None
+        try:
+            return cls(zarr.open_group(str(root), mode="r+", zarr_format=3, use_consolidated=False),
+                       label, lock=lock, shard=shard)
+        except BaseException:
+            lock.release()
+            raise
+
     def _plan_view(self, split: str) -> tuple[list[str], list[str], list[int]]:
         index = self._split_index(split)
         return index.ids, index.texts, index.lengths.tolist()
@@ -215,6 +242,14 @@ class FeatureStore:
     @property
     def dtype(self) -> str:
         return self._meta["dtype"]
+
+    @property
+    def verification(self) -> dict | None:
+        """What the last verification that found damage recorded (`verify` keeps it in the root
+        attributes of a local store until a verification finds none): checked, problems,
+        damaged_blocks {split: [block, ...]}; None when there is no such record."""
+        record = self._root.attrs.asdict().get(VERIFICATION_KEY)
+        return record if isinstance(record, dict) else None
 
     def split_attrs(self, split: str) -> dict:
         return self._group(split).attrs.asdict()
@@ -282,9 +317,13 @@ class FeatureStore:
             bad = _find_bad_chunk(array, selection)
             if bad is None:
                 raise
+            # Layer chunks and done markers belong to one block, which repair writes again; the
+            # other index arrays (ids, offsets, ...) span every block and cannot be rebuilt so.
+            advice = (f"run `w2vcache verify --repair {self.path}` to rewrite the blocks at fault"
+                      if name not in INDEX_ARRAYS or name == "done" else
+                      "the store's index is damaged: extract into a new store, or copy the store again")
             raise W2VCacheError(f"store {self.path}: {split}/{name} chunk {bad}: checksum "
-                                f"mismatch or unreadable chunk ({e}); run `w2vcache verify` and "
-                                f"re-extract or re-copy the store") from None
+                                f"mismatch or unreadable chunk ({e}); {advice}") from None
 
     def _split_index(self, split: str, refresh: bool = False) -> _SplitIndex:
         if split not in self._index:
@@ -459,6 +498,33 @@ class FeatureStore:
                 # Every writer that finishes re-checks, so the last one to finish sets the flag;
                 # rewriting the same attributes concurrently is harmless (atomic, identical).
                 self._group(block.split).update_attributes({"complete": True})
+
+    def reopen_blocks(self, split: str, indices: Sequence[int]) -> None:
+        """Clear the done markers of blocks `indices` so that they are written again (repair).
+
+        Until a block is marked done again, readers refuse its utterances and a re-run of extract
+        (or repair) redoes it, so a writer killed midway leaves it pending, never half-rewritten
+        and marked done. A marker whose own chunk is corrupt is simply overwritten.
+        """
+        self._check_writable()
+        done = self._array(split, "done")
+        for b in indices:
+            if not 0 <= b < done.shape[0]:
+                raise W2VCacheError(f"store {self.path}: split {split} has {done.shape[0]} blocks, "
+                                    f"no block {b}")
+            if not self.owns(b):
+                raise W2VCacheError(f"store {self.path}: {split} block {b} belongs to shard "
+                                    f"{b % self.shard[1]}/{self.shard[1]}, not to this writer's")
+        if not indices:
+            return
+        # `complete` first: it must never say true while a block is pending.
+        self._group(split).update_attributes({"complete": False})
+        for b in indices:
+            done[b] = 0  # a whole chunk: written without reading the old one
+            self._written.discard((split, b))
+            self._layers_written.pop((split, b), None)
+        if split in self._index:
+            self._split_index(split, refresh=True)
 
     def _check_block(self, block: Block) -> None:
         index = self._split_index(block.split)

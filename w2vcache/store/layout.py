@@ -19,6 +19,9 @@ from w2vcache.errors import W2VCacheError
 FORMAT_VERSION = 1  # bump when the layout changes; readers refuse stores newer than this
 META_KEY = "w2vcache"  # root attribute: layers, dtype, splits, provenance; written last at creation
 CREATING_KEY = "w2vcache_creating"  # root attribute present while a store is being created
+# Root attribute present while the last verification found damaged blocks (`verify` writes and
+# clears it on a local store): which blocks `verify --repair` must rewrite, and when it was seen.
+VERIFICATION_KEY = "w2vcache_verification"
 
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "zstd")

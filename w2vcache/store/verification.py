@@ -1,10 +1,17 @@
-"""verify and info: read every chunk of a store back and check its layout; summarise a store."""
+"""verify and info: read every chunk of a store back and check its layout; summarise a store.
+
+`verify` names each problem and the blocks whose chunks fail (the unit `verify --repair` rewrites).
+On a local store it also keeps what it found in the root attribute VERIFICATION_KEY: present while
+blocks are damaged, or were found damaged and are not rewritten yet (a repair killed midway left
+them pending), removed by the first verification that finds none. `info` shows it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +23,12 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 from w2vcache.errors import W2VCacheError
 
 from .featurestore import FeatureStore, open_store
-from .layout import INDEX_ARRAYS
+from .layout import INDEX_ARRAYS, VERIFICATION_KEY
 from .location import _store_label
 
 HTTP_PROTOCOLS = ("http", "https")  # read-only, and no listing: bytes on disk are unknown there
 EXISTS_CONCURRENCY = 10  # chunk-existence checks in flight at once (as zarr's async.concurrency)
+RECORDED_PROBLEMS = 20  # problems kept in the verification record: enough to see what broke
 
 
 @dataclass
@@ -28,14 +36,37 @@ class VerifyReport:
     path: str
     problems: list[str] = field(default_factory=list)  # each names split/array and chunk at fault
     chunks_checked: int = 0
+    # {split: [block, ...]}: blocks whose chunks fail (checksum, missing, a corrupt done marker),
+    # and blocks an earlier verification found damaged that are still pending: what repair rewrites.
+    damaged_blocks: dict[str, list[int]] = field(default_factory=dict)
+    incomplete: list[str] = field(default_factory=list)  # splits with blocks not done (not damage)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def n_damaged(self) -> int:
+        return sum(map(len, self.damaged_blocks.values()))
 
-def verify(path: Any) -> VerifyReport:
-    """Read every chunk of every array (zarr checks each chunk's crc32c) and check the layout."""
+    @property
+    def damage(self) -> list[str]:
+        """The problems other than incompleteness: a store being extracted is not broken."""
+        notes = tuple(f"{split}: incomplete:" for split in self.incomplete)
+        return [p for p in self.problems if not p.startswith(notes)] if notes else list(self.problems)
+
+    def _damaged(self, split: str, block: int) -> None:
+        blocks = self.damaged_blocks.setdefault(split, [])
+        if block not in blocks:
+            blocks.append(block)
+
+
+def verify(path: Any, record: bool = True) -> VerifyReport:
+    """Read every chunk of every array (zarr checks each chunk's crc32c) and check the layout.
+
+    With `record`, a local store keeps the damage found in its root attributes (module docstring)
+    where the file system lets us write; elsewhere (URLs, packs) verifying writes nothing.
+    """
     report = VerifyReport(path=_store_label(path))
     try:
         store = open_store(path)
@@ -43,14 +74,52 @@ def verify(path: Any) -> VerifyReport:
         report.problems.append(str(e))
         return report
     try:
+        pending: dict[str, set[int]] = {}
         for split in store.splits:
-            _verify_split(store, split, report)
+            _verify_split(store, split, report, pending)
+        earlier = store.verification or {}
+        for split, blocks in (earlier.get("damaged_blocks") or {}).items():
+            for b in blocks:
+                if b in pending.get(split, ()):  # found damaged, not rewritten yet
+                    report._damaged(split, b)
+        report.damaged_blocks = {s: sorted(b) for s, b in report.damaged_blocks.items()}
+        if record:
+            try:
+                record_verification(store, report, earlier or None)
+            except OSError:
+                pass  # a store we may read but not write: the report says it all
     finally:
         store.close()
     return report
 
 
-def _verify_split(store: FeatureStore, split: str, report: VerifyReport) -> None:
+def record_verification(store: FeatureStore, report: VerifyReport, earlier: dict | None) -> None:
+    """Keep (or clear) the damage found in a local store's root attributes; elsewhere nothing.
+
+    Only damage is recorded: an incomplete store is being extracted, not broken. A verification
+    finding none removes the record, so verifying a store that is fine never writes to it.
+    """
+    zarr_store = store._root.store_path.store
+    if not isinstance(zarr_store, LocalStore) or store._root.store_path.path:
+        return
+    damage = report.damage
+    if not (damage or report.damaged_blocks or earlier):
+        return
+    root = zarr.open_group(LocalStore(zarr_store.root), mode="r+", zarr_format=3, use_consolidated=False)
+    attrs = root.attrs.asdict()
+    if not (damage or report.damaged_blocks):
+        attrs.pop(VERIFICATION_KEY, None)
+    else:
+        attrs[VERIFICATION_KEY] = {
+            "checked": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "damaged_blocks": report.damaged_blocks,
+            "n_problems": len(damage),
+            "problems": damage[:RECORDED_PROBLEMS],
+        }
+    root.attrs.put(attrs)
+
+
+def _verify_split(store: FeatureStore, split: str, report: VerifyReport, pending: dict[str, set[int]]) -> None:
     problems = report.problems
     try:
         group = store._group(split)
@@ -63,6 +132,8 @@ def _verify_split(store: FeatureStore, split: str, report: VerifyReport) -> None
         if array is None:
             continue
         values[name] = _read_chunkwise(array, f"{split}/{name}", report)
+        if name == "done" and values[name] is None and array.chunks == (1,):
+            values[name] = _read_markers(array, split, report)
     if any(v is None for v in values.values()) or len(values) < len(INDEX_ARRAYS):
         return  # the layout cannot be checked on unreadable index arrays
     ids, texts, paths = (values[k].tolist() for k in ("ids", "texts", "paths"))
@@ -111,10 +182,11 @@ def _verify_split(store: FeatureStore, split: str, report: VerifyReport) -> None
         problems.append(f"{split}: utterances are not in store order (by length, then id)")
     if not np.isin(done, (0, 1)).all():
         problems.append(f"{split}/done: values other than 0 and 1")
-    pending = int((done == 0).sum())
-    if pending:
+    pending[split] = {int(b) for b in np.flatnonzero(done == 0)}
+    if pending[split]:
         sizes = blocks[:, 1] - blocks[:, 0]
-        problems.append(f"{split}: incomplete: {pending} of {len(blocks)} blocks "
+        report.incomplete.append(split)
+        problems.append(f"{split}: incomplete: {len(pending[split])} of {len(blocks)} blocks "
                         f"({int(sizes[done == 0].sum())} of {n} utterances) not extracted yet; "
                         f"re-running extract resumes it")
     n_rows = int(offsets[-1])
@@ -130,7 +202,8 @@ def _verify_split(store: FeatureStore, split: str, report: VerifyReport) -> None
             if done[b]:
                 first = int(offsets[start]) // chunk_frames
                 last = -(-int(offsets[start] + lengths[start:stop].sum()) // chunk_frames)
-                _verify_chunks(array, f"{split}/{layer}", first, last, report)
+                if not _verify_chunks(array, f"{split}/{layer}", first, last, report):
+                    report._damaged(split, b)
 
 
 def _member(group: zarr.Group, split: str, name: str, problems: list[str]) -> zarr.Array | None:
@@ -160,17 +233,34 @@ def _read_chunkwise(array: zarr.Array, name: str, report: VerifyReport) -> np.nd
     return None
 
 
-def _verify_chunks(array: zarr.Array, name: str, first: int, last: int, report: VerifyReport) -> None:
-    """Chunks first..last-1 (along frames) must exist and decode."""
+def _read_markers(array: zarr.Array, split: str, report: VerifyReport) -> np.ndarray:
+    """The done markers one by one (one chunk per block), after reading them whole failed.
+
+    A marker whose chunk fails (already reported) says nothing about its block: the block counts
+    as damaged, and as done so that its chunks are checked too.
+    """
+    done = np.ones(array.shape, dtype=np.uint8)
+    for b in range(array.shape[0]):
+        try:
+            done[b] = array[b]
+        except Exception:
+            report._damaged(split, b)
+    return done
+
+
+def _verify_chunks(array: zarr.Array, name: str, first: int, last: int, report: VerifyReport) -> bool:
+    """Chunks first..last-1 (along frames) must exist and decode; False if any does not."""
     step = array.chunks[0]
     keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, 0))}" for c in range(first, last)]
+    intact = True
     for c, exists in zip(range(first, last), _keys_exist(array.store_path.store, keys)):
         if not exists:
             report.problems.append(f"{name} chunk {c}: missing (its block is marked done)")
+            intact = False
     report.chunks_checked += last - first
     try:
         array[first * step: last * step]
-        return
+        return intact
     except Exception:
         pass
     for c in range(first, last):
@@ -178,6 +268,7 @@ def _verify_chunks(array: zarr.Array, name: str, first: int, last: int, report: 
             array[c * step: (c + 1) * step]
         except Exception as e:
             report.problems.append(f"{name} chunk {c}: checksum mismatch or unreadable ({e})")
+    return False
 
 
 def _keys_exist(store: Any, keys: list[str]) -> list[bool]:
@@ -256,6 +347,8 @@ def info(path: Any) -> dict:
 
 
 def _info(store: FeatureStore) -> dict:
+    verification = store.verification
+    damaged = (verification or {}).get("damaged_blocks") or {}
     splits = {}
     for split in store.splits:
         attrs = store.split_attrs(split)
@@ -265,6 +358,7 @@ def _info(store: FeatureStore) -> dict:
             "frames": attrs.get("n_frames"),
             "hours": attrs.get("hours"),
             "complete": status.complete,
+            "damaged_blocks": damaged.get(split, []),
             "blocks": status.n_blocks,
             "blocks_done": status.blocks_done,
             "utterances_done": status.utterances_done,
@@ -281,5 +375,7 @@ def _info(store: FeatureStore) -> dict:
         "compression": meta.get("compression"),
         "splits": splits,
         "bytes": _bytes_on_disk(store),
+        # None, or the last verification's record of damage: checked, damaged_blocks, problems
+        "verification": verification,
         "provenance": store.provenance,
     }
