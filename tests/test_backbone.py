@@ -261,6 +261,71 @@ def test_checkpoint_missing_weights_is_refused(tmp_path):
         load_backbone(str(tmp_path))
 
 
+# --- model directories from elsewhere: data, never code ---------------------------------------------
+
+
+def model_dir_with_custom_code(path, model_type, marker):
+    """A save_pretrained directory whose config.json points (auto_map) at a module of its own, which
+    would leave `marker` behind if it were ever imported."""
+    load_backbone("builtin:tiny").model.save_pretrained(path)
+    (path / "custom.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import Wav2Vec2Config as CustomConfig, Wav2Vec2Model as CustomModel\n")
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type=model_type,
+                  auto_map={"AutoConfig": "custom.CustomConfig", "AutoModel": "custom.CustomModel"})
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_custom_code_in_a_model_directory_is_never_run(tmp_path, monkeypatch):
+    prompts = []  # transformers would ask "Do you wish to run the custom code? [y/N]"
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+    marker = tmp_path / "custom-code-ran"
+    known = model_dir_with_custom_code(tmp_path / "known", "wav2vec2", marker)
+    bb = load_backbone(str(known))  # a type transformers implements: its own class, auto_map ignored
+    assert type(bb.model) is Wav2Vec2Model and bb.weight_hash() == load_backbone("builtin:tiny").weight_hash()
+    unknown = model_dir_with_custom_code(tmp_path / "unknown", "my-w2v", marker)
+    with pytest.raises(W2VCacheError, match=r"model type 'my-w2v' comes with its own code \(auto_map in "
+                                            r"config.json\), which w2vcache never runs"):
+        load_backbone(str(unknown))
+    assert not marker.exists() and prompts == []
+
+
+def test_an_attention_kernel_from_the_hub_is_refused(tmp_path):
+    load_backbone("builtin:tiny").model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attn_implementation": "someone/flash-kernel"}))
+    with pytest.raises(W2VCacheError, match="attention kernel 'someone/flash-kernel' from the Hugging Face Hub"):
+        load_backbone(str(tmp_path))
+
+
+class LeavesAMark:
+    """Unpickling this makes a directory: stands in for any code a pickle can run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (__import__("os").mkdir, (self.path,))
+
+
+def test_bin_weights_load_as_tensors_only(tmp_path):
+    from safetensors.torch import load_file
+
+    reference = load_backbone("builtin:tiny")
+    reference.model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert load_backbone(str(tmp_path)).weight_hash() == reference.weight_hash()
+    marker = tmp_path / "pickle-ran"
+    torch.save({**state, "extra": LeavesAMark(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(W2VCacheError, match=r"its .bin weights hold more than tensors \(a pickled [\w.]*mkdir\)"):
+        load_backbone(str(tmp_path))
+    assert not marker.exists()
+
+
 def test_not_batch_exact_encoders_run_alone(tmp_path):
     # data2vec-audio's stacked positional convs let padding leak into real frames; it runs one by one.
     from transformers import Data2VecAudioConfig, Data2VecAudioModel

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import urllib.request
 import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,11 +51,15 @@ def pack(source):
     return path
 
 
-class RangeHandler(SimpleHTTPRequestHandler):
-    """Python's static file server, quiet, answering `Range: bytes=a-b` as object stores do."""
+class QuietHandler(SimpleHTTPRequestHandler):
+    """Python's static file server, which answers a range request with the whole file."""
 
     def log_message(self, *args):
         pass
+
+
+class RangeHandler(QuietHandler):
+    """Python's static file server, answering `Range: bytes=a-b` as object stores do."""
 
     def send_head(self):
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
@@ -78,17 +83,33 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default 5 makes concurrent readers wait for SYN retries
     daemon_threads = True
 
+    def handle_error(self, request, client_address):
+        # A reader sent the whole pack where it asked for a part of it hangs up mid-file.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
-@pytest.fixture(scope="module")
-def http_base(source, pack):
-    """http://127.0.0.1:PORT serving the directory of the store and its pack, read-only (GET/HEAD)."""
-    server = Server(("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(source.parent)))
+
+def serve(directory, handler):
+    """http://127.0.0.1:PORT serving directory read-only (GET/HEAD) until the generator is closed."""
+    server = Server(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def http_base(source, pack):
+    """The directory of the store and its pack, on a server that answers range requests."""
+    yield from serve(source.parent, RangeHandler)
+
+
+@pytest.fixture(scope="module")
+def plain_http_base(source, pack):
+    """The same directory on a server that ignores range requests."""
+    yield from serve(source.parent, QuietHandler)
 
 
 def snapshot(path):
@@ -216,7 +237,8 @@ def _block_chunk_files(path, store, split, b, layer):
 def test_a_different_copy_onto_an_existing_copy_says_what_differs(source, tmp_path):
     dst = tmp_path / "c.zarr"
     copy_store(source, dst, layers="0", splits="test", progress=False)
-    with pytest.raises(W2VCacheError, match=r"already exists with other settings: .*layers.*copy to another directory"):
+    differs = r"layers: store has \['layer00'\], asked for \['layer00', 'layer01'\]"
+    with pytest.raises(W2VCacheError, match=rf"(?s)already exists with other settings: .*{differs}.*copy to another"):
         copy_store(source, dst, layers="0-1", splits="test", progress=False)
 
 
@@ -376,6 +398,24 @@ def test_pack_over_http_is_read_in_place(source, http_base):
     assert_same_features(url, source, ["dev", "test"], LAYERS, compare=["layer01", "layer04"])
 
 
+def test_a_pack_on_a_server_without_range_requests_is_refused_naming_the_ways_out(source, pack, plain_http_base):
+    url = f"{plain_http_base}/features.zip"
+    asked = urllib.request.Request(url, headers={"Range": "bytes=100-199"})
+    with urllib.request.urlopen(asked) as response:  # the server sends the whole pack for a part of it
+        assert response.status == 200 and len(response.read()) == pack.stat().st_size
+    for read in (open_store, info):
+        with pytest.raises(W2VCacheError) as error:
+            read(url)
+        message = str(error.value)
+        assert message.startswith(f"cannot read {url}: the web server does not answer range requests")
+        assert "serve the store's directory instead" in message
+        assert "serve the pack from a server that answers range requests" in message
+    result = CliRunner().invoke(main, ["info", url])
+    assert result.exit_code == 1 and result.output == f"Error: {message}\n"
+    # The first way out, on the same server: the store's directory is read file by file.
+    assert info(f"{plain_http_base}/features.zarr")["splits"] == info(source)["splits"]
+
+
 def _read_in_child(store, queue):
     queue.put([x.tolist() for x in store.read_batch("test", "layer02", [0, 5, 9])])
 
@@ -425,6 +465,31 @@ def test_reading_and_sharing_never_modify_the_source(source, pack, tmp_path):
     pack_store(source, tmp_path / "p.zip", progress=False)
     export_hdf5(pack, tmp_path / "e.h5", progress=False)
     assert (snapshot(source), snapshot(pack)) == before
+
+
+def test_pack_members_named_outside_the_store_are_never_written_anywhere(pack, tmp_path):
+    """A pack is read in place, never unpacked: members named ../x, /x or ..\\x (another zip tool's
+    or a stranger's doing) are not written by reading, copying, exporting or re-packing it, and a new
+    pack leaves them out, so that no unzip tool is handed them either."""
+    work = tmp_path / "work"
+    work.mkdir()
+    odd = work / "odd.zip"
+    shutil.copy(pack, odd)
+    outside = Path("/") / f"w2vcache-test-{os.getpid()}-absolute.txt"
+    stray = ["../outside.txt", str(outside), "_runs/../../escape/zarr.json", "..\\backslash.txt"]
+    with zipfile.ZipFile(odd, "a") as z:
+        for name in stray:
+            z.writestr(name, json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    assert verify(odd).ok and info(odd)["splits"] == info(pack)["splits"]
+    copy_store(odd, work / "copy.zarr", progress=False)
+    export_hdf5(odd, work / "export.h5", progress=False)
+    pack_store(odd, work / "again.zip", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["work"] and not outside.exists()
+    assert sorted(p.name for p in work.iterdir()) == ["again.zip", "copy.zarr", "export.h5", "odd.zip"]
+    with zipfile.ZipFile(work / "again.zip") as z:
+        names = z.namelist()
+    assert not [n for n in names if n.startswith("/") or ".." in n or "\\" in n], names
+    assert verify(work / "again.zip").ok and verify(work / "copy.zarr").ok
 
 
 def test_newer_format_version_is_refused_everywhere(source, tmp_path):

@@ -211,7 +211,7 @@ def test_partial_store_refuses_pending_blocks_and_resumes(tmp_path):
     ({"provenance": {**PROVENANCE, "weights_sha256": "fff"}}, "provenance weights_sha256: store has 'abc123', asked for 'fff'"),
     ({"provenance": {**PROVENANCE, "model": {"id": "tiny", "sha": "1"}}}, "provenance model: store has 'tiny', asked for {"),
     ({"provenance": {**PROVENANCE, "frame_rate": None, "revision": "v2"}},
-     "provenance frame_rate: store has 50, asked for None; provenance revision: store has (absent), asked for 'v2'"),
+     "2 differ:\n  provenance frame_rate: store has 50, asked for None\n  provenance revision: store has (absent), asked for 'v2'"),
     ({"plan": {"dev": make_plan()["dev"].utterances[:-1], "test": make_plan()["test"]}}, "split dev utterance ids: store has 40, asked for 39"),
 ])
 def test_create_on_a_different_store_says_what_differs(tmp_path, change, message):

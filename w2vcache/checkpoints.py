@@ -6,12 +6,17 @@ each checked to be a W2V-style encoder and loaded into a `Backbone`.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
+import re
+import sys
 from typing import Callable
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, Wav2Vec2Config
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from w2vcache.backbone import Backbone
 from w2vcache.errors import W2VCacheError
@@ -85,7 +90,17 @@ BUILTIN_MODELS: dict[str, Callable[[], PretrainedConfig]] = {
     "builtin:base": _base_config,
 }
 
-
+# Heads a checkpoint may carry beside the encoder: loading the encoder alone leaves their weights
+# out, as intended. A ...ForCTC checkpoint has a CTC head; a ...ForPreTraining one (such as
+# facebook/wav2vec2-base) has the quantizer and projections of its contrastive task.
+CTC_HEAD_PREFIX = "lm_head."
+UNUSED_HEADS = {  # the line said instead of transformers' load report -> the head's weight prefixes
+    "a CTC checkpoint; its CTC head ({}) is not used, only its encoder": (CTC_HEAD_PREFIX,),
+    "a pre-training checkpoint; its pre-training heads ({}) are not used, only its encoder":
+        ("quantizer.", "project_q.", "project_hid."),
+}
+# The logger transformers' "<Model> LOAD REPORT" (a table of unexpected, missing, mis-shaped keys) goes to.
+TRANSFORMERS_LOAD_LOGGER = "transformers.modeling_utils"
 
 
 def load_backbone(
@@ -144,14 +159,12 @@ def _load_local(path: str) -> nn.Module:
         )
     try:
         # local_files_only: a local directory must never trigger a download or even a network request.
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = _read_config(path, local_files_only=True)
     except (OSError, ValueError, KeyError, _ConfigValidationError) as e:
         raise W2VCacheError(f"cannot read the model config in {path!r}: {_first_line(e)}") from None
     _check_architecture(config, path)
     try:
-        model, info = AutoModel.from_pretrained(
-            path, config=config, local_files_only=True, dtype=torch.float32, output_loading_info=True
-        )
+        model, info = _from_pretrained(path, config, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise W2VCacheError(f"cannot load the model weights in {path!r}: {_first_line(e)}") from None
     _check_loaded(info, path)
@@ -160,11 +173,9 @@ def _load_local(path: str) -> nn.Module:
 
 def _load_hub(name: str, revision: str | None) -> tuple[nn.Module, str | None, bool | None]:
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision)
+        config = _read_config(name, revision=revision)
         _check_architecture(config, name)
-        model, info = AutoModel.from_pretrained(
-            name, config=config, revision=revision, dtype=torch.float32, output_loading_info=True
-        )
+        model, info = _from_pretrained(name, config, revision=revision)
     except W2VCacheError:
         raise
     except (OSError, ValueError, _ConfigValidationError) as e:  # offline, not cached, no such repo/revision
@@ -180,6 +191,78 @@ def _load_hub(name: str, revision: str | None) -> tuple[nn.Module, str | None, b
     return model, _hub_commit(name, revision), _read_do_normalize(name, revision=revision)
 
 
+def _read_config(name: str, **kwargs) -> PretrainedConfig:
+    """The model's config, refusing one that needs code from the model's own files or the Hub.
+
+    trust_remote_code=False: transformers' own class for a model type it implements, whatever
+    auto_map says, and never its interactive "run the custom code? [y/N]" prompt.
+    """
+    config_dict, _ = PretrainedConfig.get_config_dict(name, **kwargs)
+    model_type = config_dict.get("model_type")
+    if config_dict.get("auto_map") and model_type not in CONFIG_MAPPING:
+        raise W2VCacheError(
+            f"{name!r}: model type {model_type!r} comes with its own code (auto_map in config.json), "
+            "which w2vcache never runs; use a model transformers implements (wav2vec2, hubert, wavlm, ...)"
+        )
+    config = AutoConfig.from_pretrained(name, trust_remote_code=False, **kwargs)
+    attention = getattr(config, "_attn_implementation", None)
+    if isinstance(attention, str) and "/" in attention:  # a kernel repository on the Hub: code
+        raise W2VCacheError(
+            f"{name!r}: its config asks for the attention kernel {attention!r} from the Hugging Face Hub, "
+            "code that w2vcache does not fetch or run; remove attn_implementation from config.json"
+        )
+    return config
+
+
+def _from_pretrained(name: str, config: PretrainedConfig, **kwargs) -> tuple[nn.Module, dict]:
+    """AutoModel.from_pretrained as data only (safetensors, or a .bin through torch's weights-only
+    loader), with transformers' load report held back when all it says is that the checkpoint's CTC
+    head is left out: then one line of ours says so instead. Any other report is shown as it is."""
+    held = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    logger = logging.getLogger(TRANSFORMERS_LOAD_LOGGER)
+    logger.addFilter(hold)
+    info = None
+    try:
+        model, info = AutoModel.from_pretrained(
+            name, config=config, dtype=torch.float32, output_loading_info=True, trust_remote_code=False,
+            weights_only=True, **kwargs
+        )
+    except pickle.UnpicklingError as e:  # torch's weights-only loader refused a .bin checkpoint
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the global it refused
+        raise W2VCacheError(
+            f"{name!r}: its .bin weights hold more than tensors (a pickled {found[1] if found else 'object'}), "
+            "and unpickling that could run code, so they are refused; use the model's model.safetensors"
+        ) from None
+    finally:
+        logger.removeFilter(hold)
+        head_only = _unused_head(info) if info is not None else None
+        if not head_only:
+            for record in held:
+                logger.handle(record)
+    if head_only:
+        line, prefixes = head_only
+        print(f"{name}: " + line.format(", ".join(p + "*" for p in prefixes)), file=sys.stderr)
+    return model, info
+
+
+def _unused_head(info: dict) -> tuple[str, tuple[str, ...]] | None:
+    """(line, prefixes) of UNUSED_HEADS when the only weights left out are one known head's; else None."""
+    unexpected = info.get("unexpected_keys") or ()
+    if not unexpected or info.get("missing_keys") or info.get("mismatched_keys"):
+        return None
+    for line, prefixes in UNUSED_HEADS.items():
+        if all(str(k).startswith(prefixes) for k in unexpected):
+            return line, prefixes
+    return None
+
+
 def _check_architecture(config: PretrainedConfig, where: str) -> None:
     """Refuse anything that is not a W2V-style encoder, before any weight is read.
 
@@ -189,7 +272,7 @@ def _check_architecture(config: PretrainedConfig, where: str) -> None:
     model_type = getattr(config, "model_type", "?")
     try:
         with torch.device("meta"):
-            skeleton = AutoModel.from_config(config)
+            skeleton = AutoModel.from_config(config, trust_remote_code=False)
     except (ValueError, KeyError, TypeError) as e:
         raise W2VCacheError(f"{where!r}: model type {model_type!r} cannot be built ({_first_line(e)})") from None
     needed = ("feature_extractor", "feature_projection", "encoder")

@@ -238,7 +238,8 @@ def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | in
         except W2VCacheError as e:
             if "already exists with other settings" not in str(e):
                 raise
-            raise W2VCacheError(f"{e}; copy to another directory, or remove {dst_label} to start "
+            after = "\n" if "\n" in str(e) else "; "  # after a list of differences, a line of its own
+            raise W2VCacheError(f"{e}{after}copy to another directory, or remove {dst_label} to start "
                                 f"this copy anew") from None
         with out:
             pending = {split: out.pending_blocks(split) for split in keep_splits}
@@ -405,10 +406,17 @@ def _member_keys(source: FeatureStore) -> list[str]:
         raise W2VCacheError(f"pack {source.path}: this store cannot be listed; pack a local copy instead")
     prefix = f"{root}/" if root else ""
     keys = [k.removeprefix(prefix) for k in keys]
-    keys = [k for k in keys if not any(part.startswith(".") for part in k.split("/"))]  # .locks, temp files
+    keys = [k for k in keys if _packable(k)]
     if "zarr.json" not in keys:
         raise W2VCacheError(f"pack {source.path}: the listing lacks the root zarr.json; pack a local copy instead")
     return sorted(keys, key=lambda k: (not k.endswith("zarr.json"), k.count("/"), k))
+
+
+def _packable(key: str) -> bool:
+    """A plain relative name without hidden parts: not .locks or temporary files, nor a name such as
+    ../x, /x or ..\\x that a member of another zip may have (and no zarr key has), which an unzip
+    tool could write outside its target."""
+    return all(part and not part.startswith(".") and "\\" not in part for part in key.split("/"))
 
 
 def _write_zip(source: FeatureStore, keys: list[str], tmp: Path, progress: bool) -> int:

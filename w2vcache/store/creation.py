@@ -1,7 +1,8 @@
 """Creating a store: validating the plan, laying out a new store, and resuming an existing one.
 
 A new store is written with its root META_KEY attribute last; `_root_state` tells an empty,
-finished, half-created or foreign directory apart, and `_differences` what stops a resume.
+finished, half-created or foreign directory apart, `_differences` what stops a resume, and
+`_differences_text` how a refusal lists them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .locks import LOCK_DIR
 
 # Provenance keys that may differ between the runs that create and resume one store.
 VOLATILE_PROVENANCE = ("created", "package_versions", "versions", "host", "command")
+SHOWN_DIFFERENCES = 5  # how many differences a refusal lists, after their count
+MODEL_IDENTITY = ("model.name", "model.revision", "model.weight_hash")  # provenance keys: which model
 
 
 def _jsonable(value: Any, what: str) -> Any:
@@ -140,21 +143,24 @@ def _write_split(group: zarr.Group, split: str, plan: SplitPlan, layers: Mapping
 
 def _differences(meta: dict, read_split: Callable, asked: dict,
                  plans: Mapping[str, SplitPlan]) -> list[str]:
-    """What differs between an existing store and what `create` was asked for."""
-    diffs = []
+    """What differs between an existing store and what `create` was asked for, causes first: a
+    refusal lists only the first few, and another model (its name, weights) is the cause of the
+    config keys and layer dims that differ with it."""
+    have_prov = {k: v for k, v in meta["provenance"].items() if k not in VOLATILE_PROVENANCE}
+    want_prov = {k: v for k, v in asked["provenance"].items() if k not in VOLATILE_PROVENANCE}
+    prov_diffs = sorted(_dict_diff(have_prov, want_prov), key=lambda d: d[0].count("."))
+    prov_diffs = [(key, f"provenance {key}: store has {have}, asked for {want}") for key, have, want in prov_diffs]
+    diffs = [text for key, text in prov_diffs if key in MODEL_IDENTITY]
     for key in ("dtype", "compression", "chunk_frames", "block_chunks"):
         if asked[key] is not None and asked[key] != meta.get(key):
             diffs.append(f"{key}: store has {meta.get(key)}, asked for {asked[key]}")
     have_layers, want_layers = meta["layers"], asked["layers"]
     if set(have_layers) != set(want_layers):
         diffs.append(f"layers: store has {list(have_layers)}, asked for {list(want_layers)}")
-    else:
+    diffs += [text for key, text in prov_diffs if key not in MODEL_IDENTITY]
+    if set(have_layers) == set(want_layers):
         diffs += [f"dim of {k}: store has {have_layers[k]}, asked for {v}"
                   for k, v in want_layers.items() if have_layers[k] != v]
-    have_prov = {k: v for k, v in meta["provenance"].items() if k not in VOLATILE_PROVENANCE}
-    want_prov = {k: v for k, v in asked["provenance"].items() if k not in VOLATILE_PROVENANCE}
-    diffs += [f"provenance {key}: store has {have}, asked for {want}"
-              for key, have, want in _dict_diff(have_prov, want_prov)]
     if set(meta["splits"]) != set(plans):
         diffs.append(f"splits: store has {sorted(meta['splits'])}, asked for {sorted(plans)}")
         return diffs
@@ -179,6 +185,15 @@ def _differences(meta: dict, read_split: Callable, asked: dict,
         if bad_text:
             diffs.append(f"split {split}: {len(bad_text)} transcripts differ (e.g. {bad_text[0]})")
     return diffs
+
+
+def _differences_text(diffs: Sequence[str]) -> str:
+    """The differences as a refusal names them: a single one inline; several counted, then the
+    first SHOWN_DIFFERENCES one per line."""
+    if len(diffs) == 1:
+        return diffs[0]
+    first = f", the first {SHOWN_DIFFERENCES}" if len(diffs) > SHOWN_DIFFERENCES else ""
+    return "\n".join([f"{len(diffs)} differ{first}:"] + [f"  {d}" for d in diffs[:SHOWN_DIFFERENCES]])
 
 
 def _dict_diff(have: Any, want: Any, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -17,7 +17,7 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from w2vcache.errors import W2VCacheError
 
-from .creation import _create_layout, _differences, _jsonable, _root_state, _sorted_plan, _wipe
+from .creation import _create_layout, _differences, _differences_text, _jsonable, _root_state, _sorted_plan, _wipe
 from .layout import (
     BLOCK_CHUNKS,
     COMPRESSIONS,
@@ -155,7 +155,7 @@ class FeatureStore:
                 diffs = _differences(store._meta, store._plan_view, asked, plans)
                 if diffs:
                     raise W2VCacheError(f"store {label} already exists with other settings: "
-                                        + "; ".join(diffs))
+                                        + _differences_text(diffs))
             else:
                 if state == "half":
                     _wipe(root)

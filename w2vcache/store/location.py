@@ -76,11 +76,22 @@ def _reading_store(path: Any, label: str) -> tuple[Any, bool]:
         package = FSSPEC_PACKAGES.get(protocol, f"the fsspec implementation of {protocol}://")
         raise W2VCacheError(f"reading {label} needs {package}: pip install {package} ({e})") from None
     except ValueError as e:
-        raise W2VCacheError(f"cannot read {label}: {e}") from None
+        raise W2VCacheError(_without_ranges(label, e) or f"cannot read {label}: {e}") from None
     except Exception as e:
         if _is_access_error(e):
             raise W2VCacheError(f"cannot read {label}: {type(e).__name__}: {e}") from None
         raise
+
+
+def _without_ranges(label: str, e: Exception) -> str | None:
+    """The refusal of a pack on a web server that ignores range requests, if that is what `e` is."""
+    # fsspec's http files raise this ValueError when a server sends the whole file where a part
+    # was asked for; a pack is read in place, a part at a time.
+    if "support range requests" not in str(e):
+        return None
+    return (f"cannot read {label}: the web server does not answer range requests, which reading a pack "
+            f"in place needs; serve the store's directory instead of its pack, or serve the pack from a "
+            f"server that answers range requests (nginx, Apache, S3 and other object stores do)")
 
 
 def _is_access_error(e: Exception) -> bool:
@@ -110,7 +121,7 @@ def _open_group(path_or_store: Any, label: str) -> tuple[zarr.Group, Any]:
     except zipfile.BadZipFile as e:
         error = f"{label} is not a readable zip pack: {e}"
     except ValueError as e:
-        error = f"{label} is not a readable zarr v3 store: {e}"
+        error = _without_ranges(label, e) or f"{label} is not a readable zarr v3 store: {e}"
     except Exception as e:
         if not _is_access_error(e):
             raise
