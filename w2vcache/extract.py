@@ -32,6 +32,7 @@ from .corpus import Corpus
 from .errors import W2VCacheError
 from .layers import choose_layers, layer_name
 from .store import FeatureStore, SplitPlan, local_root
+from .store.layout import FAILED_REASON
 
 DEFAULT_STORE = "features.zarr"
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -150,7 +151,8 @@ def plan_splits(corpus: Corpus, backbone: Backbone, skip_bad: bool = False, prog
     truncated file fails there), so bad files are found before any compute, all of them in one
     pass: they stop the run with a BadAudioError listing each, or with `skip_bad` are left out and
     recorded in the store, with the utterances the corpus left out while reading (no transcript).
-    A file whose middle is corrupt is only found when it is decoded (see fill_blocks).
+    A file whose middle is corrupt is only found when it is decoded: it is skipped then and
+    recorded in the store as failed (see _load_batches).
     """
     plans, bad = {}, []
     with tqdm(total=len(corpus), desc="checking audio", unit="file", disable=not progress, leave=False) as bar:
@@ -196,25 +198,33 @@ def provenance(backbone: Backbone, config: ExtractConfig, layers: list[str]) -> 
 # Filling blocks
 
 
-def _load_batches(blocks, receptive_field: int, max_frames: int, out: queue.Queue, stop: threading.Event):
-    """Loader thread: (block, batch slice, waves) for every batch, in store order; then None.
+def _silence(backbone: Backbone, frames: int) -> np.ndarray:
+    """Zeros of the length that gives exactly `frames` frames: what stands in for a file that
+    fails to decode, so that its block (laid out for that many frames) is written all the same."""
+    samples = backbone.receptive_field + (frames - 1) * backbone.total_stride
+    assert backbone.num_frames(samples) == frames, (samples, frames)
+    return np.zeros(samples, dtype=np.float32)
+
+
+def _load_batches(blocks, backbone: Backbone, max_frames: int, out: queue.Queue, stop: threading.Event):
+    """Loader thread: (block, batch slice, waves, failures) for every batch, in store order; then None.
 
     Batches are formed from the frame counts the store already holds (a frame is one hop of
-    audio), so no audio header is read twice."""
+    audio), so no audio header is read twice. A file that passed the checks before extraction but
+    fails to decode now (corrupt in the middle, or gone) must not stop a long run: it is replaced
+    by silence of its planned length and listed in `failures` ({id, path, reason}), which the
+    block's done marker records, so readers leave it out."""
     try:
         for block in blocks:
             for batch in length_batches(block.lengths, max_frames):
-                waves = []
+                waves, failures = [], []
                 for i in range(batch.start, batch.stop):
                     try:
-                        waves.append(load_audio(block.paths[i], receptive_field))
+                        waves.append(load_audio(block.paths[i], backbone.receptive_field))
                     except AudioError as err:
-                        raise W2VCacheError(
-                            f"utterance {block.ids[i]} (split {block.split}): {err}; every finished "
-                            "block is kept: replace the file with a good copy and re-run the same "
-                            "command to resume"
-                        ) from None
-                if not _put(out, (block, batch, waves), stop):
+                        waves.append(_silence(backbone, block.lengths[i]))
+                        failures.append({"id": block.ids[i], "path": block.paths[i], "reason": err.reason})
+                if not _put(out, (block, batch, waves, failures), stop):
                     return
         _put(out, None, stop)
     except BaseException as err:  # handed to the main thread, which re-raises it
@@ -237,13 +247,15 @@ class _BlockFiller:
 
     def __init__(self, store: FeatureStore):
         self.store, self.writer, self.block = store, None, None
+        self.failures: list[dict] = []  # the current block's utterances that failed to decode
 
     def abandon(self):
         """After a failure: stop the unfinished block's writer threads; the block stays pending."""
         if self.writer is not None:
             self.writer.__exit__(W2VCacheError, None, None)
 
-    def add(self, block, batch: slice, features: dict, frames: list[int], ready=None, peaks=None):
+    def add(self, block, batch: slice, features: dict, frames: list[int], ready=None, peaks=None,
+            failures=()):
         if ready is not None:  # a CUDA event: the host copies of this batch have landed
             ready.synchronize()
             features = {name: x.numpy() for name, x in features.items()}
@@ -256,12 +268,16 @@ class _BlockFiller:
                         f"{self.store.dtype}'s range ({limit:.0f}); extract into a new store with --dtype float32"
                     )
         if block is not self.block:
-            self.writer, self.block = self.store.block_writer(block), block
+            self.writer, self.block, self.failures = self.store.block_writer(block), block, []
         for b, n in enumerate(frames):
             self.writer.append({name: x[b, :n] for name, x in features.items()})
+        self.failures += failures
         if batch.stop == len(block.ids):
             self.writer.close()
-            self.store.mark_done(block)
+            if self.failures:
+                self.store.mark_done(block, failed=self.failures)
+            else:
+                self.store.mark_done(block)
             self.writer = self.block = None
 
 
@@ -302,7 +318,7 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}{postfix}]")
     loaded: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     stop = threading.Event()
-    loader = threading.Thread(target=_load_batches, args=(blocks, backbone.receptive_field, max_frames, loaded, stop),
+    loader = threading.Thread(target=_load_batches, args=(blocks, backbone, max_frames, loaded, stop),
                               daemon=True)
     filler, pending, current_block, used_threads = _BlockFiller(store), [], None, None
     started, seconds_done, utterances = time.perf_counter(), 0.0, 0
@@ -312,13 +328,13 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
             while (item := loaded.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                block, batch, waves = item
+                block, batch, waves, failures = item
                 if block is not current_block:  # a neighbour may have started or stopped since the last one
                     current_block, used_threads = block, threads.use(config.threads, backbone.model)
                 with torch.autocast(device.type, dtype=compute, enabled=compute is not torch.float32):
                     outputs, frames = forward_layers(backbone, waves, include_cnn=include_cnn)
                 features, ready, peaks = _to_host({layers[k]: outputs[i] for k, i in enumerate(keep)}, store_dtype)
-                pending.append(writer.submit(filler.add, block, batch, features, frames, ready, peaks))
+                pending.append(writer.submit(filler.add, block, batch, features, frames, ready, peaks, failures))
                 # At most two batches in flight: bounded memory, and a write error surfaces promptly.
                 while len(pending) > 2:
                     pending.pop(0).result()
@@ -374,6 +390,10 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
     ) as store:
         blocks = [b for split in plans for b in store.pending_blocks(split)]
         n_blocks, n_utts, audio_seconds = fill_blocks(store, blocks, backbone, layers, config, progress)
+        # From the store, not this run: a resumed or repeated run reports what earlier runs found.
+        for split, plan in plans.items():
+            plan.skipped += [{**u, "reason": f"{FAILED_REASON}: {u['reason']}"}
+                             for u in store.failed(split, refresh=True)]
     result = ExtractResult(
         store=str(config.store),
         shard=shard,

@@ -116,17 +116,21 @@ class Batch:
 
 
 class SplitFeatures:
-    """One split's layer: in memory as stored when it fits the budget, else read batch by batch."""
+    """One split's layer: in memory as stored when it fits the budget, else read batch by batch.
+
+    Utterances that failed to decode during extraction are left out: index i here is the i-th
+    usable utterance, at store position positions[i]."""
 
     def __init__(self, store, split: str, layer: str, memory_budget: int):
         self.store, self.split, self.layer = store, split, layer
         utterances = store.utterances(split)  # refuses a missing split, with the list of splits
         if layer not in store.layers:
             raise W2VCacheError(f"store {store.path} has no layer {layer}; it has {', '.join(store.layers)}")
-        self.ids = [u.id for u in utterances]
-        self.texts = [u.text for u in utterances]
-        self.lengths = np.array([u.length for u in utterances])
-        nbytes = int(self.lengths.sum()) * store.layers[layer] * np.dtype(store.dtype).itemsize
+        self.positions = np.flatnonzero(store.usable(split))
+        self.ids = [utterances[p].id for p in self.positions]
+        self.texts = [utterances[p].text for p in self.positions]
+        self.lengths = np.array([utterances[p].length for p in self.positions], dtype=np.int64)
+        nbytes = sum(u.length for u in utterances) * store.layers[layer] * np.dtype(store.dtype).itemsize
         self.in_memory = nbytes <= memory_budget
         if self.in_memory:
             self.frames, self.offsets = store.read_layer(split, layer)  # refuses an incomplete split
@@ -139,9 +143,10 @@ class SplitFeatures:
                 )
 
     def get(self, indices: list[int]) -> list[np.ndarray]:
+        positions = [int(self.positions[i]) for i in indices]
         if self.in_memory:
-            return [self.frames[self.offsets[i]: self.offsets[i] + self.lengths[i]] for i in indices]
-        return self.store.read_batch(self.split, self.layer, indices)
+            return [self.frames[self.offsets[p]: self.offsets[p + 1]] for p in positions]
+        return self.store.read_batch(self.split, self.layer, positions)
 
 
 def batches_by_length(lengths, max_frames: int) -> list[list[int]]:

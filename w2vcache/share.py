@@ -314,7 +314,8 @@ def _copy_blocks(source: FeatureStore, out: FeatureStore, pending: dict, progres
                     ahead = reader.submit(read, *jobs[k + 1])
                 out.write_layer(block, layer, frames)
                 if layer == list(out.layers)[-1]:
-                    out.mark_done(block)
+                    # A source block with utterances that failed to decode keeps its record in the copy.
+                    out.mark_done(block, failed=source.failed_in(block.split, block.index))
                 bar.update(frames.nbytes)
     finally:
         bar.close()
@@ -523,6 +524,9 @@ def _export_split(source: FeatureStore, split: str, layers: list[str], group: An
     np.cumsum(index.lengths, out=offsets[1:])
     group.create_dataset("lengths", data=index.lengths.astype(np.int64))
     group.create_dataset("offsets", data=offsets)
+    # Utterances that failed to decode during extraction keep their (silence) rows; say which.
+    group.create_dataset("usable", data=source.usable(split).astype(np.uint8))
+    group.attrs["failed"] = json.dumps(source.failed(split))
     for key, value in source.split_attrs(split).items():
         if key not in LAYOUT_ATTRS:
             group.attrs[key] = _hdf5_attr(value)

@@ -15,7 +15,10 @@ Layout (one split shown; every array's chunks end in a crc32c checksum that zarr
         offsets                  (n+1,) int64 first frame of each utterance; offsets[n] = n_rows
         blocks                   (n_blocks, 2) int64 [first, end) utterance of each block
         done                     (n_blocks,) uint8, chunk 1: block b's features are all written
+                                 (1), or written with utterances that failed to decode (2)
         <layer>                  (n_rows, dim) float16/float32, chunked (chunk_frames, dim)
+        failed/<b>               group for a block with done == 2, written before the marker:
+                                 attrs["utterances"] = [{id, path, reason}]; readers leave them out
       .locks/                    writer lock files, only while someone writes
 
 Blocks are the unit of work, resume and sharding. Each block starts on a chunk boundary of the

@@ -23,7 +23,10 @@ from .layout import (
     COMPRESSIONS,
     CREATING_KEY,
     DEFAULT_COMPRESSION,
+    DONE,
+    DONE_WITH_FAILURES,
     DTYPES,
+    FAILED_GROUP,
     FORMAT_VERSION,
     INDEX_ARRAYS,
     META_KEY,
@@ -53,7 +56,9 @@ class _SplitIndex:
         self.lengths: np.ndarray = lengths
         self.offsets: np.ndarray = offsets
         self.blocks: np.ndarray = blocks
-        self.done: np.ndarray = done  # bool (n_blocks,)
+        self.done: np.ndarray = done  # bool (n_blocks,): the marker is > 0
+        self.state: np.ndarray = done.astype(np.uint8)  # the markers: 0 pending, 1 done, 2 with failures
+        self.failures: dict[int, list[dict]] = {}  # block -> its failure record, read when needed
         self.position = {utt_id: i for i, utt_id in enumerate(ids)}
         self.block_of = np.repeat(np.arange(len(blocks)), blocks[:, 1] - blocks[:, 0])
 
@@ -126,7 +131,7 @@ class FeatureStore:
         layers = dict(layers)
         for name, dim in layers.items():
             _check_name(name, "layer")
-            if name in INDEX_ARRAYS:
+            if name in INDEX_ARRAYS or name == FAILED_GROUP:
                 raise W2VCacheError(f"layer name {name!r} is reserved for the store's own arrays")
             if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
                 raise W2VCacheError(f"layer {name}: dimension {dim!r} is not a positive integer")
@@ -165,16 +170,7 @@ class FeatureStore:
                                block_chunks or BLOCK_CHUNKS)
         finally:
             create_lock.release()
-        try:
-            lock = _acquire_writer_lock(root, shard, label)
-        except OSError as e:
-            raise W2VCacheError(f"cannot lock the store at {label}: {e}") from None
-        try:
-            return cls(zarr.open_group(str(root), mode="r+", zarr_format=3, use_consolidated=False),
-                       label, lock=lock, shard=shard)
-        except BaseException:
-            lock.release()
-            raise
+        return cls._open_locked(root, label, shard)
 
     @classmethod
     def open_writer(cls, path: str | os.PathLike, *, shard: tuple[int, int] | None = None) -> FeatureStore:
@@ -191,6 +187,11 @@ class FeatureStore:
             raise W2VCacheError(f"store {label} was never fully created; re-run extract to create it again")
         if state == "foreign":
             raise W2VCacheError(f"{label} is not a w2vcache store")
+        return cls._open_locked(root, label, shard)
+
+    @classmethod
+    def _open_locked(cls, root: os.PathLike, label: str, shard: tuple[int, int] | None) -> FeatureStore:
+        """The store at `root` opened for writing, holding the writer lock for `shard`."""
         try:
             lock = _acquire_writer_lock(root, shard, label)
         except OSError as e:
@@ -258,9 +259,64 @@ class FeatureStore:
         return int(self.split_attrs(split)["chunk_frames"])
 
     def utterances(self, split: str) -> list[StoredUtterance]:
-        """Every utterance of the split in store order (by length, then id), done or not."""
+        """Every utterance of the split in store order (by length, then id), done or not.
+
+        Positions in this list are store positions (as `read`, `read_layer` take them), so it also
+        holds the utterances that failed to decode during extraction: `usable` tells them apart.
+        """
         index = self._split_index(split)
         return [StoredUtterance(i, t, int(n)) for i, t, n in zip(index.ids, index.texts, index.lengths)]
+
+    def failed(self, split: str, refresh: bool = False) -> list[dict]:
+        """The utterances of done blocks that failed to decode during extraction, in store order:
+        {id, path, reason}. Their rows hold no features of them (readers leave them out).
+
+        Read from the record of each block marked DONE_WITH_FAILURES, by its fixed path, so it works
+        where the store cannot be listed (http)."""
+        index = self._split_index(split, refresh=refresh)
+        blocks = np.flatnonzero(index.state == DONE_WITH_FAILURES)
+        return [dict(u) for b in blocks for u in self._block_failures(split, int(b))]
+
+    def usable(self, split: str) -> np.ndarray:
+        """(n,) bool by store position: False for the utterances that failed to decode."""
+        index = self._split_index(split)
+        mask = np.ones(len(index.ids), dtype=bool)
+        for u in self.failed(split):
+            mask[index.position[u["id"]]] = False
+        return mask
+
+    def failed_in(self, split: str, b: int) -> list[dict]:
+        """The utterances of block b that failed to decode ({id, path, reason}); [] for a block
+        without failures or not done. What a copy passes to `mark_done` with the block."""
+        index = self._split_index(split)
+        if not 0 <= b < len(index.blocks):
+            raise W2VCacheError(f"store {self.path}: split {split} has {len(index.blocks)} blocks, no block {b}")
+        if index.state[b] != DONE_WITH_FAILURES:
+            return []
+        return [dict(u) for u in self._block_failures(split, b)]
+
+    def _block_failures(self, split: str, b: int) -> list[dict]:
+        """The failure record of block b (marked DONE_WITH_FAILURES), checked against the block."""
+        index = self._split_index(split)
+        if b not in index.failures:
+            where = f"store {self.path}: {split}/{FAILED_GROUP}/{b}"
+            try:
+                record = self._group(split)[f"{FAILED_GROUP}/{b}"].attrs.asdict().get("utterances")
+            except W2VCacheError:
+                raise
+            except Exception as e:
+                raise W2VCacheError(f"{where}: the record of the utterances that failed to decode "
+                                    f"in block {b} is missing or unreadable ({e}); run "
+                                    f"`w2vcache verify --repair {self.path}`") from None
+            start, stop = (int(x) for x in index.blocks[b])
+            ids = set(index.ids[start:stop])
+            if (not isinstance(record, list) or not record
+                    or not all(isinstance(u, dict) and u.get("id") in ids for u in record)):
+                raise W2VCacheError(f"{where}: the record of the utterances that failed to decode "
+                                    f"does not name utterances of block {b}; run "
+                                    f"`w2vcache verify --repair {self.path}`")
+            index.failures[b] = sorted(record, key=lambda u: index.position[u["id"]])
+        return index.failures[b]
 
     def status(self, split: str, refresh: bool = False) -> SplitStatus:
         index = self._split_index(split, refresh=refresh)
@@ -335,7 +391,9 @@ class FeatureStore:
             refresh = True
         index = self._index[split]
         if refresh:
-            index.done = self._read(split, "done").astype(bool)
+            index.state = self._read(split, "done")
+            index.done = index.state > 0
+            index.failures = {}
         return index
 
     def _block(self, split: str, b: int) -> Block:
@@ -383,6 +441,12 @@ class FeatureStore:
                     raise W2VCacheError(f"store {self.path}: utterance {index.ids[i]} of split "
                                         f"{split} is in block {b}, which is not extracted yet. "
                                         + self._incomplete_message(split))
+            if index.state[b] == DONE_WITH_FAILURES:
+                for u in self._block_failures(split, int(b)):
+                    if u["id"] == index.ids[i]:
+                        raise W2VCacheError(f"store {self.path}: utterance {u['id']} of split {split} "
+                                            f"failed to decode during extraction ({u.get('reason')}); "
+                                            f"the store holds no features of it")
         features: dict[int, np.ndarray] = {}
         wanted = sorted(set(positions))
         run_start = 0
@@ -403,7 +467,8 @@ class FeatureStore:
         """All frames of one layer of a complete split, padding removed.
 
         Returns (frames (sum of lengths, dim), offsets (n+1,)): utterance i (store order, as in
-        `utterances`) is frames[offsets[i]:offsets[i+1]].
+        `utterances`) is frames[offsets[i]:offsets[i+1]]. The rows of utterances that failed to
+        decode (`failed`, `usable`) are included as stored: they mean nothing.
         """
         array = self._array(split, layer)
         index = self._split_index(split, refresh=True)
@@ -473,11 +538,23 @@ class FeatureStore:
         self._array(block.split, layer)[block.frame_offset: block.frame_offset + rows] = padded
         self._layers_written.setdefault((block.split, block.index), set()).add(layer)
 
-    def mark_done(self, block: Block) -> None:
+    def mark_done(self, block: Block, failed: Sequence[Mapping[str, str]] = ()) -> None:
         """Record that every layer of `block` is written (by `write_block`, a BlockWriter, or
-        `write_layer` for each layer)."""
+        `write_layer` for each layer).
+
+        `failed`: {id, path, reason} of the block's utterances whose audio failed to decode (their
+        rows were written with anything of the right length). Their record is written first, at
+        <split>/failed/<block>, then the marker says DONE_WITH_FAILURES: a writer killed between
+        the two leaves the block pending, never marked with its record missing.
+        """
         self._check_writable()
         self._check_block(block)
+        failed = [{"id": str(u["id"]), "path": str(u.get("path", "")), "reason": str(u.get("reason", ""))}
+                  for u in failed]
+        unknown = [u["id"] for u in failed if u["id"] not in block.ids]
+        if unknown or len({u["id"] for u in failed}) != len(failed):
+            raise W2VCacheError(f"store {self.path}: {block.split} block {block.index}: failures "
+                                f"{unknown or 'listed twice'} are not each one utterance of the block")
         key = (block.split, block.index)
         if key not in self._written:
             by_layer = self._layers_written.get(key, set())
@@ -488,10 +565,15 @@ class FeatureStore:
             if missing:
                 raise W2VCacheError(f"store {self.path}: {block.split} block {block.index}: layers "
                                     f"{missing} were not written; write them before marking it done")
+        if failed:
+            self._group(block.split).create_group(f"{FAILED_GROUP}/{block.index}", overwrite=True,
+                                                  attributes={"utterances": failed})
         done = self._array(block.split, "done")
-        done[block.index] = 1
+        done[block.index] = DONE_WITH_FAILURES if failed else DONE
         index = self._split_index(block.split)
         index.done[block.index] = True
+        index.state[block.index] = DONE_WITH_FAILURES if failed else DONE
+        index.failures.pop(block.index, None)
         if all(index.done[b] for b in range(len(index.done)) if self.owns(b)):
             index = self._split_index(block.split, refresh=True)
             if index.done.all():
@@ -504,7 +586,9 @@ class FeatureStore:
 
         Until a block is marked done again, readers refuse its utterances and a re-run of extract
         (or repair) redoes it, so a writer killed midway leaves it pending, never half-rewritten
-        and marked done. A marker whose own chunk is corrupt is simply overwritten.
+        and marked done. A marker whose own chunk is corrupt is simply overwritten. A block's
+        failure record is left in place: read only while its marker says DONE_WITH_FAILURES, it is
+        replaced if the block fails again and meaningless if it does not.
         """
         self._check_writable()
         done = self._array(split, "done")

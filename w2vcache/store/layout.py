@@ -37,6 +37,12 @@ BLOCK_CHUNKS = 32  # a block holds >= 32 chunks of frames, so padding wastes < 1
 INDEX_CHUNK = 2**20  # elements per chunk of the per-utterance arrays (ids, offsets, ...)
 
 INDEX_ARRAYS = ("ids", "texts", "paths", "lengths", "offsets", "blocks", "done")
+# Values of a block's done marker. A file that fails to decode midway through extraction keeps its
+# rows (laid out at creation) but they hold no features of it: its block is marked DONE_WITH_FAILURES
+# once the record <split>/FAILED_GROUP/<block> (attrs["utterances"]: [{id, path, reason}]) exists.
+PENDING, DONE, DONE_WITH_FAILURES = 0, 1, 2
+FAILED_GROUP = "failed"
+FAILED_REASON = "failed to decode during extraction"  # how lists of skipped utterances name them
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 from w2vcache.errors import W2VCacheError
 
 from .featurestore import FeatureStore, open_store
-from .layout import INDEX_ARRAYS, VERIFICATION_KEY
+from .layout import DONE_WITH_FAILURES, FAILED_GROUP, FAILED_REASON, INDEX_ARRAYS, PENDING, VERIFICATION_KEY
 from .location import _store_label
 
 HTTP_PROTOCOLS = ("http", "https")  # read-only, and no listing: bytes on disk are unknown there
@@ -180,15 +180,27 @@ def _verify_split(store: FeatureStore, split: str, report: VerifyReport, pending
     order = sorted(range(n), key=lambda i: (lengths[i], ids[i]))
     if order != list(range(n)):
         problems.append(f"{split}: utterances are not in store order (by length, then id)")
-    if not np.isin(done, (0, 1)).all():
-        problems.append(f"{split}/done: values other than 0 and 1")
-    pending[split] = {int(b) for b in np.flatnonzero(done == 0)}
+    if not np.isin(done, (0, 1, 2)).all():
+        problems.append(f"{split}/done: values other than 0, 1 and 2")
+    pending[split] = {int(b) for b in np.flatnonzero(done == PENDING)}
     if pending[split]:
         sizes = blocks[:, 1] - blocks[:, 0]
         report.incomplete.append(split)
         problems.append(f"{split}: incomplete: {len(pending[split])} of {len(blocks)} blocks "
-                        f"({int(sizes[done == 0].sum())} of {n} utterances) not extracted yet; "
+                        f"({int(sizes[done == PENDING].sum())} of {n} utterances) not extracted yet; "
                         f"re-running extract resumes it")
+    for b in np.flatnonzero(done == DONE_WITH_FAILURES):
+        # Written before the marker: without it, which utterances are not features is unknown.
+        start, stop = blocks[b]
+        try:
+            record = group[f"{FAILED_GROUP}/{b}"].attrs.asdict().get("utterances")
+        except Exception:
+            record = None
+        if not (isinstance(record, list) and record and all(
+                isinstance(u, dict) and u.get("id") in ids[start:stop] for u in record)):
+            problems.append(f"{split}/{FAILED_GROUP}/{b}: block {b} is marked done with utterances "
+                            f"that failed to decode, but their record is missing or invalid")
+            report._damaged(split, int(b))
     n_rows = int(offsets[-1])
     for layer, dim in store.layers.items():
         array = _member(group, split, layer, problems)
@@ -353,6 +365,10 @@ def _info(store: FeatureStore) -> dict:
     for split in store.splits:
         attrs = store.split_attrs(split)
         status = store.status(split)
+        try:
+            failed = store.failed(split)
+        except W2VCacheError:
+            failed = []  # a damaged record: `verify` names it
         splits[split] = {
             "utterances": status.n_utterances,
             "frames": attrs.get("n_frames"),
@@ -363,7 +379,10 @@ def _info(store: FeatureStore) -> dict:
             "blocks_done": status.blocks_done,
             "utterances_done": status.utterances_done,
             "source": attrs.get("source"),
-            "skipped": attrs.get("skipped", []),
+            # left out before extraction, and (reason prefixed) failed to decode during it
+            "skipped": attrs.get("skipped", []) + [
+                {**u, "reason": f"{FAILED_REASON}: {u['reason']}"} for u in failed],
+            "failed": failed,  # also among "utterances": their rows hold no features of them
             "chunk_frames": attrs.get("chunk_frames"),
         }
     meta = store._meta
