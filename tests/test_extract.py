@@ -322,3 +322,24 @@ def test_real_missing_transcript_is_skipped(shared_fixtures, tmp_path):
     result = run_cli("extract", "--store", str(tmp_path / "s.zarr"), "--librispeech", str(tree), "--skip-bad")
     assert result.exit_code == 0, result.output
     assert "1003-2-0002: no transcript line" in result.output
+
+
+def test_a_worker_reads_the_audio_where_its_own_corpus_has_it(tmp_path, reference):
+    """Shard 0 extracts with the corpus in one place; the corpus moves; shard 1 (or a resume on
+    another machine) reads it where its own command says, not at the paths the store recorded."""
+    import shutil
+
+    from w2vcache.corpus import DATA_DIR
+
+    first, moved = tmp_path / "here" / "dev-clean", tmp_path / "there" / "dev-clean"
+    shutil.copytree(DATA_DIR / "dev-clean", first)
+    path = tmp_path / "s.zarr"
+    assert run_cli("extract", "--store", str(path), "--split", f"dev={first}", *LAYOUT, "--shard", "0/2").exit_code == 0
+    shutil.move(first.parent, moved.parent)
+    result = run_cli("extract", "--store", str(path), "--split", f"dev={moved}", *LAYOUT, "--shard", "1/2")
+    assert result.exit_code == 0, result.output
+    assert open_store(path).status("dev").complete
+    ours, ref = arrays(path), arrays(reference)
+    for key in ours:
+        if not key.endswith("/paths"):
+            np.testing.assert_array_equal(ours[key], ref[key], err_msg=key)

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -388,7 +388,12 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
         chunk_frames=config.chunk_frames,
         block_chunks=config.block_chunks,
     ) as store:
-        blocks = [b for split in plans for b in store.pending_blocks(split)]
+        # Audio is read where this run's corpus has it, not at the paths the store recorded: a
+        # worker resuming on another machine may mount the corpus elsewhere, and a store made by
+        # someone else never points this run at files its maker chose.
+        where = {split: {u[0]: u[2] for u in plan.utterances} for split, plan in plans.items()}
+        blocks = [replace(b, paths=tuple(where[split][i] for i in b.ids))
+                  for split in plans for b in store.pending_blocks(split)]
         n_blocks, n_utts, audio_seconds = fill_blocks(store, blocks, backbone, layers, config, progress)
         # From the store, not this run: a resumed or repeated run reports what earlier runs found.
         for split, plan in plans.items():
