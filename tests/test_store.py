@@ -479,3 +479,23 @@ def test_plain_zarr_read_following_docs(full_store, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(np.load(out), open_store(path).read("dev", "layer01", utt))
+
+
+def test_a_store_whose_metadata_names_a_path_outside_it_is_refused(full_store):
+    """Split and layer names become paths inside the store; one altered to reach outside it is
+    refused on opening, with one line, by every reader."""
+    from click.testing import CliRunner
+
+    from w2vcache.cli import main
+
+    path, _ = full_store
+    root = zarr.open_group(str(path), mode="r+")
+    for what, altered in (("split", {"splits": ["../x", "test"]}), ("layer", {"layers": {"../../y": 8}})):
+        meta = dict(root.attrs["w2vcache"])
+        root.attrs["w2vcache"] = {**meta, **altered}
+        with pytest.raises(W2VCacheError, match=rf"metadata is not as w2vcache writes it: {what} '[./]+[xy]'"):
+            open_store(path)
+        result = CliRunner().invoke(main, ["info", str(path)])
+        assert result.exit_code == 1 and "Traceback" not in result.output and "not a valid name" in result.output
+        root.attrs["w2vcache"] = meta
+    assert open_store(path).splits == ["dev", "test"]

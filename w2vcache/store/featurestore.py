@@ -100,6 +100,16 @@ class FeatureStore:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise W2VCacheError(f"store {label} has format version {version}; this w2vcache "
                                 f"understands up to {FORMAT_VERSION}: upgrade w2vcache")
+        # Split and layer names become paths inside the store: one from a store made elsewhere must
+        # name a group of this store, as creation requires of its own.
+        for what, names in (("split", meta.get("splits")), ("layer", meta.get("layers"))):
+            try:
+                if not isinstance(names, (list, dict)):
+                    raise W2VCacheError(f"{what}s {names!r} are not a list")
+                for name in names:
+                    _check_name(name, what)
+            except W2VCacheError as err:
+                raise W2VCacheError(f"store {label}: its metadata is not as w2vcache writes it: {err}") from None
         return meta
 
     @classmethod
