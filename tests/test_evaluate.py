@@ -36,3 +36,20 @@ def test_rates_given_to_a_person_are_percent_and_insertions_take_them_above_100(
     assert rates["cer_percent"] == pytest.approx(100 * jiwer.cer(refs, hyps))
     assert rates["wer_percent"] == 100 * rates["word_edits"] / rates["words"]
     assert "wer" not in rates and "cer" not in rates
+
+
+def test_an_unknown_symbol_the_model_wrote_is_scored_as_a_word():
+    import jiwer
+
+    from w2vcache import text
+
+    # The decoder writes an unknown symbol as "?"; an inserted unknown word costs one word.
+    a, b, c, sep = (text.SYMBOL_TO_ID[s] for s in ("a", "b", "c", text.WORD_SEP))
+    decoded = text.ids_to_text([a, sep, b, sep, text.UNK_ID, sep, c])
+    assert decoded == "a b ? c"
+    rates = error_rates(["a b c"], [decoded])
+    assert rates.word_edits == 1 and rates.wer == pytest.approx(jiwer.wer("a b c", "a b ? c"))
+    # In a reference "?" is punctuation; a character outside the vocabulary is what the model
+    # can only write as "?", so writing it so is right.
+    assert error_rates(["Really?"], ["really"]).wer == 0
+    assert error_rates(["room 101"], ["room ???"]).wer == 0 and error_rates(["room 101"], ["room"]).wer == 0.5

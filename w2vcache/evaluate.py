@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import jiwer
 
-from .text import normalize
+from .text import scoring_form
 
 
 @dataclass
@@ -52,11 +52,12 @@ def _edits(out) -> int:
 
 
 def error_rates(references: list[str], hypotheses: list[str]) -> ErrorRates:
-    """Corpus-level WER and CER of hypotheses against references, both normalised first."""
+    """Corpus-level WER and CER of decoded hypotheses (text.greedy_decode's, where "?" is an
+    unknown symbol) against references, both in text.scoring_form first."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    refs = [normalize(r) for r in references]
-    hyps = [normalize(h) for h in hypotheses]
+    refs = [scoring_form(r) for r in references]
+    hyps = [scoring_form(h, decoded=True) for h in hypotheses]
     # jiwer needs a non-empty reference; an empty one (a silent utterance) costs one insertion
     # per hypothesised word or character.
     pairs = [(r, h) for r, h in zip(refs, hyps) if r]

@@ -41,6 +41,20 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+_LETTERS = frozenset("'" + string.ascii_lowercase)  # the vocabulary's written symbols, but UNK_CHAR
+_HELD = "\ue000"  # a private-use character normalize keeps, standing for UNK_CHAR while it runs
+
+
+def scoring_form(text: str, decoded: bool = False) -> str:
+    """Text as it is scored: normalised, every character outside the vocabulary written as
+    UNK_CHAR, as the model can only write it. In `decoded` text (a hypothesis) UNK_CHAR is a
+    symbol the model wrote, not punctuation: normalize would drop it, so an inserted unknown word
+    would cost nothing; it is kept, and costs what any wrong word costs."""
+    if decoded:
+        text = text.replace(UNK_CHAR, _HELD)
+    return "".join(c if c in _LETTERS or c == " " else UNK_CHAR for c in normalize(text))
+
+
 @dataclass
 class Encoded:
     ids: list[int]
