@@ -115,6 +115,9 @@ def corpus_command(librispeech, librilight, splits, as_json):
               show_default=True, help="Half-precision autocast on GPU (recorded in the store).")
 @click.option("--shard", metavar="I/N", help="Fill only this worker's share of the store (torchrun ranks do this by themselves).")
 @click.option("--skip-bad", is_flag=True, help="Record unusable audio files in the store and go on.")
+@click.option("--dry-run", is_flag=True, help="Print the store's size from the audio headers and the free space; write nothing.")
+@click.option("--no-space-check", "space_check", is_flag=True, flag_value=False, default=True,
+              help="Start even when the store's file system has less free space than the store needs.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of --model.")
 @click.option("--chunk-frames", type=click.IntRange(min=1), hidden=True, help="Store layout: frames per chunk.")
 @click.option("--block-chunks", type=click.IntRange(min=1), hidden=True, help="Store layout: chunks per block.")
@@ -122,9 +125,22 @@ def corpus_command(librispeech, librilight, splits, as_json):
 @user_errors
 def extract_command(librispeech, librilight, splits, **options):
     """Extract every layer of a frozen W2V into a feature store (resumable: re-run to finish)."""
-    from .extract import SHOWN_BAD, ExtractConfig, extract
+    from .extract import SHOWN_BAD, ExtractConfig, extract, plan_store
 
-    result = extract(read_corpus(librispeech, librilight, splits, options["skip_bad"]), ExtractConfig(**options))
+    dry_run = options.pop("dry_run")
+    corpus = read_corpus(librispeech, librilight, splits, options["skip_bad"])
+    if dry_run:
+        size = plan_store(corpus, ExtractConfig(**options))
+        click.echo(f"{'split':<12} {'utterances':>10} {'hours':>8} {'size':>10}")
+        for name, split in size.splits.items():
+            click.echo(f"{name:<12} {split.utterances:>10} {split.hours:>8.3f} {human_size(split.bytes):>10}")
+        click.echo(f"{'total':<12} {sum(s.utterances for s in size.splits.values()):>10} "
+                   f"{sum(s.hours for s in size.splits.values()):>8.3f} {human_size(size.bytes):>10}")
+        click.echo(f"{size.store}: needs {human_size(size.needed)}"
+                   + (f" more ({human_size(size.existing)} already written)" if size.existing else "")
+                   + f"; {human_size(size.free)} free there" + ("" if size.fits else ": NOT ENOUGH"))
+        return
+    result = extract(corpus, ExtractConfig(**options))
     click.echo(
         f"{result.store}: wrote {result.blocks_written} block(s), {result.utterances_written} utterances, "
         f"{result.audio_seconds / 3600:.3f} h of audio in {result.seconds:.1f} s ({result.speed:.1f}x real time)"

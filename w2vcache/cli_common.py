@@ -5,6 +5,7 @@ import functools
 import click
 
 from .errors import W2VCacheError
+from .space import human_size  # noqa: F401  (the commands' one way of writing sizes)
 
 
 def user_errors(command):
@@ -19,14 +20,3 @@ def user_errors(command):
             raise click.ClickException(str(err)) from None
 
     return wrapper
-
-
-def human_size(n: int | None) -> str:
-    """Bytes in decimal units: 1536 -> '1.5 KB'; None (unknown) -> '?'."""
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

@@ -31,6 +31,7 @@ from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .layers import choose_layers, layer_name
+from .space import StoreSize, check_space, plan_size
 from .store import FeatureStore, SplitPlan, local_root
 from .store.layout import FAILED_REASON
 
@@ -56,6 +57,7 @@ class ExtractConfig:
     chunk_frames: int | None = None  # store layout overrides (tests, tuning); None: store default
     block_chunks: int | None = None
     threads: int | None = None  # torch's CPU threads; None: chosen per block (threads.py)
+    space_check: bool = True  # refuse to start when the store's file system lacks the space it needs
 
 
 @dataclass
@@ -354,13 +356,19 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
     return len(blocks), utterances, seconds_done
 
 
-def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: bool = True,
-            backbone: Backbone | None = None) -> ExtractResult:
-    """Fill (or resume) the store at config.store with every chosen layer of every utterance.
+@dataclass
+class _Prepared:
+    """What an extraction knows before it writes: the model, the layers and every split's plan."""
 
-    `backbone`: an already loaded config.model (a notebook extracting several corpora loads it once).
-    """
-    started = time.perf_counter()
+    device: str
+    shard: tuple[int, int] | None
+    backbone: Backbone
+    layers: list[str]
+    dims: dict[str, int]  # layer -> feature dimension
+    plans: dict[str, SplitPlan]
+
+
+def _prepare(corpus: Corpus, config: ExtractConfig, progress: bool, backbone: Backbone | None) -> _Prepared:
     device = _device(config)
     shard = parse_shard(config.shard)
     if config.dtype not in ("float16", "float32"):
@@ -378,6 +386,35 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
         store = local_root(config.store)
         raise err.write_listing(store.with_name(store.name + ".bad-audio.tsv")) from None
     dims = {name: backbone.config.conv_dim[-1] if name == CNN_LAYER else backbone.hidden_size for name in layers}
+    return _Prepared(device, shard, backbone, layers, dims, plans)
+
+
+def _size(prepared: _Prepared, config: ExtractConfig) -> StoreSize:
+    return plan_size(config.store, prepared.plans, prepared.dims, config.dtype, prepared.backbone.frame_rate,
+                     config.chunk_frames, config.block_chunks)
+
+
+def plan_store(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: bool = True,
+               backbone: Backbone | None = None) -> StoreSize:
+    """What extracting `corpus` with `config` would write, and the space there is for it, from the
+    audio headers alone (`extract --dry-run`): nothing is written."""
+    return _size(_prepare(corpus, config, progress, backbone), config)
+
+
+def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: bool = True,
+            backbone: Backbone | None = None) -> ExtractResult:
+    """Fill (or resume) the store at config.store with every chosen layer of every utterance.
+
+    `backbone`: an already loaded config.model (a notebook extracting several corpora loads it once).
+    Refuses to start when the store's file system has less free space than the store still needs,
+    unless `config.space_check` is off.
+    """
+    started = time.perf_counter()
+    prepared = _prepare(corpus, config, progress, backbone)
+    if config.space_check:
+        check_space(_size(prepared, config))
+    device, shard, backbone, layers, dims, plans = (
+        prepared.device, prepared.shard, prepared.backbone, prepared.layers, prepared.dims, prepared.plans)
     with FeatureStore.create(
         config.store,
         provenance(backbone, config, layers),
