@@ -107,7 +107,9 @@ def corpus_command(librispeech, librilight, splits, as_json):
 @click.option("--store", default="features.zarr", show_default=True, help="Where to write the feature store.")
 @click.option("--layers", default="all", show_default=True, help="Layers to store: all, or e.g. 0,4-8.")
 @click.option("--cnn", "include_cnn", is_flag=True, help="Also store the CNN feature encoder's output.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32", "int8"]), default="float16", show_default=True,
+              help="How features are stored. int8: half of float16's size, per-channel scales per chunk, "
+              "read back as float32 (docs/STORE.md).")
 @click.option("--batch-seconds", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Padded audio per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")

@@ -47,7 +47,7 @@ class ExtractConfig:
     store: str = DEFAULT_STORE
     layers: str = "all"  # "all", or indices and ranges: "0,4-8"
     include_cnn: bool = False  # also store the CNN feature encoder's output as layer "cnn"
-    dtype: str = "float16"  # how features are stored
+    dtype: str = "float16"  # how features are stored: float16, float32 or int8 (quantised from float16)
     batch_seconds: float = 64.0  # padded audio per forward pass
     device: str = "cpu"
     compute_dtype: str = "float32"  # float16 / bfloat16 autocast, for GPUs
@@ -262,12 +262,13 @@ class _BlockFiller:
             ready.synchronize()
             features = {name: x.numpy() for name, x in features.items()}
         if peaks is not None:
-            limit = float(np.finfo(self.store.dtype).max)
+            dtype = _host_dtype(self.store.dtype)
+            limit = float(np.finfo(dtype).max)
             for name, peak in zip(features, peaks.tolist()):
                 if math.isfinite(peak) and peak > limit:
                     raise W2VCacheError(
                         f"{block.split} block {block.index}: {name} features reach {peak:.4g}, beyond "
-                        f"{self.store.dtype}'s range ({limit:.0f}); extract into a new store with --dtype float32"
+                        f"{dtype}'s range ({limit:.0f}); extract into a new store with --dtype float32"
                     )
         if block is not self.block:
             self.writer, self.block, self.failures = self.store.block_writer(block), block, []
@@ -281,6 +282,13 @@ class _BlockFiller:
             else:
                 self.store.mark_done(block)
             self.writer = self.block = None
+
+
+def _host_dtype(store_dtype: str) -> str:
+    """What the device hands the writer: the store's float type; for int8, float16, which the
+    writer quantises per chunk (its scales span batches, so not on the device). An int8 store is
+    then exactly the quantised float16 store: `copy --dtype int8` of one gives the same bytes."""
+    return "float16" if store_dtype == "int8" else store_dtype
 
 
 def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
@@ -310,7 +318,7 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
     include_cnn = CNN_LAYER in layers
     names = backbone.layer_names(include_cnn=include_cnn)
     keep = [names.index(name) for name in layers]
-    store_dtype = getattr(torch, config.dtype)
+    store_dtype = getattr(torch, _host_dtype(config.dtype))
     compute = COMPUTE_DTYPES[config.compute_dtype]
     device = next(backbone.model.parameters()).device
     max_frames = max(1, int(config.batch_seconds * backbone.frame_rate))
@@ -371,8 +379,8 @@ class _Prepared:
 def _prepare(corpus: Corpus, config: ExtractConfig, progress: bool, backbone: Backbone | None) -> _Prepared:
     device = _device(config)
     shard = parse_shard(config.shard)
-    if config.dtype not in ("float16", "float32"):
-        raise W2VCacheError(f"--dtype {config.dtype!r}: choose float16 or float32")
+    if config.dtype not in ("float16", "float32", "int8"):
+        raise W2VCacheError(f"--dtype {config.dtype!r}: choose float16, float32 or int8")
     if backbone is None:
         backbone = load_backbone(config.model, device=device, revision=config.revision)
     layers = select_layers(config.layers, backbone.num_layers)

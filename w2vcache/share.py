@@ -6,11 +6,13 @@ with an incomplete split (reading one would hand out zeros for the blocks not ye
 records in the result's provenance where it came from and what was left out.
 
 - `copy_store`: a subset (layers, splits) that is itself a complete store with the same layout,
-  every chunk decoded (checksum checked) and re-encoded (checksum recomputed). It writes through
-  `FeatureStore.create`, so it locks its destination and resumes after a kill, block by block.
+  every chunk decoded (checksum checked) and re-encoded (checksum recomputed), optionally
+  converted from float to int8. It writes through `FeatureStore.create`, so it locks its
+  destination and resumes after a kill, block by block.
 - `pack_store`: one uncompressed zip holding the store's files as they are (stored members can be
   read in place, also over http with range requests). `open_store("x.zip")` reads it.
-- `export_hdf5`: one HDF5 file without block padding, for people who use h5py.
+- `export_hdf5`: one HDF5 file without block padding, for people who use h5py (an int8 store's
+  layers decoded to float16).
 
 Packs and exports are written under a temporary name and renamed when complete, so a killed run
 never leaves a half file under the final name.
@@ -43,6 +45,7 @@ from . import record
 from .errors import W2VCacheError
 from .layers import choose_layers
 from .store import (
+    SCALE_SUFFIX,
     FeatureStore,
     SplitPlan,
     local_root,
@@ -199,7 +202,8 @@ def _copy_runs(source: FeatureStore, destination: Path) -> int | None:
 
 
 def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | int] | None = None,
-               splits: str | Sequence[str] | None = None, progress: bool = True) -> CopyResult:
+               splits: str | Sequence[str] | None = None, progress: bool = True,
+               dtype: str | None = None) -> CopyResult:
     """Copy the chosen layers and splits of `src` (any URL) to a new local store at `dst`.
 
     The copy has the source's layout (chunk and block sizes, dtype, compression), so its blocks
@@ -208,6 +212,9 @@ def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | in
     and kept layers and splits, what was left out, when); the source's run records are copied and
     this copy adds its own. Re-running the same copy after a kill finishes it without redoing
     finished blocks; a different copy onto the same destination is refused, saying what differs.
+
+    `dtype` "int8" converts a float store (each chunk quantised as `extract --dtype int8` does it,
+    recorded as subset_of["converted"]); None or the source's dtype copies the values as they are.
     """
     started = time.perf_counter()
     dst_label = os.fspath(dst)
@@ -225,15 +232,18 @@ def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | in
             raise W2VCacheError(f"{where}: the destination is the source itself")
         keep_layers = choose_layers(layers, list(source.layers), where)
         keep_splits = choose_splits(splits, source.splits, where)
+        dtype = _copy_dtype(source, dtype, where)
         _require_complete(source, keep_splits, "copy")
         subset = _subset_record(source, keep_layers, keep_splits)
+        if dtype != source.dtype:
+            subset["converted"] = {"from": source.dtype, "to": dtype}
         subset["copied"] = _earlier_copy_time(dst, subset) or record.now()
         provenance = {**source.provenance, SUBSET_KEY: subset}
         plans = {split: _plan_of(source, split) for split in keep_splits}
         meta = source._meta
         try:
             out = FeatureStore.create(dst, provenance, plans, {k: source.layers[k] for k in keep_layers},
-                                      source.dtype, compression=meta.get("compression", "none"),
+                                      dtype, compression=meta.get("compression", "none"),
                                       chunk_frames=meta["chunk_frames"], block_chunks=meta["block_chunks"])
         except W2VCacheError as e:
             if "already exists with other settings" not in str(e):
@@ -256,6 +266,20 @@ def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | in
     finally:
         source.close()
     return result
+
+
+def _copy_dtype(source: FeatureStore, dtype: str | None, where: str) -> str:
+    """The copy's dtype: the source's, or int8 from a float store. Nothing else: int8 values are
+    all an int8 store has (widening them gains nothing), and float32 to float16 may overflow."""
+    if dtype is None or dtype == source.dtype:
+        return source.dtype
+    if source.dtype == "int8":
+        raise W2VCacheError(f"{where}: --dtype {dtype}: the source is int8, and its values are all it "
+                            f"holds; copy it as int8, or extract again with --dtype {dtype}")
+    if dtype != "int8":
+        raise W2VCacheError(f"{where}: --dtype {dtype}: a copy keeps its source's dtype ({source.dtype}) "
+                            f"or converts a float store to int8")
+    return dtype
 
 
 def _record_copy(root: Path, result: CopyResult) -> None:
@@ -292,17 +316,26 @@ def _plan_of(store: FeatureStore, split: str) -> SplitPlan:
 
 
 def _copy_blocks(source: FeatureStore, out: FeatureStore, pending: dict, progress: bool) -> int:
-    """Copy every pending block, layer by layer, reading the next layer while writing this one."""
-    itemsize = np.dtype(out.dtype).itemsize
+    """Copy every pending block, layer by layer, reading the next layer while writing this one.
+
+    Values go as they are (an int8 store's with its scales), or a float source's are quantised by
+    `write_layer` when the copy is int8."""
+    itemsize = np.dtype(source.dtype).itemsize
+    raw_int8 = source.dtype == out.dtype == "int8"
     jobs = [(block, layer) for split in pending for block in pending[split] for layer in out.layers]
     total = sum(block.n_frames * out.layers[layer] * itemsize for block, layer in jobs)
     bar = tqdm(total=total, desc="copying", unit="B", unit_scale=True, disable=not progress)
 
-    def read(block, layer) -> np.ndarray:
+    def read(block, layer) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         lo = int(source._split_index(block.split).offsets[block.start])
         if lo != block.frame_offset:  # same plan, same layout: anything else is a bug
             raise RuntimeError(f"{block.split} block {block.index}: source rows start at {lo}, "
                                f"copy's at {block.frame_offset}")
+        if raw_int8:  # the block's whole chunks, padding included, and their scales
+            chunk = source.chunk_frames(block.split)
+            n_chunks = -(-block.n_frames // chunk)
+            return (source._read(block.split, layer, slice(lo, lo + n_chunks * chunk)),
+                    source._read(block.split, layer + SCALE_SUFFIX, slice(lo // chunk, lo // chunk + n_chunks)))
         return source._read(block.split, layer, slice(lo, lo + block.n_frames))
 
     try:
@@ -312,11 +345,14 @@ def _copy_blocks(source: FeatureStore, out: FeatureStore, pending: dict, progres
                 frames = ahead.result()
                 if k + 1 < len(jobs):
                     ahead = reader.submit(read, *jobs[k + 1])
-                out.write_layer(block, layer, frames)
+                if raw_int8:
+                    out._write_int8_layer(block, layer, *frames)
+                else:
+                    out.write_layer(block, layer, frames)
                 if layer == list(out.layers)[-1]:
                     # A source block with utterances that failed to decode keeps its record in the copy.
                     out.mark_done(block, failed=source.failed_in(block.split, block.index))
-                bar.update(frames.nbytes)
+                bar.update(block.n_frames * out.layers[layer] * itemsize)
     finally:
         bar.close()
     return total
@@ -485,10 +521,13 @@ def export_hdf5(store: Any, file_h5: str | os.PathLike, layers: str | Sequence[s
         _require_complete(source, keep_splits, "export")
         subset = {**_subset_record(source, keep_layers, keep_splits), "exported": record.now()}
         provenance = {**source.provenance, EXPORT_KEY: subset}
+        dtype = _export_dtype(source.dtype)
+        if dtype != source.dtype:
+            subset["decoded"] = {"from": source.dtype, "to": dtype}
         meta = {"format": HDF5_FORMAT, "format_version": HDF5_FORMAT_VERSION,
-                "layers": {k: source.layers[k] for k in keep_layers}, "dtype": source.dtype,
+                "layers": {k: source.layers[k] for k in keep_layers}, "dtype": dtype,
                 "splits": keep_splits, "provenance": provenance}
-        itemsize = np.dtype(source.dtype).itemsize
+        itemsize = np.dtype(dtype).itemsize
         total = sum(source.split_attrs(s)["n_frames"] * source.layers[k] * itemsize
                     for s in keep_splits for k in keep_layers)
         tmp = _partial_path(final)
@@ -513,9 +552,16 @@ def export_hdf5(store: Any, file_h5: str | os.PathLike, layers: str | Sequence[s
                         left_out={"layers": subset["left_out_layers"], "splits": subset["left_out_splits"]})
 
 
+def _export_dtype(dtype: str) -> str:
+    """An HDF5 layer's dtype: the store's; an int8 store's decoded to float16, for plain h5py
+    readers (its scales would be one more thing to apply), at the size of a float16 store's export."""
+    return "float16" if dtype == "int8" else dtype
+
+
 def _export_split(source: FeatureStore, split: str, layers: list[str], group: Any, bar: tqdm) -> tuple[int, int]:
     import h5py
 
+    dtype = _export_dtype(source.dtype)
     index = source._split_index(split)
     strings = h5py.string_dtype("utf-8")
     for name, values in (("ids", index.ids), ("texts", index.texts), ("paths", index.paths)):
@@ -533,15 +579,16 @@ def _export_split(source: FeatureStore, split: str, layers: list[str], group: An
     n_frames = int(offsets[-1])
     for layer in layers:
         dim = source.layers[layer]
-        rows = max(1, min(n_frames, HDF5_CHUNK_BYTES // (dim * np.dtype(source.dtype).itemsize)))
-        data = group.create_dataset(layer, shape=(n_frames, dim), dtype=source.dtype, chunks=(rows, dim),
+        rows = max(1, min(n_frames, HDF5_CHUNK_BYTES // (dim * np.dtype(dtype).itemsize)))
+        data = group.create_dataset(layer, shape=(n_frames, dim), dtype=dtype, chunks=(rows, dim),
                                     fletcher32=True)
         data.attrs["dimension_names"] = json.dumps(["frame", "feature"])
         for start, stop in index.blocks:  # whole blocks: each a run of whole chunks of the store
             lo = int(index.offsets[start])
             n = int(offsets[stop] - offsets[start])
-            data[offsets[start]: offsets[stop]] = source._read(split, layer, slice(lo, lo + n))
-            bar.update(n * dim * np.dtype(source.dtype).itemsize)
+            frames = source._read_features(split, layer, lo, lo + n)
+            data[offsets[start]: offsets[stop]] = frames.astype(dtype, copy=False)
+            bar.update(n * dim * np.dtype(dtype).itemsize)
     return len(index.ids), n_frames
 
 

@@ -17,22 +17,26 @@ SPLITS_HELP = "Splits to keep: all, or names, comma-separated (dev,test-clean)."
 @click.argument("dst", type=click.Path())
 @click.option("--layers", default="all", show_default=True, help=LAYERS_HELP)
 @click.option("--splits", default="all", show_default=True, help=SPLITS_HELP)
+@click.option("--dtype", type=click.Choice(["int8"]), default=None,
+              help="Convert a float16/float32 store to int8 (half of float16's size). Default: the source's dtype.")
 @user_errors
-def copy_command(src, dst, layers, splits):
+def copy_command(src, dst, layers, splits, dtype):
     """Copy a store (or a subset of its layers and splits) from SRC (a path or URL) to a local DST.
 
-    The copy is a complete store that verifies on its own; its provenance says what was left out.
-    Re-run the same command to finish an interrupted copy.
+    The copy is a complete store that verifies on its own; its provenance says what was left out
+    (and, with --dtype int8, what it was converted from). Re-run the same command to finish an
+    interrupted copy.
     """
     from .share import copy_store
 
-    r = copy_store(src, dst, layers=layers, splits=splits)
+    r = copy_store(src, dst, layers=layers, splits=splits, dtype=dtype)
     left_out = "; ".join(f"{what} {', '.join(names)}" for what, names in
                          (("layers", r.left_out_layers), ("splits", r.left_out_splits)) if names) or "nothing"
     resumed = f" ({r.blocks_already_done} already done)" if r.blocks_already_done else ""
+    converted = f", as {dtype}" if dtype else ""
     click.echo(f"{r.destination}: copied {r.blocks_copied} block(s){resumed} of {len(r.layers)} layer(s) "
                f"and {len(r.splits)} split(s), {human_size(r.bytes_copied)} of features, from {r.source} "
-               f"in {r.seconds:.1f} s; left out: {left_out}")
+               f"in {r.seconds:.1f} s{converted}; left out: {left_out}")
 
 
 @click.command("pack")

@@ -16,7 +16,10 @@ Layout (one split shown; every array's chunks end in a crc32c checksum that zarr
         blocks                   (n_blocks, 2) int64 [first, end) utterance of each block
         done                     (n_blocks,) uint8, chunk 1: block b's features are all written
                                  (1), or written with utterances that failed to decode (2)
-        <layer>                  (n_rows, dim) float16/float32, chunked (chunk_frames, dim)
+        <layer>                  (n_rows, dim) float16/float32/int8, chunked (chunk_frames, dim)
+        <layer>.scale            int8 stores only: (n_rows / chunk_frames, dim) float32, chunk
+                                 (1, dim): row c scales chunk c of <layer> per channel; reads
+                                 return <layer> * scale as float32
         failed/<b>               group for a block with done == 2, written before the marker:
                                  attrs["utterances"] = [{id, path, reason}]; readers leave them out
       .locks/                    writer lock files, only while someone writes
@@ -33,7 +36,7 @@ record of the damage found, info).
 """
 
 from .featurestore import FeatureStore, open_store
-from .layout import CREATING_KEY, FORMAT_VERSION, SplitPlan, plan_blocks
+from .layout import CREATING_KEY, FORMAT_VERSION, SCALE_SUFFIX, SplitPlan, plan_blocks
 from .locks import pid_alive
 from .location import local_root, url_protocol
 from .verification import VerifyReport, info, record_verification, verify
@@ -41,6 +44,7 @@ from .verification import VerifyReport, info, record_verification, verify
 __all__ = [
     "CREATING_KEY",
     "FORMAT_VERSION",
+    "SCALE_SUFFIX",
     "FeatureStore",
     "SplitPlan",
     "VerifyReport",

@@ -21,7 +21,18 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from w2vcache.errors import W2VCacheError
 
-from .layout import CREATING_KEY, FORMAT_VERSION, INDEX_CHUNK, META_KEY, SplitPlan, _layer_codecs, plan_blocks
+from .layout import (
+    CREATING_KEY,
+    INDEX_CHUNK,
+    INT8,
+    META_KEY,
+    SCALE_DTYPE,
+    SCALE_SUFFIX,
+    SplitPlan,
+    _layer_codecs,
+    format_version,
+    plan_blocks,
+)
 from .locks import LOCK_DIR
 
 # Provenance keys that may differ between the runs that create and resume one store.
@@ -139,6 +150,12 @@ def _write_split(group: zarr.Group, split: str, plan: SplitPlan, layers: Mapping
         g.create_array(layer, shape=(n_rows, dim), dtype=dtype, chunks=(chunk_frames, dim),
                        fill_value=0, compressors=_layer_codecs(compression), filters=None,
                        dimension_names=("frame", "feature"))
+        if dtype == INT8:
+            # Row c: the scales of the layer's chunk c, one file each, so a block's writer writes
+            # its chunks' scales and no other's. Scales do not compress: never zstd.
+            g.create_array(layer + SCALE_SUFFIX, shape=(n_rows // chunk_frames, dim), dtype=SCALE_DTYPE,
+                           chunks=(1, dim), fill_value=0, compressors=index_codecs, filters=None,
+                           dimension_names=("chunk", "feature"))
 
 
 def _differences(meta: dict, read_split: Callable, asked: dict,
@@ -224,7 +241,7 @@ def _create_layout(root: Path, plans: Mapping[str, SplitPlan], provenance: dict,
     for split, plan in plans.items():
         _write_split(group, split, plan, layers, dtype, compression, chunk_frames, block_chunks, frame_rate)
     group.attrs.put({META_KEY: {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(dtype),
         "layers": layers,
         "dtype": dtype,
         "compression": compression,

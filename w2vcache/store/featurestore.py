@@ -29,7 +29,9 @@ from .layout import (
     FAILED_GROUP,
     FORMAT_VERSION,
     INDEX_ARRAYS,
+    INT8,
     META_KEY,
+    SCALE_SUFFIX,
     VERIFICATION_KEY,
     Block,
     SplitPlan,
@@ -38,6 +40,9 @@ from .layout import (
     _check_name,
     _check_shard,
     choose_chunk_frames,
+    dequantise,
+    feature_dtype,
+    quantise,
 )
 from .locks import _acquire_create_lock, _acquire_writer_lock, _Lock, _lock_name
 from .location import _close_store, _open_group, _store_label, local_root
@@ -141,7 +146,7 @@ class FeatureStore:
         layers = dict(layers)
         for name, dim in layers.items():
             _check_name(name, "layer")
-            if name in INDEX_ARRAYS or name == FAILED_GROUP:
+            if name in INDEX_ARRAYS or name == FAILED_GROUP or name.endswith(SCALE_SUFFIX):
                 raise W2VCacheError(f"layer name {name!r} is reserved for the store's own arrays")
             if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
                 raise W2VCacheError(f"layer {name}: dimension {dim!r} is not a positive integer")
@@ -252,7 +257,13 @@ class FeatureStore:
 
     @property
     def dtype(self) -> str:
+        """How layers are stored: float16, float32, or int8 (with per-channel scales per chunk)."""
         return self._meta["dtype"]
+
+    @property
+    def feature_dtype(self) -> str:
+        """What `read`, `read_batch` and `read_layer` return: the stored dtype, float32 for int8."""
+        return feature_dtype(self.dtype)
 
     @property
     def verification(self) -> dict | None:
@@ -353,7 +364,8 @@ class FeatureStore:
         self._check_fork()
         key = (split, name)
         if key not in self._arrays:
-            if name not in INDEX_ARRAYS and name not in self._meta["layers"]:
+            if name not in INDEX_ARRAYS and name not in self._meta["layers"] and not (
+                    self.dtype == INT8 and name.removesuffix(SCALE_SUFFIX) in self._meta["layers"]):
                 raise W2VCacheError(f"store {self.path} has no layer {name!r}; it has "
                                     f"{', '.join(self._meta['layers'])}")
             group = self._group(split)
@@ -390,6 +402,15 @@ class FeatureStore:
                       "the store's index is damaged: extract into a new store, or copy the store again")
             raise W2VCacheError(f"store {self.path}: {split}/{name} chunk {bad}: checksum "
                                 f"mismatch or unreadable chunk ({e}); {advice}") from None
+
+    def _read_features(self, split: str, layer: str, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows lo:hi of a layer as floats: as stored, or an int8 layer decoded with its scales."""
+        if self.dtype != INT8:
+            return self._read(split, layer, slice(lo, hi), out)
+        chunk = self.chunk_frames(split)
+        q = self._read(split, layer, slice(lo, hi))
+        scales = self._read(split, layer + SCALE_SUFFIX, slice(lo // chunk, -(-hi // chunk)))
+        return dequantise(q, scales, lo, chunk, out)
 
     def _split_index(self, split: str, refresh: bool = False) -> _SplitIndex:
         if split not in self._index:
@@ -435,7 +456,8 @@ class FeatureStore:
         return i
 
     def read(self, split: str, layer: str, key: int | str) -> np.ndarray:
-        """Features (frames, dim) of one utterance, given by store position or id."""
+        """Features (frames, dim) of one utterance, given by store position or id, as
+        `feature_dtype` (an int8 store's are decoded)."""
         return self.read_batch(split, layer, [key])[0]
 
     def read_batch(self, split: str, layer: str, keys: Sequence[int | str]) -> list[np.ndarray]:
@@ -466,7 +488,7 @@ class FeatureStore:
                 continue  # utterances of one block lie end to end: extend the run
             first, last = wanted[run_start], wanted[k - 1]
             lo = int(index.offsets[first])
-            frames = self._read(split, layer, slice(lo, int(index.offsets[last] + index.lengths[last])))
+            frames = self._read_features(split, layer, lo, int(index.offsets[last] + index.lengths[last]))
             for i in wanted[run_start:k]:
                 s = int(index.offsets[i]) - lo
                 features[i] = frames[s: s + int(index.lengths[i])]
@@ -474,7 +496,7 @@ class FeatureStore:
         return [features[i] for i in positions]
 
     def read_layer(self, split: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
-        """All frames of one layer of a complete split, padding removed.
+        """All frames of one layer of a complete split, padding removed, as `feature_dtype`.
 
         Returns (frames (sum of lengths, dim), offsets (n+1,)): utterance i (store order, as in
         `utterances`) is frames[offsets[i]:offsets[i+1]]. The rows of utterances that failed to
@@ -486,11 +508,11 @@ class FeatureStore:
             raise W2VCacheError(self._incomplete_message(split))
         offsets = np.zeros(len(index.ids) + 1, dtype=np.int64)
         np.cumsum(index.lengths, out=offsets[1:])
-        frames = np.empty((int(offsets[-1]), array.shape[1]), dtype=array.dtype)
+        frames = np.empty((int(offsets[-1]), array.shape[1]), dtype=self.feature_dtype)
         for start, stop in index.blocks:
             lo = int(index.offsets[start])
             n = int(offsets[stop] - offsets[start])
-            self._read(split, layer, slice(lo, lo + n), out=frames[offsets[start]: offsets[stop]])
+            self._read_features(split, layer, lo, lo + n, out=frames[offsets[start]: offsets[stop]])
         return frames, offsets
 
     # -- writing ------------------------------------------------------------------------------
@@ -540,12 +562,32 @@ class FeatureStore:
             raise W2VCacheError(f"store {self.path} has no layer {layer!r}; it has "
                                 f"{', '.join(self._meta['layers'])}")
         where = f"store {self.path}: {block.split} block {block.index}: {layer} features"
-        x = _convert_features(frames, (block.n_frames, self.layers[layer]), self.dtype, where)
+        x = _convert_features(frames, (block.n_frames, self.layers[layer]), self.feature_dtype, where)
         chunk = self.chunk_frames(block.split)
         rows = -(-block.n_frames // chunk) * chunk  # up to the chunk boundary where the next block starts
-        padded = np.zeros((rows, x.shape[1]), dtype=self.dtype)
+        padded = np.zeros((rows, x.shape[1]), dtype=self.feature_dtype)
         padded[: block.n_frames] = x
+        if self.dtype == INT8:
+            self._write_int8_layer(block, layer, *quantise(padded, chunk))
+            return
         self._array(block.split, layer)[block.frame_offset: block.frame_offset + rows] = padded
+        self._layers_written.setdefault((block.split, block.index), set()).add(layer)
+
+    def _write_int8_layer(self, block: Block, layer: str, q: np.ndarray, scales: np.ndarray) -> None:
+        """Write one int8 layer of a whole block as it is: q (the block's rows up to its last chunk
+        boundary) and the scales of its chunks. A copy of an int8 store writes its source's so."""
+        self._check_writable()
+        self._check_block(block)
+        chunk = self.chunk_frames(block.split)
+        first = block.frame_offset // chunk
+        rows = -(-block.n_frames // chunk) * chunk
+        if q.shape != (rows, self.layers[layer]) or q.dtype != np.int8 or scales.shape != (rows // chunk, q.shape[1]):
+            raise W2VCacheError(f"store {self.path}: {block.split} block {block.index}: {layer} int8 "
+                                f"rows {q.shape} {q.dtype} / scales {scales.shape} do not cover the block's chunks")
+        # Order does not matter: nothing of the block is read until it is marked done, and a run
+        # that resumes it rewrites values and scales alike.
+        self._array(block.split, layer + SCALE_SUFFIX)[first: first + rows // chunk] = scales
+        self._array(block.split, layer)[block.frame_offset: block.frame_offset + rows] = q
         self._layers_written.setdefault((block.split, block.index), set()).add(layer)
 
     def mark_done(self, block: Block, failed: Sequence[Mapping[str, str]] = ()) -> None:
@@ -646,7 +688,9 @@ class BlockWriter:
         self.chunk_frames = store.chunk_frames(block.split)
         self.layers = store.layers
         self._arrays = {name: store._array(block.split, name) for name in self.layers}
-        self._buffers = {name: np.zeros((self.chunk_frames, dim), dtype=store.dtype)
+        self._scales = {name: store._array(block.split, name + SCALE_SUFFIX) for name in self.layers} \
+            if store.dtype == INT8 else {}
+        self._buffers = {name: np.zeros((self.chunk_frames, dim), dtype=store.feature_dtype)
                          for name, dim in self.layers.items()}
         self._filled = 0  # frames in the current chunk buffers
         self._chunk_start = block.frame_offset
@@ -693,7 +737,7 @@ class BlockWriter:
         self._next += 1
 
     def _convert(self, layer: str, utt_id: str, length: int, x: Any) -> np.ndarray:
-        return _convert_features(x, (length, self.layers[layer]), self.store.dtype,
+        return _convert_features(x, (length, self.layers[layer]), self.store.feature_dtype,
                                  f"{self._where()}: utterance {utt_id}: {layer} features")
 
     def _flush(self) -> None:
@@ -701,7 +745,12 @@ class BlockWriter:
         lo, hi = self._chunk_start, self._chunk_start + self.chunk_frames
 
         def write(name: str) -> None:
-            self._arrays[name][lo:hi] = self._buffers[name]
+            if name in self._scales:  # int8: quantised here, with the scales of this chunk
+                q, scales = quantise(self._buffers[name], self.chunk_frames)
+                self._scales[name][lo // self.chunk_frames] = scales[0]
+                self._arrays[name][lo:hi] = q
+            else:
+                self._arrays[name][lo:hi] = self._buffers[name]
 
         list(self._pool.map(write, self.layers))  # layers in parallel; map re-raises errors
         for buffer in self._buffers.values():

@@ -1,8 +1,9 @@
 """The store's format: version and attribute keys, block and chunk geometry, records and names.
 
 Format constants (what a reader checks), how utterances lie on the frame axis (`plan_blocks`,
-`choose_chunk_frames`), the layer codecs, the records the store hands out (SplitPlan, Block,
-StoredUtterance, SplitStatus), and the checks of layer/split names and writer shards.
+`choose_chunk_frames`), the layer codecs, int8 layers and their scales (`quantise`,
+`dequantise`), the records the store hands out (SplitPlan, Block, StoredUtterance, SplitStatus),
+and the checks of layer/split names and writer shards.
 """
 
 from __future__ import annotations
@@ -16,14 +17,28 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from w2vcache.errors import W2VCacheError
 
-FORMAT_VERSION = 1  # bump when the layout changes; readers refuse stores newer than this
+FORMAT_VERSION = 2  # bump when the layout changes; readers refuse stores newer than this
+# Float stores keep version 1, which readers since the first know; an int8 store is version 2, so a
+# reader that would take its integers for features refuses it instead ("upgrade w2vcache").
+FLOAT_FORMAT_VERSION = 1
 META_KEY = "w2vcache"  # root attribute: layers, dtype, splits, provenance; written last at creation
 CREATING_KEY = "w2vcache_creating"  # root attribute present while a store is being created
 # Root attribute present while the last verification found damaged blocks (`verify` writes and
 # clears it on a local store): which blocks `verify --repair` must rewrite, and when it was seen.
 VERIFICATION_KEY = "w2vcache_verification"
 
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "float32", "int8")
+# An int8 layer holds round(x / scale), scale = max |x| / 127 per channel over each chunk of frames,
+# in the float32 array <layer>.scale (n_chunks, dim), chunk (1, dim): chunk c's scales are written
+# with chunk c, by the same writer. Per-channel scales, not one per frame: W2V layers have a few
+# channels far larger than the rest, which a frame's one scale would impose on every channel
+# (measured in benchmarks/int8_store.py). Reads decode it to FLOAT_OF_INT8: float32, what consumers
+# compute in, exact to scale / 2, and decoded 4x faster than to float16 (numpy's float16 casts are slow).
+INT8 = "int8"
+INT8_MAX = 127  # symmetric: -127..127, so that 0 is exact and the scale is max / 127
+SCALE_SUFFIX = ".scale"
+SCALE_DTYPE = "float32"
+FLOAT_OF_INT8 = "float32"
 COMPRESSIONS = ("none", "zstd")
 # Measured on random-ish float16 features (docs/STORE.md): zstd saves ~5.5% of the bytes and
 # halves read throughput, because the mantissa bits of features are noise. Not worth it by default.
@@ -103,8 +118,12 @@ class SplitStatus:
 
 
 def choose_chunk_frames(layers: Mapping[str, int], dtype: str) -> int:
-    """Frames per chunk so that the widest layer's chunk is about CHUNK_BYTES (at most MAX_CHUNK_FRAMES)."""
-    bytes_per_frame = max(layers.values()) * np.dtype(dtype).itemsize
+    """Frames per chunk so that the widest layer's chunk is about CHUNK_BYTES (at most MAX_CHUNK_FRAMES).
+
+    An int8 store is laid out as a float16 one (2 MiB chunks): its scales then cover the same
+    frames as a float16 store's chunks, and `copy --dtype int8` of that store equals extracting int8.
+    """
+    bytes_per_frame = max(layers.values()) * np.dtype("float16" if dtype == INT8 else dtype).itemsize
     return max(1, min(MAX_CHUNK_FRAMES, CHUNK_BYTES // bytes_per_frame))
 
 
@@ -143,6 +162,47 @@ def plan_blocks(lengths: Sequence[int], chunk_frames: int, block_chunks: int) ->
         frame = -(-end // chunk_frames) * chunk_frames
     offsets[n] = frame
     return offsets, np.array(blocks, dtype=np.int64).reshape(-1, 2)
+
+
+def feature_dtype(dtype: str) -> str:
+    """What reading a layer of a store of `dtype` returns: int8 decodes to float32."""
+    return FLOAT_OF_INT8 if dtype == INT8 else dtype
+
+
+def format_version(dtype: str) -> int:
+    return FORMAT_VERSION if dtype == INT8 else FLOAT_FORMAT_VERSION
+
+
+def quantise(x: np.ndarray, chunk_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole chunks of frames (rows a multiple of chunk_frames, dim) -> (int8 values, float32 scales
+    (rows // chunk_frames, dim)): x = q * scale up to scale / 2 per element.
+
+    A channel that is all zero in a chunk gets scale 0 (decodes to 0). Values must be finite
+    (the writers refuse NaN and infinity before this)."""
+    rows, dim = x.shape
+    assert rows % chunk_frames == 0, (rows, chunk_frames)
+    chunks = x.reshape(rows // chunk_frames, chunk_frames, dim)
+    scales = (np.abs(chunks).max(axis=1).astype(np.float32) / np.float32(INT8_MAX)).astype(np.float32)
+    divisor = np.where(scales > 0, scales, np.float32(1))[:, None, :]
+    q = np.rint(np.divide(chunks, divisor, dtype=np.float32))
+    np.clip(q, -INT8_MAX, INT8_MAX, out=q)  # rounding of max / scale can pass 127 by an ulp
+    return q.astype(np.int8).reshape(rows, dim), scales
+
+
+def dequantise(q: np.ndarray, scales: np.ndarray, first_row: int, chunk_frames: int,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Rows first_row.. of an int8 layer (q) as FLOAT_OF_INT8, given the scales of the chunks they
+    lie in (scales[0] is chunk first_row // chunk_frames's)."""
+    if out is None:
+        out = np.empty(q.shape, dtype=FLOAT_OF_INT8)
+    c0 = first_row // chunk_frames
+    row = 0
+    while row < len(q):
+        c = (first_row + row) // chunk_frames
+        end = min(len(q), (c + 1) * chunk_frames - first_row)
+        np.multiply(q[row:end], scales[c - c0], out=out[row:end], dtype=np.float32)
+        row = end
+    return out
 
 
 def _layer_codecs(compression: str) -> list:

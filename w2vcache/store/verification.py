@@ -23,7 +23,17 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 from w2vcache.errors import W2VCacheError
 
 from .featurestore import FeatureStore, open_store
-from .layout import DONE_WITH_FAILURES, FAILED_GROUP, FAILED_REASON, INDEX_ARRAYS, PENDING, VERIFICATION_KEY
+from .layout import (
+    DONE_WITH_FAILURES,
+    FAILED_GROUP,
+    FAILED_REASON,
+    INDEX_ARRAYS,
+    INT8,
+    PENDING,
+    SCALE_DTYPE,
+    SCALE_SUFFIX,
+    VERIFICATION_KEY,
+)
 from .location import _store_label
 
 HTTP_PROTOCOLS = ("http", "https")  # read-only, and no listing: bytes on disk are unknown there
@@ -210,12 +220,45 @@ def _verify_split(store: FeatureStore, split: str, report: VerifyReport, pending
             problems.append(f"{split}/{layer}: shape {array.shape} dtype {array.dtype} chunks "
                             f"{array.chunks}, want ({n_rows}, {dim}) {store.dtype} ({chunk_frames}, {dim})")
             continue
+        scales = _scale_array(group, split, layer, store.dtype, (n_rows // chunk_frames, dim), problems)
+        if scales is False:
+            continue
         for b, (start, stop) in enumerate(blocks):
             if done[b]:
                 first = int(offsets[start]) // chunk_frames
                 last = -(-int(offsets[start] + lengths[start:stop].sum()) // chunk_frames)
                 if not _verify_chunks(array, f"{split}/{layer}", first, last, report):
                     report._damaged(split, b)
+                if scales is not None and not _verify_scales(scales, f"{split}/{layer}{SCALE_SUFFIX}",
+                                                             first, last, report):
+                    report._damaged(split, b)
+
+
+def _scale_array(group: zarr.Group, split: str, layer: str, dtype: str, shape: tuple[int, int],
+                 problems: list[str]) -> zarr.Array | None | bool:
+    """An int8 layer's scales (None for a float layer), or False (reported) if they are unusable."""
+    if dtype != INT8:
+        return None
+    name = layer + SCALE_SUFFIX
+    array = _member(group, split, name, problems)
+    if array is None:
+        return False
+    if array.shape != shape or str(array.dtype) != SCALE_DTYPE or array.chunks != (1, shape[1]):
+        problems.append(f"{split}/{name}: shape {array.shape} dtype {array.dtype} chunks {array.chunks}, "
+                        f"want {shape} {SCALE_DTYPE} (1, {shape[1]})")
+        return False
+    return array
+
+
+def _verify_scales(array: zarr.Array, name: str, first: int, last: int, report: VerifyReport) -> bool:
+    """The scales of chunks first..last-1 exist, decode, and are finite and >= 0."""
+    if not _verify_chunks(array, name, first, last, report):
+        return False
+    values = array[first:last]
+    bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)).all(axis=1))
+    for c in bad:
+        report.problems.append(f"{name} chunk {first + c}: scales that are negative, NaN or infinite")
+    return not len(bad)
 
 
 def _member(group: zarr.Group, split: str, name: str, problems: list[str]) -> zarr.Array | None:
@@ -338,6 +381,8 @@ def _bytes_on_disk(store: FeatureStore) -> dict:
     for key, n in sizes.items():
         split, _, rest = key.partition("/")
         layer = rest.partition("/")[0]
+        if store.dtype == INT8:
+            layer = layer.removesuffix(SCALE_SUFFIX)  # an int8 layer's scales count with it
         if split in store.splits and layer in layers:  # <split>/<layer>/zarr.json and its chunks
             layers[layer] += n
     total = sum(sizes.values())
