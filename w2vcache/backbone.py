@@ -46,6 +46,7 @@ class Backbone:
     name: str  # what the user asked for, or the resolved local directory
     revision: str | None  # hub commit hash when known
     normalize: bool  # per-utterance zero-mean unit-variance input normalisation
+    run: dict | None = None  # a fine-tuning run's encoder: which run, epoch and base model (describe)
 
     @property
     def config(self) -> PretrainedConfig:
@@ -94,7 +95,7 @@ class Backbone:
 
     def describe(self) -> dict:
         """Provenance written next to extracted features."""
-        return {
+        described = {
             "name": self.name,
             "revision": self.revision,
             "weight_hash": self.weight_hash(),
@@ -107,6 +108,9 @@ class Backbone:
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,
         }
+        if self.run is not None:
+            described["run"] = self.run
+        return described
 
 
 def state_dict_hash(module: nn.Module) -> str:

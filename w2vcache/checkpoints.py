@@ -1,6 +1,7 @@
 """Where W2V comes from: built-in configs with seeded random weights (demos, tests, benchmarks), a
-local directory written by `save_pretrained`, or a Hugging Face Hub id (the network or the HF cache),
-each checked to be a W2V-style encoder and loaded into a `Backbone`.
+local directory written by `save_pretrained`, a Hugging Face Hub id (the network or the HF cache),
+or a `w2vcache finetune` run directory (its best epoch's encoder), each checked to be a W2V-style
+encoder and loaded into a `Backbone`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from w2vcache.backbone import Backbone
 from w2vcache.errors import W2VCacheError
+from w2vcache.runs import BEST, CONFIG, read_run
 
 try:  # transformers 5 configs are strict dataclasses; invalid values raise this (not a ValueError)
     from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
@@ -119,6 +121,8 @@ def load_backbone(
         model, checkpoint_normalize = _build_builtin(name), None
     elif name.startswith("builtin:"):
         raise W2VCacheError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
+    elif os.path.isdir(name) and _is_run_dir(name):
+        return _load_run(name, device, normalize)
     elif os.path.isdir(name):
         model, checkpoint_normalize = _load_local(name), _read_do_normalize(name)
         name = os.path.abspath(name)
@@ -155,7 +159,8 @@ def _load_local(path: str) -> nn.Module:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise W2VCacheError(
             f"{path!r} is not a model directory: it has no config.json "
-            "(expected a directory written by save_pretrained or `hf download`)"
+            "(expected a directory written by save_pretrained or `hf download`, "
+            "or a fine-tuning run directory such as RUNS/finetune/reinit-none/seed0)"
         )
     try:
         # local_files_only: a local directory must never trigger a download or even a network request.
@@ -169,6 +174,91 @@ def _load_local(path: str) -> nn.Module:
         raise W2VCacheError(f"cannot load the model weights in {path!r}: {_first_line(e)}") from None
     _check_loaded(info, path)
     return model
+
+
+# best.pt holds CTCModel's state dict (finetune.py): the encoder under "w2v.", beside it the CTC
+# head and the mask vector fine-tuning made when the model had none, which the store does not need.
+RUN_ENCODER_PREFIX = "w2v."
+RUN_HEAD_PREFIXES = ("head.", "mask_embedding")
+
+
+def _is_run_dir(path: str) -> bool:
+    """A probe or fine-tuning run directory (docs/RUNS.md): its config.json states the run's kind,
+    which a model's config.json never does."""
+    try:
+        with open(os.path.join(path, CONFIG)) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "kind" in config and "model_type" not in config
+
+
+def _load_run(path: str, device, normalize: bool | None) -> Backbone:
+    """The encoder of a fine-tuning run's best epoch: the base model the run started from (as its
+    config.json names it), with the W2V weights of best.pt in place of its own."""
+    run = read_run(path)
+    if run.kind != "finetune":
+        model = (run.config.get("data") or {}).get("model") or {}
+        made_with = f" ({model['name']})" if model.get("name") else ""
+        raise W2VCacheError(
+            f"{path!r} is a {run.kind} run: a probe has no W2V weights of its own; extract with the model "
+            f"its store was extracted with{made_with}, or give a fine-tuning run"
+        )
+    best = os.path.join(path, BEST)
+    if not os.path.isfile(best):
+        raise W2VCacheError(f"fine-tuning run {path!r} has no {BEST} yet: no epoch of it has finished")
+    base = (run.config.get("model") or {}).get("backbone")
+    if not isinstance(base, dict) or not base.get("name"):
+        raise W2VCacheError(f"fine-tuning run {path!r}: its {CONFIG} does not name the model it fine-tuned")
+    if run.status != "finished":  # still usable, but best.pt may yet change
+        print(f"{path}: the run is {run.status}; its {BEST} holds its best epoch so far", file=sys.stderr)
+    try:
+        backbone = load_backbone(base["name"], device=device, revision=base.get("revision"), normalize=normalize)
+    except W2VCacheError as e:
+        raise W2VCacheError(f"fine-tuning run {path!r}: cannot load the model it fine-tuned ({_first_line(e)})") from None
+    _load_encoder_weights(backbone.model, best, base["name"])
+    # Fine-tuning trained on what this base's normalisation gave it, so that (or the caller's) stays.
+    return Backbone(
+        model=backbone.model,
+        name=os.path.abspath(path),  # like a local model directory: found again from any working directory
+        revision=None,
+        normalize=backbone.normalize,
+        run={
+            "path": os.path.abspath(path),
+            "experiment": run.experiment,
+            "seed": run.seed,
+            "reinit": run.reinit,
+            "status": run.status,
+            "best_epoch": run.best_epoch,
+            # As the run recorded it: the weights fine-tuning started from, after any re-initialisation.
+            "base_model": {k: base.get(k) for k in ("name", "revision", "weight_hash")},
+        },
+    )
+
+
+def _load_encoder_weights(model: nn.Module, best: str, base_name: str) -> None:
+    """best.pt's encoder weights into `model`, every one of them and nothing else, or a refusal."""
+    from w2vcache.train import load_checkpoint  # data only (weights_only=True); never unpickles objects
+
+    try:
+        state = load_checkpoint(best)
+    except (OSError, EOFError, RuntimeError) as e:
+        raise W2VCacheError(f"cannot read {best}: {_first_line(e)}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise W2VCacheError(f"{best} does not hold model weights (a dict of named tensors)")
+    encoder = {k.removeprefix(RUN_ENCODER_PREFIX): v for k, v in state.items() if k.startswith(RUN_ENCODER_PREFIX)}
+    other = [k for k in state if not k.startswith((RUN_ENCODER_PREFIX, *RUN_HEAD_PREFIXES))]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(encoder))
+    unexpected = sorted(set(encoder) - set(own)) + sorted(other)
+    misshaped = sorted(k for k in set(own) & set(encoder) if own[k].shape != encoder[k].shape)
+    if missing or unexpected or misshaped:
+        bad = (missing + unexpected + misshaped)[:3]
+        raise W2VCacheError(
+            f"{best} does not fit the model {base_name!r} it fine-tuned: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected and {len(misshaped)} mis-shaped weights (e.g. {', '.join(bad)})"
+        )
+    model.load_state_dict(encoder)
 
 
 def _load_hub(name: str, revision: str | None) -> tuple[nn.Module, str | None, bool | None]:

@@ -102,7 +102,8 @@ def corpus_command(librispeech, librilight, splits, as_json):
 
 @main.command("extract")
 @click.option("--model", default="builtin:tiny", show_default=True,
-              help="Hugging Face id, local save_pretrained directory, or builtin:tiny|tiny-ln|base.")
+              help="Hugging Face id, local save_pretrained directory, fine-tuning run directory "
+                   "(RUNS/finetune/<experiment>/seed<k>: its best epoch's encoder), or builtin:tiny|tiny-ln|base.")
 @corpus_options
 @click.option("--store", default="features.zarr", show_default=True, help="Where to write the feature store.")
 @click.option("--layers", default="all", show_default=True, help="Layers to store: all, or e.g. 0,4-8.")
