@@ -13,7 +13,7 @@ from w2vcache.cli import main
 from w2vcache.corpus import build_corpus, summarize
 
 # Every command the group must offer; one missing from `main` (or a new one not listed here) fails.
-COMMANDS = {"corpus", "extract", "info", "verify", "probe", "finetune", "demo", "report", "copy", "pack", "export"}
+COMMANDS = {"corpus", "extract", "info", "verify", "probe", "finetune", "demo", "report", "copy", "pack", "export", "similarity"}
 
 
 def test_version_is_the_package_version():

@@ -95,13 +95,20 @@ def experiment(kind, layer, reinit):
 
 
 def write_run(root, kind, seed, values=None, layer=None, reinit=(), status="finished", epochs_done=10,
-              error=None, splits=SPLITS, lr=1e-4, prefix="", name=None, fractions=False):
+              error=None, splits=SPLITS, lr=1e-4, prefix="", name=None, fractions=False, probe=None, weights=None):
     """One run directory as probe/finetune write it: config.json, metrics.jsonl, result.json.
-    `values` in percent; `fractions`: as earlier versions wrote them, 0.21 for 21 % under "wer"."""
+    `values` in percent; `fractions`: as earlier versions wrote them, 0.21 for 21 % under "wer".
+    `probe` ("bilstm", "linear"): records it as this version does; without it, as earlier versions
+    did. `weights`: a weighted probe's layer_weights.json, {epoch: {layer: weight}}."""
     name = name or experiment(kind, layer, reinit)
     directory = root / prefix / kind / name / f"seed{seed}"
     directory.mkdir(parents=True)
     ident = {"kind": kind, "experiment": name, "layer": layer, "reinit": list(reinit), "seed": seed}
+    if probe is not None:
+        ident.update(probe=probe, weighted=weights is not None)
+    if weights is not None:
+        (directory / "layer_weights.json").write_text(json.dumps(
+            [{"epoch": epoch, "weights": w} for epoch, w in weights.items()]))
     config = {**ident, "train": {"epochs": 10, "lr": lr, "seed": seed}, "model": {"hidden": 1024},
               "data": {"store": "features.zarr"}, "versions": {}, "command": ["w2vcache", kind],
               "started": "2026-11-25T12:00:00+00:00"}
@@ -508,3 +515,69 @@ def test_cli_errors_are_one_line(report_cli, tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = report_cli(tmp_path / "empty", "--format", "xlsx")
     assert result.exit_code == 2 and "xlsx" in result.output
+
+
+def test_linear_and_weighted_probes_beside_the_bilstm(runs, tmp_path):
+    """Linear probes get their own table, weighted probes a row in their kind's table and a column
+    of layer weights (those of the best epoch, 7, averaged over seeds); the BiLSTM table and the best
+    layer stay as they were. Runs without a probe field are BiLSTM layer probes."""
+    linear = {(0, 8): (40.0, 38.0, 60.0, 15.0, 14.0, 25.0), (1, 8): (42.0, 40.0, 62.0, 17.0, 16.0, 27.0),
+              (0, 4): (30.0, 29.0, 50.0, 12.0, 11.0, 20.0)}
+    for (seed, layer), values in linear.items():
+        write_run(runs, "probe", seed, values, layer=layer, name=f"linear-layer{layer:02d}", probe="linear")
+    late = {"layer00": 0.9, "layer01": 0.1}  # epoch 10's weights: not the best epoch's, never shown
+    write_run(runs, "probe", 0, (9.0, 8.0, 18.0, 2.0, 1.0, 6.0), name="weighted", probe="bilstm",
+              weights={7: {"layer00": 0.25, "layer01": 0.75}, 10: late})
+    write_run(runs, "probe", 1, (11.0, 10.0, 20.0, 4.0, 3.0, 8.0), name="weighted", probe="bilstm",
+              weights={7: {"layer00": 0.35, "layer01": 0.65}, 10: late})
+    write_run(runs, "probe", 0, (35.0, 33.0, 55.0, 13.0, 12.0, 22.0), name="linear-weighted", probe="linear",
+              weights={7: {"layer00": 0.5, "layer01": 0.5}})
+    written = write_report(runs, tmp_path / "out")
+    text = written["md"].read_text()
+    tables = markdown_tables(text)
+    assert list(tables) == ["Probes (frozen W2V layer, BiLSTM-CTC)", "Linear probes (frozen W2V layer, linear-CTC)",
+                            "Layer weights of the weighted probes (softmax, at the best epoch)",
+                            "Fine-tuning (W2V + CTC head, re-initialised blocks)"]
+    bilstm = tables["Probes (frozen W2V layer, BiLSTM-CTC)"]
+    assert list(bilstm) == ["0", "4", "8", "12", "weighted"]
+    assert {k: v for k, v in bilstm.items() if k != "weighted"} == PROBE_TABLE
+    assert bilstm["weighted"]["dev WER"] == "10.00 ± 1.41 (n=2)" and bilstm["weighted"]["test-other CER"] == "7.00 ± 1.41 (n=2)"
+    assert tables["Linear probes (frozen W2V layer, linear-CTC)"] == {
+        "4": {"seeds": "0", "dev WER": "30.00 (n=1)", "test-clean WER": "29.00 (n=1)", "test-other WER": "50.00 (n=1)",
+              "dev CER": "12.00 (n=1)", "test-clean CER": "11.00 (n=1)", "test-other CER": "20.00 (n=1)"},
+        "8": {"seeds": "0,1", "dev WER": "41.00 ± 1.41 (n=2)", "test-clean WER": "39.00 ± 1.41 (n=2)",
+              "test-other WER": "61.00 ± 1.41 (n=2)", "dev CER": "16.00 ± 1.41 (n=2)",
+              "test-clean CER": "15.00 ± 1.41 (n=2)", "test-other CER": "26.00 ± 1.41 (n=2)"},
+        "weighted": {"seeds": "0", "dev WER": "35.00 (n=1)", "test-clean WER": "33.00 (n=1)",
+                     "test-other WER": "55.00 (n=1)", "dev CER": "13.00 (n=1)", "test-clean CER": "12.00 (n=1)",
+                     "test-other CER": "22.00 (n=1)"},
+    }
+    # 0.25 and 0.35: mean 0.30, sample std 0.1 / sqrt(2) = 0.0707
+    assert tables["Layer weights of the weighted probes (softmax, at the best epoch)"] == {
+        "layer00": {"BiLSTM weighted": "0.300 ± 0.071 (n=2)", "linear weighted": "0.500 (n=1)"},
+        "layer01": {"BiLSTM weighted": "0.700 ± 0.071 (n=2)", "linear weighted": "0.500 (n=1)"},
+    }
+    assert "Best layer: 8 (lowest mean dev WER, 12.00 %)." in text  # a weighted probe is not a layer
+    assert "Best layer for the linear probe: 4 (lowest mean dev WER, 30.00 %)." in text
+
+    report = json.loads(written["json"].read_text())
+    assert report["best_layer"]["layer"] == 8 and report["best_linear_layer"] == {
+        "layer": 4, "experiment": "linear-layer04", "by": "dev wer"}
+    labels = [(r["kind"], r["probe"], r["label"]) for r in report["rows"]]
+    assert labels[:8] == [("probe", "bilstm", "0"), ("probe", "bilstm", "4"), ("probe", "bilstm", "8"),
+                          ("probe", "bilstm", "12"), ("probe", "bilstm", "weighted"), ("probe", "linear", "4"),
+                          ("probe", "linear", "8"), ("probe", "linear", "weighted")]
+    weighted = report["rows"][4]
+    assert weighted["weighted"] is True and weighted["layer"] is None and weighted["experiment"] == "weighted"
+    assert weighted["layer_weights"]["layer01"]["mean"] == pytest.approx(0.7)
+    assert report["rows"][0]["layer_weights"] is None and report["rows"][0]["weighted"] is False
+    with open(written["csv"], newline="") as f:
+        lines = {(r["probe"], r["experiment"]): r for r in csv.DictReader(f)}
+    assert float(lines[("linear", "linear-layer08")]["dev_wer_percent_mean"]) == pytest.approx(41.0)
+    assert float(lines[("bilstm", "weighted")]["weight_layer00_mean"]) == pytest.approx(0.3)
+    assert lines[("bilstm", "weighted")]["weighted"] == "true" and lines[("bilstm", "layer08")]["weighted"] == "false"
+    assert lines[("", "reinit-none")]["weighted"] == "" and lines[("bilstm", "layer08")]["weight_layer00_mean"] == ""
+    assert png_size(written["png"]) == (1500, 400)  # probes, layer weights, fine-tunes
+
+    old = {r.name: r for r in find_runs(runs)}["probe/layer08/seed0"]  # written as earlier versions did
+    assert (old.probe, old.weighted, old.layer, old.key) == ("bilstm", False, 8, (0, 0, 0, 8, ""))

@@ -15,6 +15,7 @@ from . import __version__
 from .cli_common import human_size, user_errors
 from .report_cli import report_command
 from .share_cli import copy_command, export_command, pack_command
+from .similarity_cli import similarity_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +28,7 @@ def main():
     """
 
 
-for command in (report_command, copy_command, pack_command, export_command):
+for command in (report_command, copy_command, pack_command, export_command, similarity_command):
     main.add_command(command)
 
 
@@ -279,28 +280,38 @@ def training_options(command):
 
 @main.command("probe")
 @click.option("--store", default="features.zarr", show_default=True, help="Feature store path or URL.")
-@click.option("--layer", "layers", default="all", show_default=True, help="A layer (8), a list or range (0-12), or all.")
+@click.option("--layer", "layers", default="all", show_default=True,
+              help="A layer (8), a list or range (0-12), all, or weighted (a learnt softmax-weighted sum of "
+              "every numbered layer; also in a list: 0-12,weighted).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run per layer and seed.")
 @training_options
+@click.option("--probe", "probe_kind", type=click.Choice(["bilstm", "linear"]), default="bilstm", show_default=True,
+              help="BiLSTM-CTC, or one linear layer per frame with CTC (cheapest; ignores --lstm-layers, "
+              "--hidden and --dropout).")
 @click.option("--lstm-layers", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True, help="LSTM units per direction.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--layer-norm", is_flag=True,
+              help="With --layer weighted: layer-normalise each layer (no affine parameters) before the sum.")
 @click.option("--batch-frames", type=click.IntRange(min=1), default=16000, show_default=True,
               help="Padded frames per batch.")
 @click.option("--memory-budget", type=float, default=8.0, show_default=True,
-              help="GB of one split's layer to hold in memory; larger layers are read batch by batch.")
+              help="GB of one split's features to hold in memory (every layer of it, for --layer weighted); "
+              "more are read batch by batch.")
 @click.option("--device", default="cpu", show_default=True)
 @threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 @user_errors
-def probe_command(store, layers, seeds, train_config, train_split, lstm_layers, hidden, dropout, batch_frames,
-                  memory_budget, device, threads, out):
-    """Train BiLSTM-CTC probes on cached layers; finished runs are skipped, killed ones resume."""
+def probe_command(store, layers, seeds, train_config, train_split, probe_kind, lstm_layers, hidden, dropout,
+                  layer_norm, batch_frames, memory_budget, device, threads, out):
+    """Train BiLSTM-CTC (or linear-CTC) probes on cached layers, or on their learnt weighted sum;
+    finished runs are skipped, killed ones resume."""
     from .probe import ProbeConfig, probe
 
     result = probe(
         store, layers, seeds, out,
-        ProbeConfig(lstm_layers=lstm_layers, hidden=hidden, dropout=dropout, batch_frames=batch_frames),
+        ProbeConfig(lstm_layers=lstm_layers, hidden=hidden, dropout=dropout, batch_frames=batch_frames,
+                    probe=probe_kind, layer_norm=layer_norm),
         train_config, train_split=train_split, memory_budget=int(memory_budget * 2**30), device=device,
         num_threads=threads,
     )

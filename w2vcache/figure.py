@@ -1,23 +1,35 @@
-"""The report's figure: WER by probed layer, and WER by re-initialised blocks (PNG).
+"""The report's figure: WER by probed layer (BiLSTM and linear probes on the same axes, weighted
+probes right of the last layer), the weighted probes' layer weights, and WER by re-initialised
+blocks (PNG).
 
 FIGURE_PANEL_INCHES per panel at FIGURE_DPI: 500 x 400 pixels with one panel (probes only or
-fine-tunes only), 1000 x 400 with both.
+fine-tunes only), 1000 x 400 with two, 1500 x 400 with all three.
 """
 
 from pathlib import Path
 
 from . import record
 from .errors import W2VCacheError
-from .report import Row, Stat, best_probe, split_order
+from .layers import layer_index
+from .report import PROBE_NAMES, Row, Stat, best_probe, split_order
 
 FIGURE_PANEL_INCHES = (5.0, 4.0)  # width, height of one panel
 FIGURE_DPI = 100  # 5 x 4 inches -> 500 x 400 pixels per panel
 
 
 
+def _panels(rows: list[Row]) -> list[list[Row]]:
+    """The rows of each panel drawn: probes, weighted probes' layer weights, fine-tunes (those present)."""
+    probes = [r for r in rows if r.kind == "probe"]
+    weights = [r for r in probes if r.layer_weights]
+    tunes = [r for r in rows if r.kind == "finetune"]
+    return [p for p in (probes, weights, tunes) if p] or [[]]
+
+
 def figure_size(rows: list[Row]) -> tuple[int, int]:
-    """The PNG's width and height in pixels: one panel per kind of experiment present."""
-    panels = len({r.kind for r in rows}) or 1
+    """The PNG's width and height in pixels: one panel per kind of experiment present, and one for
+    the layer weights of weighted probes."""
+    panels = len(_panels(rows))
     return round(panels * FIGURE_PANEL_INCHES[0] * FIGURE_DPI), round(FIGURE_PANEL_INCHES[1] * FIGURE_DPI)
 
 
@@ -35,9 +47,10 @@ def write_figure(rows: list[Row], path) -> Path:
             "the figure needs matplotlib: pip install 'w2vcache[plots]', or leave the figure out (--no-figure)"
         ) from None
 
+    panels = _panels(rows)
     probes = [r for r in rows if r.kind == "probe"]
+    weighted = [r for r in probes if r.layer_weights]
     tunes = [r for r in rows if r.kind == "finetune"]
-    panels = [p for p in (probes, tunes) if p] or [[]]
     # Figure + Agg canvas rather than pyplot: no global backend switch, no display, no leaked figures.
     fig = Figure(figsize=(FIGURE_PANEL_INCHES[0] * len(panels), FIGURE_PANEL_INCHES[1]), dpi=FIGURE_DPI,
                  layout="constrained")
@@ -49,27 +62,65 @@ def write_figure(rows: list[Row], path) -> Path:
     ax = iter(axes)
     if probes:
         a = next(ax)
-        # Unnumbered layers (the CNN output) sit left of layer 0, in table order.
-        unnumbered = [r for r in probes if r.layer is None]
-        x = {id(r): (r.layer if r.layer is not None else unnumbered.index(r) - len(unnumbered)) for r in probes}
-        for split in splits:
-            scored = [r for r in probes if split in r.wer_percent]
-            if not scored:
-                continue
-            a.errorbar([x[id(r)] for r in scored], [r.wer_percent[split].mean for r in scored],
-                       yerr=_errors([r.wer_percent[split] for r in scored]), label=split, color=colours[split],
-                       linestyle="--" if split.startswith("dev") else "-", marker="o", markersize=3, capsize=3)
+        # Unnumbered layers (the CNN output) sit left of layer 0, in table order; weighted probes
+        # right of the last layer, apart from the curve.
+        numbered = [r.layer for r in probes if r.layer is not None]
+        named = list(dict.fromkeys(r.label for r in probes if r.layer is None and not r.weighted))
+        x = {}
+        for r in probes:
+            if r.layer is not None:
+                x[id(r)] = r.layer
+            elif r.weighted:
+                x[id(r)] = max(numbered, default=-1) + 1.5
+            else:
+                x[id(r)] = named.index(r.label) - len(named)
+        kinds = list(dict.fromkeys(r.probe or "bilstm" for r in probes))
+        for kind in kinds:
+            linear = kind != "bilstm"
+            mine = [r for r in probes if (r.probe or "bilstm") == kind]
+            for split in splits:
+                scored = [r for r in mine if split in r.wer_percent and not r.weighted]
+                style = dict(color=colours[split], marker="s" if linear else "o", markersize=3, capsize=3)
+                if scored:
+                    name = f"{split} ({PROBE_NAMES.get(kind, kind)})" if len(kinds) > 1 else split
+                    dashes = ("-." if split.startswith("dev") else ":") if linear else ("--" if split.startswith("dev") else "-")
+                    a.errorbar([x[id(r)] for r in scored], [r.wer_percent[split].mean for r in scored],
+                               yerr=_errors([r.wer_percent[split] for r in scored]), label=name, linestyle=dashes,
+                               **style)
+                points = [r for r in mine if split in r.wer_percent and r.weighted]
+                if points:
+                    a.errorbar([x[id(r)] for r in points], [r.wer_percent[split].mean for r in points],
+                               yerr=_errors([r.wer_percent[split] for r in points]), linestyle="none",
+                               markerfacecolor="none" if linear else colours[split], **style)
         best = best_probe(rows)
         if best:
             row, by = best
             a.axvline(x[id(row)], color="0.5", linestyle=":", linewidth=1)
             a.plot([x[id(row)]], [row.wer_percent[by].mean], marker="*", markersize=12, color="black",
                    linestyle="none", label=f"best: layer {row.label} ({by})")
-        a.set_xticks([x[id(r)] for r in probes], [r.label for r in probes])
+        ticks = dict(sorted({x[id(r)]: r.label for r in probes}.items()))
+        a.set_xticks(list(ticks), list(ticks.values()))
         a.set_xlabel("layer")
         a.set_ylabel("WER (%)")
         a.set_title("Probe WER by layer")
         a.grid(alpha=0.3)
+        a.legend(fontsize="small")
+    if weighted:
+        a = next(ax)
+        layers = list(dict.fromkeys(layer for r in weighted for layer in r.layer_weights))
+        width = 0.8 / len(weighted)
+        for i, row in enumerate(weighted):
+            stats = [row.layer_weights.get(layer) for layer in layers]
+            xs = [j + (i - (len(weighted) - 1) / 2) * width for j in range(len(layers))]
+            a.bar(xs, [s.mean if s else 0.0 for s in stats], width, yerr=[(s.std or 0.0) if s else 0.0 for s in stats],
+                  capsize=2, color=f"C{i}", label=f"{PROBE_NAMES.get(row.probe, row.probe)} probe")
+        a.axhline(1 / len(layers), color="0.5", linestyle="--", linewidth=1, label="equal weights")
+        numbers = [layer_index(layer) for layer in layers]
+        a.set_xticks(range(len(layers)), [layer if n is None else str(n) for layer, n in zip(layers, numbers)])
+        a.set_xlabel("layer")
+        a.set_ylabel("softmax weight")
+        a.set_title("Weighted probes: layer weights")
+        a.grid(axis="y", alpha=0.3)
         a.legend(fontsize="small")
     if tunes:
         a = next(ax)

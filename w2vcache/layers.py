@@ -3,6 +3,9 @@
 "layer00" is the transformer input after the positional convolution, "layerNN" the output of
 block NN, "cnn" the CNN feature encoder's output (see backbone.py). No torch here: the sharing
 commands use this without loading a model.
+
+A probe's `--layer` also takes "weighted": one probe over every numbered layer at once, with learnt
+softmax weights (probe.py).
 """
 
 import re
@@ -11,6 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import W2VCacheError
+
+
+WEIGHTED = "weighted"  # --layer weighted: a learnt weighted sum of the numbered layers
 
 
 def layer_name(index: int) -> str:
@@ -59,3 +65,9 @@ def choose_layers(spec: str | Sequence[str | int] | None, available: Sequence[st
     if not chosen:
         raise W2VCacheError(f"{where}: layers {spec!r} names no layer")
     return [name for name in available if name in chosen]
+
+
+def weighted_layers(available: Sequence[str]) -> list[str]:
+    """The layers a weighted probe sums: every numbered one ("layer00", the transformer's input,
+    included, as s3prl sums all hidden states). The CNN output is left out: its width differs."""
+    return [name for name in available if layer_index(name) is not None]

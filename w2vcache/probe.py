@@ -1,10 +1,18 @@
-"""Frozen-feature probes: a BiLSTM-CTC trained on one cached layer, and the layer sweep.
+"""Frozen-feature probes: a BiLSTM-CTC (or a linear layer with CTC) trained on one cached layer,
+or on a learnt weighted sum of all of them, and the layer sweep.
 
 The probe reads features from the store only: W2V is never run. A split's layer is held in
 memory as stored (float16: 2.8 GB for W2V-Base over Libri-light's 10 h) and converted per batch;
 a layer larger than the memory budget is read from the store batch by batch instead, each batch
 being a run of neighbouring utterances (the store keeps them sorted by length), so a read touches
-few chunks.
+few chunks. A weighted probe reads every numbered layer, the budget covering them all.
+
+Kinds of probe:
+- "bilstm": the paper's, a bidirectional LSTM and a linear layer to the symbols.
+- "linear": one linear layer per frame to the symbols, with CTC: the least a layer must make
+  readable; the cheapest, a sweep runs in minutes on a CPU.
+- either, on `--layer weighted`: softmax(w)-weighted sum of the layers first, w learnt with the
+  probe (SUPERB's weighted-sum featurizer, as in s3prl), each layer optionally layer-normalised.
 """
 
 import functools
@@ -19,12 +27,12 @@ from torch import nn
 from . import text
 from .batching import length_batches
 from .errors import W2VCacheError
-from .layers import choose_layers, layer_index
-from .runs import RunRecord, SweepResult, run_dir
+from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
+from .runs import LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, probe_experiment, run_dir
 from .store import open_store
 from .train import TrainConfig, seed_everything, sweep, test_splits_for, train
 
-DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's layer kept in memory; larger ones stream
+DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's features (all the layers read) kept in memory; more stream
 # The LSTM computes on every padded frame, so a batch is also cut where padding would pass this share.
 # Neighbours in a large corpus's length order differ by a frame or less and never reach it; on a
 # small one (the bundled train split) it turns 2 batches with 14 % padding into a few with under 5 %.
@@ -33,10 +41,19 @@ MAX_PADDING = 0.05
 
 @dataclass
 class ProbeConfig:
-    lstm_layers: int = 3
-    hidden: int = 1024  # per direction
-    dropout: float = 0.0  # between LSTM layers and before the output layer
+    lstm_layers: int = 3  # bilstm only
+    hidden: int = 1024  # per direction; bilstm only
+    dropout: float = 0.0  # between LSTM layers and before the output layer; bilstm only
     batch_frames: int = 16000  # padded frames per batch (320 s of audio at 50 frames/s)
+    probe: str = "bilstm"  # or "linear"
+    layer_norm: bool = False  # weighted probes: layer-normalise each layer before the sum (s3prl's normalize)
+
+    def record(self, weighted: bool) -> dict:
+        """config.json's "model": the options this probe uses, and only those (a linear probe has
+        no LSTM, so --hidden, --lstm-layers and --dropout are not recorded for it)."""
+        used = ("lstm_layers", "hidden", "dropout", "batch_frames") if self.probe == "bilstm" else ("batch_frames",)
+        found = {k: getattr(self, k) for k in used}
+        return (found | {"layer_norm": self.layer_norm}) if weighted else found
 
 
 class Probe(nn.Module):
@@ -76,6 +93,47 @@ class Probe(nn.Module):
         return out
 
 
+class LinearProbe(nn.Module):
+    """One linear layer from a frame's features to the 30 symbols, each frame on its own."""
+
+    def __init__(self, input_dim: int):
+        super().__init__()
+        self.output = nn.Linear(input_dim, len(text.VOCAB))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, dim) padded features -> (batch, frames, symbols) log-probabilities."""
+        return self.output(x).log_softmax(-1)
+
+
+class LayerMix(nn.Module):
+    """softmax(w)-weighted sum over layers, w learnt; with `layer_norm`, each layer is first
+    normalised over its features (no affine parameters), so the weights compare layers whose
+    scales differ. w starts at 0: every layer weighs the same, as in s3prl's featurizer."""
+
+    def __init__(self, layers: int, layer_norm: bool = False):
+        super().__init__()
+        self.weights = nn.Parameter(torch.zeros(layers))
+        self.layer_norm = layer_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(layers, batch, frames, dim) -> (batch, frames, dim)."""
+        if self.layer_norm:
+            x = nn.functional.layer_norm(x, x.shape[-1:])
+        return torch.einsum("l,lbtd->btd", self.weights.softmax(0), x)
+
+
+class WeightedProbe(nn.Module):
+    """A probe (BiLSTM or linear) on the learnt weighted sum of every layer."""
+
+    def __init__(self, layers: int, layer_norm: bool, head: nn.Module):
+        super().__init__()
+        self.mix, self.head = LayerMix(layers, layer_norm), head
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(layers, batch, frames, dim) padded features -> (batch, frames, symbols) log-probabilities."""
+        return self.head(self.mix(x), lengths)
+
+
 def _reversal(lengths: torch.Tensor, frames: int) -> torch.Tensor:
     """Per utterance, the frame index that reverses it within its length; padding stays in place."""
     t = torch.arange(frames, device=lengths.device)
@@ -104,7 +162,7 @@ def _reverse(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Batch:
-    features: torch.Tensor  # (B, T, D) float32
+    features: torch.Tensor  # (B, T, D) float32; (layers, B, T, D) for a weighted probe
     lengths: torch.Tensor  # (B,)
     targets: torch.Tensor  # (sum of target lengths,)
     target_lengths: torch.Tensor
@@ -116,24 +174,30 @@ class Batch:
 
 
 class SplitFeatures:
-    """One split's layer: in memory as stored when it fits the budget, else read batch by batch.
+    """One split's layer, or layers: in memory as stored when they fit the budget together, else
+    read batch by batch, layer by layer.
 
     Utterances that failed to decode during extraction are left out: index i here is the i-th
     usable utterance, at store position positions[i]."""
 
-    def __init__(self, store, split: str, layer: str, memory_budget: int):
-        self.store, self.split, self.layer = store, split, layer
+    def __init__(self, store, split: str, layers: str | list[str], memory_budget: int):
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self.store, self.split, self.layer = store, split, self.layers[0]
         utterances = store.utterances(split)  # refuses a missing split, with the list of splits
-        if layer not in store.layers:
-            raise W2VCacheError(f"store {store.path} has no layer {layer}; it has {', '.join(store.layers)}")
+        for layer in self.layers:
+            if layer not in store.layers:
+                raise W2VCacheError(f"store {store.path} has no layer {layer}; it has {', '.join(store.layers)}")
         self.positions = np.flatnonzero(store.usable(split))
         self.ids = [utterances[p].id for p in self.positions]
         self.texts = [utterances[p].text for p in self.positions]
         self.lengths = np.array([utterances[p].length for p in self.positions], dtype=np.int64)
-        nbytes = sum(u.length for u in utterances) * store.layers[layer] * np.dtype(store.dtype).itemsize
+        width = sum(store.layers[layer] for layer in self.layers)
+        nbytes = sum(u.length for u in utterances) * width * np.dtype(store.feature_dtype).itemsize  # int8 is decoded to float32 on read
         self.in_memory = nbytes <= memory_budget
         if self.in_memory:
-            self.frames, self.offsets = store.read_layer(split, layer)  # refuses an incomplete split
+            self.frames = {}
+            for layer in self.layers:  # refuses an incomplete split
+                self.frames[layer], self.offsets = store.read_layer(split, layer)
         else:
             status = store.status(split)
             if not status.complete:
@@ -142,11 +206,13 @@ class SplitFeatures:
                     "re-run the same extract command to finish it"
                 )
 
-    def get(self, indices: list[int]) -> list[np.ndarray]:
+    def get(self, indices: list[int], layer: str | None = None) -> list[np.ndarray]:
+        """The utterances' frames of `layer` (the first layer where None), as stored."""
+        layer = layer or self.layer
         positions = [int(self.positions[i]) for i in indices]
         if self.in_memory:
-            return [self.frames[self.offsets[p]: self.offsets[p + 1]] for p in positions]
-        return self.store.read_batch(self.split, self.layer, positions)
+            return [self.frames[layer][self.offsets[p]: self.offsets[p + 1]] for p in positions]
+        return self.store.read_batch(self.split, layer, positions)
 
 
 def batches_by_length(lengths, max_frames: int) -> list[list[int]]:
@@ -154,20 +220,40 @@ def batches_by_length(lengths, max_frames: int) -> list[list[int]]:
     return [list(range(b.start, b.stop)) for b in length_batches(lengths, max_frames, MAX_PADDING)]
 
 
+def probe_layers(store, layer: str) -> list[str]:
+    """The store's layers a probe of `layer` reads: that one, or for "weighted" every numbered one."""
+    if layer != WEIGHTED:
+        return [layer]
+    layers = weighted_layers(list(store.layers))
+    if not layers:
+        raise W2VCacheError(f"store {store.path} has no numbered layer to weigh; it has {', '.join(store.layers)}")
+    if len({store.layers[name] for name in layers}) > 1:
+        raise W2VCacheError(f"store {store.path}: its layers differ in width "
+                            f"({', '.join(f'{n} {store.layers[n]}' for n in layers)}); a weighted sum needs one")
+    return layers
+
+
 class ProbeTask:
-    """The probe experiment as the training loop sees it."""
+    """The probe experiment as the training loop sees it. `layer`: a store layer, or "weighted"."""
 
     def __init__(self, store, layer: str, config: ProbeConfig, train_config: TrainConfig, train_split: str = "train",
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu"):
+        if config.probe not in PROBES:
+            raise W2VCacheError(f"--probe {config.probe!r}: choose {' or '.join(PROBES)}")
         self.config, self.seed, self.device = config, train_config.seed, torch.device(device)
+        self.weighted, self.layers = layer == WEIGHTED, probe_layers(store, layer)
         train_config = test_splits_for(train_config, store.splits)
         self.splits = {
-            split: SplitFeatures(store, split, layer, memory_budget)
+            split: SplitFeatures(store, split, self.layers, memory_budget)
             for split in (train_split, train_config.dev_split, *train_config.test_splits)
         }
         self.train_split = train_split
         self.batches = {name: batches_by_length(s.lengths, config.batch_frames) for name, s in self.splits.items()}
-        self.model = Probe(store.layers[layer], config).to(self.device)
+        dim = store.layers[self.layers[0]]
+        model = Probe(dim, config) if config.probe == "bilstm" else LinearProbe(dim)
+        if self.weighted:
+            model = WeightedProbe(len(self.layers), config.layer_norm, model)
+        self.model = model.to(self.device)
         # zero_infinity: an utterance whose transcript is longer than its frames (CTC has no path)
         # adds nothing, instead of making its whole batch's loss infinite.
         self.ctc = nn.CTCLoss(blank=text.BLANK_ID, zero_infinity=True)
@@ -175,10 +261,18 @@ class ProbeTask:
 
     def _batch(self, split: str, indices: list[int]) -> Batch:
         source = self.splits[split]
-        feats = source.get(indices)
-        x = torch.zeros(len(feats), max(len(f) for f in feats), feats[0].shape[1])
-        for b, f in enumerate(feats):
-            x[b, : len(f)] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+        if self.weighted:
+            per_layer = [source.get(indices, layer) for layer in self.layers]
+            feats = per_layer[0]
+            x = torch.zeros(len(per_layer), len(feats), max(len(f) for f in feats), feats[0].shape[1])
+            for i, layer_feats in enumerate(per_layer):
+                for b, f in enumerate(layer_feats):
+                    x[i, b, : len(f)] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+        else:
+            feats = source.get(indices)
+            x = torch.zeros(len(feats), max(len(f) for f in feats), feats[0].shape[1])
+            for b, f in enumerate(feats):
+                x[b, : len(f)] = torch.from_numpy(np.asarray(f, dtype=np.float32))
         encoded = [text.encode(source.texts[i]) for i in indices]
         for e in encoded:
             for symbol, count in e.unknown.items():
@@ -201,6 +295,13 @@ class ProbeTask:
 
     def start_epoch(self, epoch: int) -> None:
         pass  # the whole probe trains from the first epoch
+
+    def layer_weights(self) -> dict[str, float]:
+        """A weighted probe's softmax weights now, by layer name."""
+        return dict(zip(self.layers, self.model.mix.weights.detach().softmax(0).tolist()))
+
+    def epoch_records(self) -> dict[str, dict]:
+        return {LAYER_WEIGHTS: {"weights": self.layer_weights()}} if self.weighted else {}
 
     def loss(self, batch: Batch) -> torch.Tensor:
         log_probs = self.model(batch.features, batch.lengths)
@@ -244,36 +345,54 @@ def check_store(store) -> None:
         )
 
 
+def choose_sources(spec, available: list[str]) -> list[str]:
+    """--layer for probes: choose_layers' syntax, plus "weighted" (alone or in a list, "0-12,weighted")
+    for a probe of the layers' learnt weighted sum; the chosen layers first, "weighted" last."""
+    items = [str(i).strip() for i in (spec.split(",") if isinstance(spec, str) else spec)]
+    rest = [i for i in items if i != WEIGHTED]
+    chosen = [] if not rest else choose_layers("all" if rest == ["all"] else rest, available, "--layer")
+    return chosen + [WEIGHTED] * (len(rest) < len(items))
+
+
 def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: ProbeConfig = ProbeConfig(),
           train_config: TrainConfig = TrainConfig(), train_split: str = "train",
           memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu", progress: bool = True,
           num_threads: int | None = None) -> SweepResult:
     """Train a probe on each (layer, seed); runs already finished are skipped, killed ones resume.
 
+    `layers`: see choose_sources ("weighted" for the learnt weighted sum of every numbered layer).
     `num_threads`: torch's CPU threads; None chooses them (threads.py)."""
+    if config.probe not in PROBES:
+        raise W2VCacheError(f"--probe {config.probe!r}: choose {' or '.join(PROBES)}")
     store = open_store(store_url)
     check_store(store)
-    chosen, seed_list = choose_layers(layers, list(store.layers), "--layer"), parse_seeds(seeds)
+    chosen, seed_list = choose_sources(layers, list(store.layers)), parse_seeds(seeds)
+    if config.layer_norm and WEIGHTED not in chosen:
+        raise W2VCacheError("--layer-norm normalises the layers of a weighted sum: it goes with --layer weighted")
     train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress else None)
 
     def start(layer: str, seed: int, directory: Path) -> None:
         tc = TrainConfig(**{**asdict(train_config), "seed": seed})
         seed_everything(seed)
         task = ProbeTask(store, layer, config, tc, train_split, memory_budget, device)
+        weighted = layer == WEIGHTED
         run_record = RunRecord(
-            kind="probe", experiment=layer, layer=layer_index(layer), reinit=[], seed=seed, model=asdict(config),
-            store=str(store_url), device=device, threads=num_threads,
+            kind="probe", experiment=probe_experiment(layer, config.probe), layer=layer_index(layer), reinit=[],
+            seed=seed, model=config.record(weighted), store=str(store_url), device=device, threads=num_threads,
+            probe=config.probe, weighted=weighted,
             data={
                 "train_split": train_split,
                 "layer": layer,
+                **({"layers": task.layers} if weighted else {}),
                 "model": {k: store.provenance.get("model", {}).get(k) for k in ("name", "revision", "weight_hash")},
                 "dtype": store.dtype,
                 "frame_rate": store.provenance.get("frame_rate"),
             },
         )
         if progress:
-            print(f"probe {layer} seed {seed} -> {directory}")
+            print(f"probe {probe_experiment(layer, config.probe)} seed {seed} -> {directory}")
         train(task, tc, directory, run_record, progress=progress, num_threads=num_threads)
 
-    return sweep((run_dir(out, "probe", layer, seed), functools.partial(start, layer, seed))
+    return sweep((run_dir(out, "probe", probe_experiment(layer, config.probe), seed),
+                  functools.partial(start, layer, seed))
                  for layer in chosen for seed in seed_list)

@@ -3,11 +3,13 @@
 `runs.find_runs` reads every run directory under RUNS (docs/RUNS.md), `summarize` groups the finished
 ones into experiments and averages over seeds, `write_report` writes the files.
 
-- An experiment is a probe at one layer, or a fine-tune with one set of re-initialised blocks
-  ("none", "12", "11,12", ...). Rows come in that order: probes by layer (an unnumbered layer,
-  the CNN output "cnn", first), then fine-tunes with "none" first and the others by how many
-  blocks they re-initialise, then by block number. Two finished runs of one experiment and seed
-  are an error (a copied run would be counted twice).
+- An experiment is a probe at one layer (BiLSTM or linear), a weighted probe (either kind, on the
+  learnt weighted sum of every layer), or a fine-tune with one set of re-initialised blocks
+  ("none", "12", "11,12", ...). Rows come in that order: BiLSTM probes by layer (an unnumbered
+  layer, the CNN output "cnn", first) and the weighted BiLSTM probe, the same for linear probes,
+  then fine-tunes with "none" first and the others by how many blocks they re-initialise, then by
+  block number. Two finished runs of one experiment and seed are an error (a copied run would be
+  counted twice). Runs written before linear and weighted probes existed are BiLSTM layer probes.
 - Each cell is the mean and the sample standard deviation (ddof=1) over the finished seeds that
   report that split. With one seed the standard deviation is None (JSON null, an empty CSV
   cell) and the Markdown cell shows "n=1" without a "±".
@@ -17,7 +19,10 @@ ones into experiments and averages over seeds, `write_report` writes the files.
   fine-tuning baseline (no block re-initialised); None where there is no baseline.
 - Failed and unfinished runs are listed, never averaged. Seeds averaged together whose
   config.json differ in train/model/data settings are pointed out in a note.
-- The best layer is the probe with the lowest mean dev WER (test-clean where there is no dev).
+- The best layer is the BiLSTM layer probe with the lowest mean dev WER (test-clean where there is
+  no dev); the linear probes' best layer is named apart.
+- Weighted probes carry their softmax layer weights at the best epoch (layer_weights.json), mean
+  and sample standard deviation over seeds.
 
 Units: WER and CER in percent as result.json gives them (21.0 = 21 %; a WER above 100 %, from
 insertions, stays above 100), deltas in percentage points. Markdown rounds to two decimals; CSV and
@@ -40,6 +45,11 @@ from .runs import CONFIG, MEASURES, RESULT, STATUSES, Run, experiment_key, exper
 SPLIT_ORDER = ("dev", "test-clean", "test-other")  # splits shown first; any others follow by name
 CONFIG_SECTIONS = ("train", "model", "data")  # compared across the seeds of one experiment
 CONFIG_IGNORED = ("seed", "num_workers")  # keys of those sections that may differ between seeds
+
+# The Markdown section of each kind of probe.
+PROBE_SECTIONS = {"bilstm": "Probes (frozen W2V layer, BiLSTM-CTC)",
+                  "linear": "Linear probes (frozen W2V layer, linear-CTC)"}
+PROBE_NAMES = {"bilstm": "BiLSTM", "linear": "linear"}
 
 FORMATS = ("md", "csv", "json")
 REPORT_NAME = "report"  # out_dir/report.md, report.csv, report.json, report.png
@@ -75,6 +85,9 @@ class Row:
     # fine-tunes: mean WER - baseline mean WER, in percentage points
     delta_wer_points: dict[str, float | None] = field(default_factory=dict)
     not_included: list[str] = field(default_factory=list)  # names of this experiment's other runs
+    probe: str | None = None  # probes: "bilstm" or "linear"
+    weighted: bool = False
+    layer_weights: dict[str, Stat] | None = None  # weighted probes: layer -> softmax weight at the best epoch
 
     @property
     def n(self) -> int:
@@ -82,22 +95,25 @@ class Row:
 
     @property
     def key(self) -> tuple:
-        return experiment_key(self.kind, self.layer, self.reinit, self.experiment)
+        return experiment_key(self.kind, self.layer, self.reinit, self.experiment, self.probe, self.weighted)
 
     @property
     def label(self) -> str:
-        """The layer ("8", or "cnn" for the CNN output) or the re-init set ("none", "11,12")."""
+        """The layer ("8", "cnn" for the CNN output, "weighted") or the re-init set ("none", "11,12")."""
         if self.kind == "probe":
-            return self.experiment if self.layer is None else str(self.layer)
+            if self.layer is not None:
+                return str(self.layer)
+            return "weighted" if self.weighted else self.experiment.removeprefix(f"{self.probe}-")
         return reinit_label(self.reinit)
 
     def to_dict(self) -> dict:
         return {
-            "kind": self.kind, "experiment": self.experiment, "layer": self.layer, "reinit": self.reinit,
-            "label": self.label, "n": self.n, "seeds": self.seeds,
+            "kind": self.kind, "probe": self.probe, "experiment": self.experiment, "layer": self.layer,
+            "weighted": self.weighted, "reinit": self.reinit, "label": self.label, "n": self.n, "seeds": self.seeds,
             "wer_percent": {s: v.to_dict() for s, v in self.wer_percent.items()},
             "cer_percent": {s: v.to_dict() for s, v in self.cer_percent.items()},
             "delta_wer_points": self.delta_wer_points if self.kind == "finetune" else None,
+            "layer_weights": None if self.layer_weights is None else {k: v.to_dict() for k, v in self.layer_weights.items()},
             "not_included": self.not_included,
         }
 
@@ -188,6 +204,9 @@ def summarize(runs: list[Run]) -> list[Row]:
             wer_percent=stats["wer_percent"],
             cer_percent=stats["cer_percent"],
             not_included=[r.name for r in members if r.status != "finished"],
+            probe=first.probe,
+            weighted=first.weighted,
+            layer_weights=_mean_weights(finished) if first.weighted else None,
         ))
 
     baseline = next((r for r in rows if r.kind == "finetune" and not r.reinit), None)
@@ -201,6 +220,15 @@ def summarize(runs: list[Run]) -> list[Row]:
     return rows
 
 
+def _mean_weights(runs: list[Run]) -> dict[str, Stat] | None:
+    """Each layer's weight over the seeds that recorded their best epoch's weights."""
+    recorded = [r.layer_weights for r in runs if r.layer_weights]
+    if not recorded:
+        return None
+    layers = list(dict.fromkeys(layer for weights in recorded for layer in weights))
+    return {layer: Stat.of([w[layer] for w in recorded if layer in w]) for layer in layers}
+
+
 def notes(runs: list[Run]) -> list[str]:
     """Things a reader of the table should know: seeds of one experiment set up differently."""
     groups: dict[tuple, list[Run]] = {}
@@ -211,8 +239,9 @@ def notes(runs: list[Run]) -> list[str]:
     for key in sorted(groups):
         members = groups[key]
         first = members[0]
-        label = f"{first.kind} " + (first.experiment if first.kind == "probe" and first.layer is None
-                                    else experiment_name(first.kind, first.layer, first.reinit))
+        named = first.kind == "probe" and first.layer is None and not first.weighted  # the CNN output
+        label = f"{first.kind} " + (first.experiment if named else experiment_name(
+            first.kind, first.layer, first.reinit, first.probe or "bilstm", first.weighted))
         names = sorted({r.experiment for r in members})
         if len(names) > 1:
             found.append(f"{label}: seeds averaged together carry different experiment names ({', '.join(names)})")
@@ -227,9 +256,10 @@ def not_included(runs: list[Run]) -> list[Run]:
     return sorted((r for r in runs if r.status != "finished"), key=lambda r: (r.key, r.seed, r.name))
 
 
-def best_probe(rows: list[Row], measure: str = "wer") -> tuple[Row, str] | None:
-    """The probe row with the lowest mean WER (or CER) on dev (test-clean where no probe reports dev)."""
-    probes = [r for r in rows if r.kind == "probe"]
+def best_probe(rows: list[Row], measure: str = "wer", probe: str = "bilstm") -> tuple[Row, str] | None:
+    """The layer probe (BiLSTM, or linear) row with the lowest mean WER (or CER) on dev (test-clean
+    where no such probe reports dev). Weighted probes are not layers: they are left out."""
+    probes = [r for r in rows if r.kind == "probe" and (r.probe or "bilstm") == probe and not r.weighted]
     stats = {id(r): getattr(r, f"{measure}_percent") for r in probes}
     names = split_order(s for r in probes for s in stats[id(r)])
     for split in ("dev", *(s for s in names if s.startswith("dev")), "test-clean", *names):
@@ -268,8 +298,10 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
     out = [f"# w2vcache report: {runs_dir}" if runs_dir is not None else "# w2vcache report", ""]
     out.append("WER and CER in %: mean ± sample standard deviation over seeds (n = seeds averaged).")
 
-    probes = [r for r in rows if r.kind == "probe"]
-    if probes:
+    for kind, heading in PROBE_SECTIONS.items():
+        probes = [r for r in rows if r.kind == "probe" and (r.probe or "bilstm") == kind]
+        if not probes:
+            continue
         splits = split_order(s for r in probes for s in r.wer_percent)
         cer_splits = split_order(s for r in probes for s in r.cer_percent)
         header = ["layer", "seeds", *(f"{s} WER" for s in splits), *(f"{s} CER" for s in cer_splits)]
@@ -277,12 +309,17 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
                   *(_percent(r.wer_percent.get(s)) for s in splits),
                   *(_percent(r.cer_percent.get(s)) for s in cer_splits)]
                  for r in probes]
-        out += ["", "## Probes (frozen W2V layer, BiLSTM-CTC)", ""]
+        out += ["", f"## {heading}", ""]
         out += _markdown_table(header, ["---:", "---", *["---:"] * (len(header) - 2)], lines)
-        best = best_probe(rows)
+        best = best_probe(rows, probe=kind)
         if best:
             row, split = best
-            out += ["", f"Best layer: {row.label} (lowest mean {split} WER, {row.wer_percent[split].mean:.2f} %)."]
+            which = "Best layer" if kind == "bilstm" else f"Best layer for the {PROBE_NAMES[kind]} probe"
+            out += ["", f"{which}: {row.label} (lowest mean {split} WER, {row.wer_percent[split].mean:.2f} %)."]
+        if any(r.weighted for r in probes):
+            where = " (its layer weights below)" if any(r.layer_weights for r in probes) else ""
+            out += ["", f"weighted: the probe of a learnt softmax-weighted sum of every layer{where}."]
+    out += _weights_table(rows)
 
     tunes = [r for r in rows if r.kind == "finetune"]
     if tunes:
@@ -314,13 +351,38 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
     return "\n".join(out) + "\n"
 
 
+def _weights_table(rows: list[Row]) -> list[str]:
+    """Markdown lines: each weighted probe's softmax weight per layer at its best epoch (none without one)."""
+    weighted = [r for r in rows if r.layer_weights]
+    if not weighted:
+        return []
+    layers = list(dict.fromkeys(layer for r in weighted for layer in r.layer_weights))
+
+    def cell(stat: Stat | None) -> str:
+        if stat is None:
+            return "-"
+        return f"{stat.mean:.3f} (n={stat.n})" if stat.std is None else f"{stat.mean:.3f} ± {stat.std:.3f} (n={stat.n})"
+
+    header = ["layer", *(f"{PROBE_NAMES.get(r.probe, r.probe)} weighted" for r in weighted)]
+    lines = [[layer, *(cell(r.layer_weights.get(layer)) for r in weighted)] for layer in layers]
+    out = ["", "## Layer weights of the weighted probes (softmax, at the best epoch)", ""]
+    out += _markdown_table(header, ["---", *["---:"] * len(weighted)], lines)
+    return out + ["", "Each weight is the share of that layer in the sum the probe reads; the weights add up to 1."]
+
+
+def _weight_layers(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(layer for r in rows if r.layer_weights for layer in r.layer_weights))
+
+
 def csv_columns(rows: list[Row]) -> list[str]:
     splits = split_order(s for r in rows for s in [*r.wer_percent, *r.cer_percent])
-    columns = ["kind", "experiment", "layer", "reinit", "n", "seeds"]
+    columns = ["kind", "probe", "experiment", "layer", "weighted", "reinit", "n", "seeds"]
     for split in splits:
         for measure in MEASURES:
             columns += [f"{split}_{measure}_mean", f"{split}_{measure}_std", f"{split}_{measure}_n"]
     columns += [f"{split}_delta_wer_points" for split in splits]
+    for layer in _weight_layers(rows):
+        columns += [f"weight_{layer}_mean", f"weight_{layer}_std"]
     return columns
 
 
@@ -331,10 +393,14 @@ def render_csv(rows: list[Row]) -> str:
     writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        line = {"kind": row.kind, "experiment": row.experiment,
+        line = {"kind": row.kind, "probe": row.probe or "", "experiment": row.experiment,
                 "layer": "" if row.layer is None else row.layer,
+                "weighted": str(row.weighted).lower() if row.kind == "probe" else "",
                 "reinit": reinit_label(row.reinit) if row.kind == "finetune" else "",
                 "n": row.n, "seeds": " ".join(map(str, row.seeds))}
+        for layer, stat in (row.layer_weights or {}).items():
+            line[f"weight_{layer}_mean"] = repr(stat.mean)
+            line[f"weight_{layer}_std"] = "" if stat.std is None else repr(stat.std)
         for measure in MEASURES:
             for split, stat in getattr(row, measure).items():
                 line[f"{split}_{measure}_mean"] = repr(stat.mean)
@@ -348,7 +414,7 @@ def render_csv(rows: list[Row]) -> str:
 
 def report_dict(rows: list[Row], runs: list[Run], runs_dir=None) -> dict:
     """Everything report.json holds: the rows, every run (failed and unfinished too), notes."""
-    best = best_probe(rows)
+    best, best_linear = best_probe(rows), best_probe(rows, probe="linear")
     return {
         "w2vcache": __version__,
         "runs_dir": None if runs_dir is None else str(runs_dir),
@@ -358,6 +424,8 @@ def report_dict(rows: list[Row], runs: list[Run], runs_dir=None) -> dict:
         "splits": split_order(s for r in rows for s in r.wer_percent),
         "best_layer": None if best is None else {"layer": best[0].layer, "experiment": best[0].experiment,
                                                  "by": f"{best[1]} wer"},
+        "best_linear_layer": None if best_linear is None else {
+            "layer": best_linear[0].layer, "experiment": best_linear[0].experiment, "by": f"{best_linear[1]} wer"},
         "rows": [r.to_dict() for r in rows],
         "runs": [r.to_dict() for r in runs],
         "not_included": [{"name": r.name, "status": r.status, "why": r.why_not_included}

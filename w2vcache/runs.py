@@ -11,14 +11,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import W2VCacheError
-from .layers import layer_name
+from .layers import WEIGHTED, layer_name
 
 CONFIG = "config.json"  # the RunRecord, with the training config, versions and command line
 METRICS = "metrics.jsonl"  # one line per finished epoch
 CHECKPOINT = "checkpoint.pt"  # last finished epoch: model, optimizer, schedule, RNG
 BEST = "best.pt"  # weights of the epoch with the lowest dev WER (or CER, with select_by="cer")
 RESULT = "result.json"  # written last: its presence marks the run finished
+LAYER_WEIGHTS = "layer_weights.json"  # weighted probes: the softmax layer weights after each epoch
 KINDS = ("probe", "finetune")
+PROBES = ("bilstm", "linear")  # the probe's model: a BiLSTM-CTC, or one linear layer per frame
 
 
 def finetune_experiment(blocks) -> str:
@@ -26,9 +28,18 @@ def finetune_experiment(blocks) -> str:
     return "reinit-" + ("-".join(map(str, blocks)) if blocks else "none")
 
 
-def experiment_name(kind: str, layer: int | None, reinit) -> str:
-    """The experiment's directory name: a probe's layer ("layer08"), a fine-tune's re-init set."""
-    return layer_name(layer) if kind == "probe" else finetune_experiment(reinit)
+def probe_experiment(source: str, probe: str = "bilstm") -> str:
+    """A probe's experiment name from what it reads ("layer08", "cnn", "weighted") and its model:
+    the BiLSTM's is the source itself, a linear probe's is prefixed ("linear-layer08")."""
+    return source if probe == "bilstm" else f"{probe}-{source}"
+
+
+def experiment_name(kind: str, layer: int | None, reinit, probe: str = "bilstm", weighted: bool = False) -> str:
+    """The experiment's directory name: a probe's ("layer08", "weighted", "linear-layer08"), a
+    fine-tune's re-init set ("reinit-11-12")."""
+    if kind == "probe":
+        return probe_experiment(WEIGHTED if weighted else layer_name(layer), probe)
+    return finetune_experiment(reinit)
 
 
 def run_dir(out, kind: str, experiment: str, seed: int) -> Path:
@@ -42,8 +53,8 @@ class RunRecord:
     train() adds the training config, versions, command line and start time."""
 
     kind: str  # "probe" or "finetune"
-    experiment: str  # "layer08", "cnn", "reinit-11-12"
-    layer: int | None  # probes of a numbered layer; None otherwise
+    experiment: str  # "layer08", "cnn", "weighted", "linear-layer08", "reinit-11-12"
+    layer: int | None  # probes of a numbered layer; None otherwise (the CNN output, weighted probes)
     reinit: list[int]  # fine-tunes: the blocks re-initialised; [] for probes and the baseline
     seed: int
     model: dict  # the probe's or the head's config (and the backbone's identity)
@@ -52,14 +63,29 @@ class RunRecord:
     threads: int | None = None  # --threads as asked; None: chosen every epoch
     store: str | None = None  # probes: where the features were read
     world_size: int | None = None  # fine-tunes: torchrun ranks
+    probe: str | None = None  # probes: "bilstm" or "linear"
+    weighted: bool | None = None  # probes: True for a learnt weighted sum of the layers
 
     def to_json(self) -> dict:
         """As config.json holds it: the fields that do not apply to this kind are left out."""
-        return {k: v for k, v in asdict(self).items() if not (k in ("store", "world_size") and v is None)}
+        return {k: v for k, v in asdict(self).items() if not (k in _OPTIONAL and v is None)}
 
     def identity(self) -> dict:
         """The fields result.json repeats, so a result read alone says what it is."""
-        return {k: getattr(self, k) for k in ("kind", "experiment", "layer", "reinit", "seed")}
+        keys = ("kind", "experiment", "layer", "reinit", "seed", "probe", "weighted")
+        return {k: getattr(self, k) for k in keys if not (k in _OPTIONAL and getattr(self, k) is None)}
+
+
+_OPTIONAL = ("store", "world_size", "probe", "weighted")  # left out of the JSON where they do not apply
+
+# What a probe's record written before linear and weighted probes existed stands for.
+_PROBE_DEFAULTS = {"probe": "bilstm", "weighted": False}
+
+
+def upgrade_record(obj: dict) -> dict:
+    """config.json or result.json as this version writes it: a probe recorded before the record
+    said which probe it was is a BiLSTM on one layer (reading runs back, and resuming them)."""
+    return {**_PROBE_DEFAULTS, **obj} if obj.get("kind") == "probe" else obj
 
 
 @dataclass
@@ -77,9 +103,12 @@ MEASURES = ("wer_percent", "cer_percent")  # the error rates result.json gives p
 _ERROR_SHOWN = 80  # characters of a failed run's error shown in a table's footnote
 
 
-def experiment_key(kind: str, layer, reinit, experiment: str) -> tuple:
-    if kind == "probe":  # a probe of a named, unnumbered layer (the CNN output) comes before layer 0
-        return (0, -1, experiment) if layer is None else (0, layer, "")
+def experiment_key(kind: str, layer, reinit, experiment: str, probe: str = "bilstm", weighted: bool = False) -> tuple:
+    if kind == "probe":
+        # BiLSTM probes, then linear ones; for each, a named, unnumbered layer (the CNN output)
+        # before layer 0, the numbered layers, then the weighted probe.
+        rank = (PROBES.index(probe) if probe in PROBES else len(PROBES), int(bool(weighted)))
+        return (0, *rank, -1, experiment) if layer is None else (0, *rank, layer, "")
     return (1, len(reinit), tuple(reinit))  # "none" first, then by size and block number
 
 
@@ -90,22 +119,26 @@ class Run:
     path: Path  # the run directory
     name: str  # its path relative to RUNS, "probe/layer08/seed0"
     kind: str  # "probe" or "finetune"
-    experiment: str  # "layer08", "reinit-11-12"
-    layer: int | None  # probes: the layer probed; None for fine-tunes and the CNN output ("cnn")
+    experiment: str  # "layer08", "weighted", "linear-layer08", "reinit-11-12"
+    layer: int | None  # probes: the layer probed; None for fine-tunes, the CNN output ("cnn"), weighted probes
     reinit: list[int]  # fine-tunes: the blocks re-initialised, [] for the baseline
     seed: int
     status: str  # "finished", "failed" or "unfinished"
+    probe: str | None = None  # probes: "bilstm" or "linear"; None for fine-tunes
+    weighted: bool = False  # probes of a learnt weighted sum of the layers
     metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)  # split -> wer_percent, cer_percent
     best_epoch: int | None = None
     error: str | None = None  # failed runs: what stopped them
     epochs_done: int = 0  # lines in metrics.jsonl
     epochs: int | None = None  # epochs planned, where result.json or the config says
     config: dict = field(default_factory=dict, repr=False)  # config.json as written, not reported
+    # Weighted probes: layer_weights.json's weights at the best epoch (those of the weights tested).
+    layer_weights: dict[str, float] | None = None
 
     @property
     def key(self) -> tuple:
         """What makes two runs seeds of one experiment."""
-        return experiment_key(self.kind, self.layer, self.reinit, self.experiment)
+        return experiment_key(self.kind, self.layer, self.reinit, self.experiment, self.probe, self.weighted)
 
     @property
     def why_not_included(self) -> str:
@@ -123,8 +156,9 @@ class Run:
         return {
             "path": str(self.path), "name": self.name, "kind": self.kind, "experiment": self.experiment,
             "layer": self.layer, "reinit": self.reinit, "seed": self.seed, "status": self.status,
+            "probe": self.probe, "weighted": self.weighted,
             "metrics": self.metrics, "best_epoch": self.best_epoch, "error": self.error,
-            "epochs_done": self.epochs_done, "epochs": self.epochs,
+            "epochs_done": self.epochs_done, "epochs": self.epochs, "layer_weights": self.layer_weights,
         }
 
 
@@ -175,6 +209,14 @@ def _identity(obj: dict, path: Path) -> dict:
         if not _is_int(obj["seed"]):
             raise W2VCacheError(f"{path}: seed {obj['seed']!r} is not a whole number")
         found["seed"] = obj["seed"]
+    if obj.get("probe") is not None:
+        if obj["probe"] not in PROBES:
+            raise W2VCacheError(f"{path}: probe {obj['probe']!r} is not one of {', '.join(PROBES)}")
+        found["probe"] = obj["probe"]
+    if obj.get("weighted") is not None:
+        if not isinstance(obj["weighted"], bool):
+            raise W2VCacheError(f"{path}: weighted {obj['weighted']!r} is neither true nor false")
+        found["weighted"] = obj["weighted"]
     return found
 
 
@@ -224,12 +266,32 @@ def _epochs_logged(path: Path) -> int:
     return count
 
 
+def _layer_weights(path: Path, epoch) -> dict[str, float] | None:
+    """layer_weights.json's weights after `epoch`; None where the file or that epoch is missing."""
+    if not path.is_file() or not _is_int(epoch):
+        return None
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise W2VCacheError(f"{path}: cannot read it: {err}") from None
+    if not isinstance(entries, list):
+        raise W2VCacheError(f"{path}: expected a JSON list of epochs, found {type(entries).__name__}")
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("epoch") == epoch:
+            weights = entry.get("weights")
+            if not isinstance(weights, dict) or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights.values()):
+                raise W2VCacheError(f"{path}: epoch {epoch}'s weights are not a mapping of layer to number")
+            return {str(k): float(w) for k, w in weights.items()}
+    return None
+
+
 def read_run(directory, name: str | None = None) -> Run:
     """One run directory (holding config.json and/or result.json) as a `Run`."""
     directory = Path(directory)
     config_path, result_path = directory / CONFIG, directory / RESULT
-    config = _read_json(config_path) if config_path.is_file() else {}
-    result = _read_json(result_path) if result_path.is_file() else None
+    config = upgrade_record(_read_json(config_path)) if config_path.is_file() else {}
+    result = upgrade_record(_read_json(result_path)) if result_path.is_file() else None
     if not config and result is None:
         raise W2VCacheError(f"{directory}: not a run directory (no {CONFIG} or {RESULT})")
 
@@ -248,9 +310,12 @@ def read_run(directory, name: str | None = None) -> Run:
     if "seed" not in ident:
         raise W2VCacheError(f"{where}: no seed")
     kind, layer, reinit = ident["kind"], ident.get("layer"), ident.get("reinit", [])
-    if kind == "probe" and layer is None and "experiment" not in ident:
+    probe, weighted = ident.get("probe"), ident.get("weighted", False)
+    if kind == "probe" and layer is None and not weighted and "experiment" not in ident:
         raise W2VCacheError(f"{where}: a probe run with neither a layer nor an experiment name")
     if kind == "finetune":
+        layer, probe, weighted = None, None, False
+    elif weighted:
         layer = None
 
     status, metrics, error = "unfinished", {}, None
@@ -267,21 +332,25 @@ def read_run(directory, name: str | None = None) -> Run:
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     epochs = (result or {}).get("epochs", train.get("epochs"))
     best_epoch = (result or {}).get("best_epoch")
+    weights = _layer_weights(directory / LAYER_WEIGHTS, best_epoch) if weighted and status == "finished" else None
     return Run(
         path=directory,
         name=name if name is not None else directory.name,
         kind=kind,
-        experiment=ident.get("experiment") or experiment_name(kind, layer, reinit),
+        experiment=ident.get("experiment") or experiment_name(kind, layer, reinit, probe, weighted),
         layer=layer,
         reinit=reinit,
         seed=ident["seed"],
         status=status,
+        probe=probe,
+        weighted=weighted,
         metrics=metrics,
         best_epoch=best_epoch if _is_int(best_epoch) else None,
         error=error,
         epochs_done=_epochs_logged(directory / METRICS),
         epochs=epochs if _is_int(epochs) else None,
         config=config,
+        layer_weights=weights,
     )
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import record, threads
 from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates
-from .runs import BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, metrics_line
+from .runs import BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, metrics_line, upgrade_record
 
 _END = object()  # end of an epoch's batches
 
@@ -82,6 +82,11 @@ class Task(Protocol):
     def decode(self, batch) -> tuple[list[str], list[str]]: ...  # references, hypotheses
 
     def start_epoch(self, epoch: int) -> None: ...  # which parameters train this epoch
+
+    # Optional: what else the task records after each epoch, {file name: JSON object}. The loop
+    # appends each object, with its "epoch", to a JSON list in that file of the run directory
+    # (a weighted probe's layer_weights.json), rewritten atomically like a checkpoint.
+    def epoch_records(self) -> dict[str, dict]: ...
 
 
 def tri_stage(update: int, updates_per_epoch: int, config: TrainConfig) -> float:
@@ -143,6 +148,14 @@ def load_checkpoint(path: Path) -> dict:
         ) from None
 
 
+def _record_epoch(path: Path, entry: dict) -> None:
+    """Append an epoch's entry to the JSON list in `path`. Entries of this epoch or later are
+    dropped first: a run killed after writing them but before its checkpoint trains that epoch
+    again, and its file ends as an uninterrupted run's."""
+    entries = json.loads(path.read_text()) if path.exists() else []
+    record.write_json(path, [e for e in entries if e["epoch"] < entry["epoch"]] + [entry])
+
+
 def _read_metrics(run_dir: Path, upto_epoch: int) -> list[dict]:
     path = run_dir / METRICS
     if not path.exists():
@@ -194,11 +207,11 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
     record_now = dict(run_record.to_json(), train=asdict(config))
     saved_config = run_dir / CONFIG
     if saved_config.exists() and (run_dir / CHECKPOINT).exists():
-        saved = json.loads(saved_config.read_text())
+        saved = upgrade_record(json.loads(saved_config.read_text()))
         # Options added since the run started (select_by) took their defaults then.
         defaults = json.loads(json.dumps(asdict(TrainConfig())))
         saved["train"] = {**defaults, **saved.get("train", {})}
-        _check_same_run(saved, json.loads(json.dumps(record_now, default=str)), run_dir)
+        _check_same_run(saved, upgrade_record(json.loads(json.dumps(record_now, default=str))), run_dir)
     elif writer:
         record.write_json(saved_config, dict(record_now, versions=record.versions(),
                                              command=record.command_line(), started=record.now()))
@@ -284,6 +297,8 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         if writer:
             with open(run_dir / METRICS, "a") as f:
                 f.write(json.dumps(entry) + "\n")
+            for name, extra in getattr(task, "epoch_records", dict)().items():
+                _record_epoch(run_dir / name, {"epoch": epoch + 1, **extra})
             _save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, "best": best},

@@ -1,0 +1,430 @@
+"""Layer x layer similarity of stored features: linear CKA, within one store or between two.
+
+Linear CKA (Kornblith et al. 2019) of X (n x p) and Y (n x q), the same n frames through two layers,
+columns centred:
+
+    CKA(X, Y) = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)
+
+It is 1 when Y is X up to a rotation, a uniform scale and a translation, and near 0 for unrelated
+features. Between a fine-tuned model's store and its pre-trained model's store (the same
+utterances), the diagonal CKA(layer k, layer k) says how much fine-tuning changed each layer
+(Pasad et al. 2021); docs/ANALYSES.md says more.
+
+The computation streams: a seeded sample of frames is read utterance by utterance and only its
+float64 moments are kept (column sums, X^T X per layer, X^T Y per layer pair), centred at the end
+(X^T Y - n mu_x mu_y^T). Memory is the size of those products, not of the split; when all pairs do
+not fit in `memory_budget`, the layers of store A are taken in groups, one pass over the sample
+each.
+"""
+
+import csv
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import record
+from .errors import W2VCacheError
+from .layers import choose_layers, layer_index
+from .store import FeatureStore, open_store
+
+MEASURES = ("cka",)
+DEFAULT_MAX_FRAMES = 50_000
+DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of float64 products held at once
+READ_FRAMES = 65_536  # store frames read per step (one layer at a time), bounding the raw read
+SAMPLED_ROWS = 2_048  # sampled frames per step: enough for efficient float64 products, ~16 KB per dim
+FILES = ("similarity.json", "similarity.csv", "similarity.png")
+NO_MATPLOTLIB = "not drawn: matplotlib is missing (pip install 'w2vcache[plots]')"
+PANEL_INCHES = (5.5, 4.5)
+DPI = 100
+ANNOTATE_UP_TO = 16  # write the value in each cell of matrices up to this many layers a side
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear CKA
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of two feature matrices over the same n rows (frames), in float64, in memory.
+
+    NaN when either has no variance (CKA is undefined there)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"linear_cka needs two (n, dim) arrays of the same n, got {x.shape} and {y.shape}")
+    x = x - x.mean(axis=0)
+    y = y - y.mean(axis=0)
+    return _cka(y.T @ x, x.T @ x, y.T @ y)
+
+
+def cka_from_moments(n: int, sum_x: np.ndarray, sum_y: np.ndarray, xty: np.ndarray, xtx: np.ndarray,
+                     yty: np.ndarray) -> float:
+    """Linear CKA from uncentred float64 moments over n rows: column sums, X^T Y, X^T X, Y^T Y."""
+    mu_x, mu_y = sum_x / n, sum_y / n
+    return _cka(xty - n * np.outer(mu_x, mu_y), xtx - n * np.outer(mu_x, mu_x), yty - n * np.outer(mu_y, mu_y))
+
+
+def _cka(cross: np.ndarray, gram_x: np.ndarray, gram_y: np.ndarray) -> float:
+    denominator = np.linalg.norm(gram_x) * np.linalg.norm(gram_y)
+    if not denominator > 0:
+        return float("nan")
+    return float(np.linalg.norm(cross) ** 2 / denominator)
+
+
+# ----------------------------------------------------------------------------------------------
+# The frame sample
+
+
+def sample_frames(lengths: np.ndarray, usable: np.ndarray, max_frames: int | None, seed: int) -> np.ndarray:
+    """Sorted rows of the seeded frame sample, as indices into the utterances laid end to end in
+    store order (the rows `FeatureStore.read_layer` returns): `max_frames` drawn uniformly without
+    replacement from the frames of usable utterances, or all of them when there are no more.
+
+    It depends only on the lengths, the usable mask and the seed, so two stores of the same
+    utterances get the same frames."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    candidates = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in np.flatnonzero(usable)]
+                                or [np.zeros(0, dtype=np.int64)])
+    if max_frames is None or max_frames >= len(candidates):
+        return candidates
+    rng = np.random.default_rng(seed)
+    return candidates[np.sort(rng.choice(len(candidates), size=max_frames, replace=False))]
+
+
+# ----------------------------------------------------------------------------------------------
+# The analysis
+
+
+@dataclass
+class SimilarityConfig:
+    split: str = "dev"
+    layers: str = "all"  # chosen in each store alike: all, 0,4-8, cnn,layer08
+    measure: str = "cka"
+    max_frames: int | None = DEFAULT_MAX_FRAMES  # None: every frame of the split
+    seed: int = 0
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes of float64 products held at once
+
+
+@dataclass
+class SimilarityResult:
+    measure: str
+    split: str
+    layers_a: list[str]
+    layers_b: list[str]
+    matrix: np.ndarray  # (len(layers_a), len(layers_b)); NaN where a layer has no variance
+    diagonal: list[float] | None  # matrix[k, k] when two stores have the same layers, else None
+    frames: int  # frames in the sample
+    frames_available: int  # frames of the utterances usable in both stores
+    utterances: int  # utterances with at least one sampled frame
+    passes: int  # passes over the sample (more than one when the products exceed the budget)
+    seconds: float
+    record: dict = field(repr=False)  # what similarity.json holds
+    files: dict[str, Path | None] = field(default_factory=dict)  # json, csv, png (None: not drawn)
+    notes: list[str] = field(default_factory=list)
+
+
+def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure: str = "cka",
+               max_frames: int | None = DEFAULT_MAX_FRAMES, seed: int = 0, out=None, figure: bool = True,
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = True) -> SimilarityResult:
+    """Linear CKA between every layer of `store_a` and every layer of `store_b` (itself when None)
+    over a seeded sample of the split's frames. With `out`, writes similarity.json, .csv and .png
+    there (the figure only where matplotlib is installed: the 'plots' extra).
+
+    Stores are paths, URLs or open FeatureStores; two stores must hold the same utterances of the
+    split with the same frame counts (a fine-tuned model's and its pre-trained model's)."""
+    config = SimilarityConfig(split=split, layers=layers, measure=measure, max_frames=max_frames, seed=seed,
+                              memory_budget=memory_budget)
+    if measure not in MEASURES:
+        raise W2VCacheError(f"--measure {measure!r}: only {', '.join(MEASURES)} (linear CKA) is implemented")
+    if max_frames is not None and max_frames < 2:
+        raise W2VCacheError(f"--max-frames {max_frames}: CKA needs at least 2 frames")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():  # say so before the work, not after
+        raise W2VCacheError(f"{out}: exists and is not a directory")
+    started = time.perf_counter()
+    opened = []
+    try:
+        a = _open(store_a, opened)
+        b = a if store_b is None else _open(store_b, opened)
+        names_a = choose_layers(layers, list(a.layers), "--layers", owner=f"store {a.path}")
+        names_b = choose_layers(layers, list(b.layers), "--layers", owner=f"store {b.path}")
+        positions_b, usable = _common_utterances(a, b, split)
+        lengths = np.array([u.length for u in a.utterances(split)], dtype=np.int64)
+        rows = sample_frames(lengths, usable, max_frames, seed)
+        if len(rows) < 2:
+            raise W2VCacheError(f"split {split} of store {a.path}: {len(rows)} usable frame(s); CKA needs at least 2")
+        matrix, n_utterances, passes = _stream_cka(a, b, split, names_a, names_b, lengths, rows, positions_b,
+                                                   memory_budget, progress)
+        same = b is a
+        diagonal = [float(matrix[k, k]) for k in range(len(names_a))] if not same and names_a == names_b else None
+        seconds = time.perf_counter() - started
+        result = SimilarityResult(
+            measure="linear_cka", split=split, layers_a=names_a, layers_b=names_b, matrix=matrix,
+            diagonal=diagonal, frames=len(rows), frames_available=int(lengths[usable].sum()),
+            utterances=n_utterances, passes=passes, seconds=seconds, record={})
+        result.record = _record(result, config, a, None if same else b)
+    finally:
+        for store in opened:
+            store.close()
+    if out is not None:
+        write_files(result, out, figure=figure)
+    return result
+
+
+def _open(store, opened: list) -> FeatureStore:
+    if isinstance(store, FeatureStore):
+        return store
+    store = open_store(store)
+    opened.append(store)
+    return store
+
+
+def _complete(store: FeatureStore, split: str) -> None:
+    s = store.status(split, refresh=True)
+    if s.blocks_done < s.n_blocks:
+        raise W2VCacheError(f"split {split} of store {store.path} is incomplete: {s.n_utterances - s.utterances_done} "
+                            f"of {s.n_utterances} utterances are not extracted yet; re-running extract resumes it")
+
+
+def _common_utterances(a: FeatureStore, b: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Store B's position of each of store A's utterances, and the mask of those usable in both;
+    refuses stores whose utterances or frame counts differ."""
+    _complete(a, split)
+    if b is a:
+        return np.arange(len(a.utterances(split))), a.usable(split)
+    _complete(b, split)
+    utts_a, utts_b = a.utterances(split), b.utterances(split)
+    ids_a, ids_b = [u.id for u in utts_a], [u.id for u in utts_b]
+    for (x, ids_x), (y, ids_y) in (((a, ids_a), (b, ids_b)), ((b, ids_b), (a, ids_a))):
+        extra = sorted(set(ids_x) - set(ids_y))
+        if extra:
+            raise W2VCacheError(f"store {x.path} has {len(extra)} utterance(s) of split {split} that store "
+                                f"{y.path} lacks (first: {extra[0]}); similarity needs the same utterances in both")
+    position_b = {u: i for i, u in enumerate(ids_b)}
+    positions_b = np.array([position_b[u] for u in ids_a], dtype=np.int64)
+    for u, i in zip(utts_a, positions_b):
+        if u.length != utts_b[i].length:
+            raise W2VCacheError(f"frame counts differ at utterance {u.id} of split {split}: {u.length} in store "
+                                f"{a.path}, {utts_b[i].length} in store {b.path}; the stores' models must "
+                                f"have the same frame rate")
+    return positions_b, a.usable(split) & b.usable(split)[positions_b]
+
+
+def _steps(lengths: np.ndarray, rows: np.ndarray) -> list[tuple[list[int], np.ndarray]]:
+    """The sample in reading steps of consecutive utterances: (utterance positions, the sampled
+    frames within their concatenation). Utterances without a sampled frame are not read."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    owner = np.searchsorted(offsets, rows, side="right") - 1
+    read, first = np.unique(owner, return_index=True)  # rows are sorted: each utterance's are together
+    steps, utts, local, frames, count = [], [], [], 0, 0
+    for i, first, stop in zip(read, first, np.append(first[1:], len(rows))):
+        utts.append(int(i))
+        local.append(rows[first:stop] - offsets[i] + frames)
+        frames += int(lengths[i])
+        count += stop - first
+        if frames >= READ_FRAMES or count >= SAMPLED_ROWS:
+            steps.append((utts, np.concatenate(local)))
+            utts, local, frames, count = [], [], 0, 0
+    if utts:
+        steps.append((utts, np.concatenate(local)))
+    return steps
+
+
+def _sampled(store: FeatureStore, split: str, layer: str, positions: list[int], local: np.ndarray) -> np.ndarray:
+    """The sampled frames of one layer over one step's utterances, in float64."""
+    return np.concatenate(store.read_batch(split, layer, positions))[local].astype(np.float64)
+
+
+def _groups(dims_a: list[int], dims_b: list[int], budget: int) -> list[list[int]]:
+    """Store A's layers in groups whose products with all of store B's layers fit the budget."""
+    per_b = 8 * sum(dims_b)
+    groups, current, size = [], [], 0
+    for k, p in enumerate(dims_a):
+        if current and size + p * per_b > budget:
+            groups.append(current)
+            current, size = [], 0
+        current.append(k)
+        size += p * per_b
+    groups.append(current)
+    return groups
+
+
+def _stream_cka(a, b, split, names_a, names_b, lengths, rows, positions_b, budget, progress):
+    """Accumulate the float64 moments of the sample step by step; CKA of every pair from them."""
+    dims_a = [a.layers[n] for n in names_a]
+    dims_b = [b.layers[n] for n in names_b]
+    starts_b = np.concatenate([[0], np.cumsum(dims_b)])
+    steps = _steps(lengths, rows)
+    groups = _groups(dims_a, dims_b, budget)
+    n = len(rows)
+    sums_a = [np.zeros(p) for p in dims_a]
+    grams_a = [np.zeros((p, p)) for p in dims_a]
+    same = b is a and names_b == names_a
+    # Within one store the layers of B are those of A: their moments are the same arrays.
+    sums_b = sums_a if same else [np.zeros(p) for p in dims_b]
+    grams_b = grams_a if same else [np.zeros((p, p)) for p in dims_b]
+    matrix = np.full((len(names_a), len(names_b)), np.nan)
+    utterances = sum(len(u) for u, _ in steps)
+    bar = tqdm(total=utterances * len(groups), desc="similarity", unit="utt", disable=not progress)
+    try:
+        for g, group in enumerate(groups):
+            # Within one store the matrix is symmetric: layer k's products start at B's layer k.
+            first = {k: int(starts_b[k]) if same else 0 for k in group}
+            cross = [np.zeros((dims_a[k], starts_b[-1] - first[k])) for k in group]
+            for positions, local in steps:
+                xs = {k: _sampled(a, split, names_a[k], positions, local)
+                      for k in (range(len(names_a)) if g == 0 else group)}
+                # Store B's layers side by side, each a view: one product per layer of A with all of them.
+                y_all = np.empty((len(local), starts_b[-1]))
+                ys = [y_all[:, starts_b[j]:starts_b[j + 1]] for j in range(len(names_b))]
+                bpos = [int(positions_b[i]) for i in positions]
+                for j, y in enumerate(ys):
+                    y[:] = xs[j] if same and j in xs else _sampled(b, split, names_b[j], bpos, local)
+                if g == 0:  # sums and Gram matrices of every layer, in the first pass only
+                    for k, x in xs.items():
+                        sums_a[k] += x.sum(axis=0)
+                        grams_a[k] += x.T @ x
+                    for k, y in enumerate(ys if not same else ()):
+                        sums_b[k] += y.sum(axis=0)
+                        grams_b[k] += y.T @ y
+                for c, k in zip(cross, group):
+                    c += xs[k].T @ y_all[:, first[k]:]
+                bar.update(len(positions))
+            for c, k in zip(cross, group):
+                for j in range(k if same else 0, len(names_b)):
+                    block = c[:, starts_b[j] - first[k]:starts_b[j + 1] - first[k]]
+                    matrix[k, j] = cka_from_moments(n, sums_a[k], sums_b[j], block, grams_a[k], grams_b[j])
+                    if same:
+                        matrix[j, k] = matrix[k, j]
+    finally:
+        bar.close()
+    return matrix, utterances, len(groups)
+
+
+def _record(result: SimilarityResult, config: SimilarityConfig, a: FeatureStore, b: FeatureStore | None) -> dict:
+    """Everything the run did, as similarity.json holds it."""
+
+    def about(store):
+        model = store.provenance.get("model") or {}
+        model = model if isinstance(model, dict) else {"name": model}
+        return {"path": store.path, "model": model.get("name"), "revision": model.get("revision"),
+                "weight_hash": model.get("weight_hash"), "dtype": store.dtype}
+
+    return {
+        "measure": result.measure,
+        "split": result.split,
+        "layers_a": result.layers_a,
+        "layers_b": result.layers_b,
+        "matrix": [[_number(v) for v in row] for row in result.matrix],
+        "diagonal": None if result.diagonal is None else [_number(v) for v in result.diagonal],
+        "frames": result.frames,
+        "frames_available": result.frames_available,
+        "utterances": result.utterances,
+        "seed": config.seed,
+        "max_frames": config.max_frames,
+        "passes": result.passes,
+        "store_a": about(a),
+        "store_b": None if b is None else about(b),
+        "config": asdict(config),
+        "seconds": round(result.seconds, 3),
+        "created": record.now(),
+        "command": record.command_line(),
+        "versions": record.versions(),
+    }
+
+
+def _number(v: float) -> float | None:
+    return None if np.isnan(v) else float(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def write_files(result: SimilarityResult, out, figure: bool = True) -> dict[str, Path | None]:
+    """similarity.json, similarity.csv and (with matplotlib) similarity.png under `out`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise W2VCacheError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path | None] = {"json": out / FILES[0], "csv": out / FILES[1]}
+    record.write_json(files["json"], result.record)
+    with record.replacing(files["csv"]) as tmp:
+        tmp.write_text(render_csv(result))
+    if figure:
+        try:
+            files["png"] = write_figure(result, out / FILES[2])
+        except ImportError:
+            files["png"] = None
+            result.notes.append(f"{FILES[2]}: {NO_MATPLOTLIB}")
+    result.files = files
+    return files
+
+
+def render_csv(result: SimilarityResult) -> str:
+    """Rows: store A's layers; columns: store B's layers; empty where CKA is undefined."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["layer", *result.layers_b])
+    for name, row in zip(result.layers_a, result.matrix):
+        writer.writerow([name, *("" if np.isnan(v) else repr(float(v)) for v in row)])
+    return buffer.getvalue()
+
+
+def _label(name: str) -> str:
+    k = layer_index(name)
+    return name if k is None else str(k)
+
+
+def write_figure(result: SimilarityResult, path) -> Path:
+    """The heatmap (store A's layers down, store B's across, 0 to 1) and, where there is one, the
+    diagonal as a curve by layer. Raises ImportError without matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    store_a = result.record["store_a"]
+    store_b = result.record["store_b"] or store_a
+    panels = 2 if result.diagonal is not None else 1
+    # Figure + Agg canvas rather than pyplot: no global backend switch, no display, no leaked figures.
+    fig = Figure(figsize=(PANEL_INCHES[0] * panels, PANEL_INCHES[1]), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+
+    ax = axes[0]
+    image = ax.imshow(np.ma.masked_invalid(result.matrix), vmin=0, vmax=1, cmap="viridis", origin="lower",
+                      aspect="auto")
+    fig.colorbar(image, ax=ax, label="linear CKA")
+    ax.set_xticks(range(len(result.layers_b)), [_label(n) for n in result.layers_b])
+    ax.set_yticks(range(len(result.layers_a)), [_label(n) for n in result.layers_a])
+    if result.record["store_b"]:
+        # Name each axis by its model, or by its store where both stores name the same model.
+        key = "model" if store_a["model"] and store_b["model"] and store_a["model"] != store_b["model"] else "path"
+        ax.set_xlabel(f"layer of {store_b[key]}")
+        ax.set_ylabel(f"layer of {store_a[key]}")
+    else:
+        ax.set_xlabel("layer")
+        ax.set_ylabel("layer")
+    ax.set_title(f"Linear CKA, split {result.split}, {result.frames} frames", fontsize="medium")
+    if max(result.matrix.shape) <= ANNOTATE_UP_TO:
+        for (i, j), v in np.ndenumerate(result.matrix):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="x-small",
+                        color="black" if v > 0.6 else "white")
+
+    if result.diagonal is not None:
+        ax = axes[1]
+        x = range(len(result.layers_a))
+        ax.plot(x, result.diagonal, marker="o", markersize=4)
+        ax.set_xticks(x, [_label(n) for n in result.layers_a])
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("linear CKA with the same layer")
+        ax.set_title("How much each layer changed (1: not at all)", fontsize="medium")
+        ax.grid(alpha=0.3)
+
+    with record.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    return Path(path)
