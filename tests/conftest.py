@@ -25,6 +25,17 @@ def write_wave(path, seconds=0.5, rate=16000, channels=1, seed=0, subtype="PCM_1
     return path
 
 
+@pytest.fixture(scope="session")
+def bundled_store(tmp_path_factory):
+    """The bundled corpus extracted once with the built-in model, for tests that only read it."""
+    from w2vcache.corpus import build_corpus
+    from w2vcache.extract import ExtractConfig, extract
+
+    path = tmp_path_factory.mktemp("bundled") / "features.zarr"
+    extract(build_corpus(), ExtractConfig(store=str(path)), progress=False)
+    return path
+
+
 def run_killed_after_first_checkpoint(args: list[str]) -> None:
     """Run `w2vcache ARGS` in a child process that SIGKILLs itself right after it has saved its first
     epoch's checkpoint.pt (best.pt is saved just before it): a kill at a fixed point, however fast

@@ -24,11 +24,9 @@ from w2vcache.train import TrainConfig
 SMALL = ["--hidden", "32", "--lstm-layers", "1", "--batch-frames", "1500", "--lr", "2e-3"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "features.zarr"
-    extract(build_corpus(), ExtractConfig(store=str(path)), progress=False)
-    return path
+@pytest.fixture
+def store(bundled_store):
+    return bundled_store
 
 
 def cli(*args):

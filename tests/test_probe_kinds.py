@@ -11,8 +11,6 @@ from click.testing import CliRunner
 from conftest import run_killed_after_first_checkpoint
 from test_report import markdown_tables
 from w2vcache.cli import main
-from w2vcache.corpus import build_corpus
-from w2vcache.extract import ExtractConfig, extract
 from w2vcache.layers import weighted_layers
 from w2vcache.probe import LinearProbe, ProbeConfig, ProbeTask
 from w2vcache.report import write_report
@@ -25,11 +23,9 @@ LINEAR = ["--probe", "linear", "--batch-frames", "1500", "--lr", "5e-3", "--thre
 LAYERS = [f"layer{i:02d}" for i in range(5)]  # the built-in model's numbered layers
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "features.zarr"
-    extract(build_corpus(), ExtractConfig(store=str(path)), progress=False)
-    return path
+@pytest.fixture
+def store(bundled_store):
+    return bundled_store
 
 
 def cli(*args):

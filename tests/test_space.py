@@ -3,7 +3,6 @@ refusal to start an extraction its file system cannot hold."""
 
 import os
 
-import pytest
 from click.testing import CliRunner
 
 from w2vcache import space
