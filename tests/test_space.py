@@ -3,6 +3,7 @@ refusal to start an extraction its file system cannot hold."""
 
 import os
 
+import pytest
 from click.testing import CliRunner
 
 from w2vcache import space
@@ -21,19 +22,20 @@ def bytes_under(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def test_dry_run_writes_nothing_and_predicts_the_store_size(tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_dry_run_writes_nothing_and_predicts_the_store_size(tmp_path, dtype):
     store = tmp_path / "s.zarr"
-    result = run_cli("extract", "--dry-run", "--store", store, *SPLITS, "--layers", "0-2")
+    result = run_cli("extract", "--dry-run", "--store", store, *SPLITS, "--layers", "0-2", "--dtype", dtype)
     assert result.exit_code == 0, result.output
     assert not store.exists() and "s.zarr: needs" in result.output and "free there" in result.output
     planned = plan_store(build_corpus(splits=["dev=dev-clean", "test=test-other"]),
-                         ExtractConfig(store=str(store), layers="0-2"), progress=False)
+                         ExtractConfig(store=str(store), layers="0-2", dtype=dtype), progress=False)
     assert planned.existing == 0 and planned.needed == planned.bytes
-    assert run_cli("extract", "--store", store, *SPLITS, "--layers", "0-2").exit_code == 0
+    assert run_cli("extract", "--store", store, *SPLITS, "--layers", "0-2", "--dtype", dtype).exit_code == 0
     # Every feature row is planned exactly; only metadata and records come on top.
     assert planned.bytes <= bytes_under(store) <= 1.05 * planned.bytes
     again = plan_store(build_corpus(splits=["dev=dev-clean", "test=test-other"]),
-                       ExtractConfig(store=str(store), layers="0-2"), progress=False)
+                       ExtractConfig(store=str(store), layers="0-2", dtype=dtype), progress=False)
     assert again.needed == 0  # a finished store needs nothing more
 
 

@@ -58,6 +58,8 @@ def plan_size(store: str, plans: dict[str, SplitPlan], layers: dict[str, int], d
     chunk_frames = chunk_frames or choose_chunk_frames(layers, dtype)
     block_chunks = block_chunks or BLOCK_CHUNKS
     row_bytes = sum(layers.values()) * np.dtype(dtype).itemsize
+    if dtype == "int8":  # and a float32 scale per channel per chunk
+        row_bytes += sum(layers.values()) * np.dtype(np.float32).itemsize / chunk_frames
     size = StoreSize(str(store))
     for split, plan in plans.items():
         lengths = sorted(frames for *_, frames in plan.utterances)  # the store's order: by length
@@ -65,7 +67,7 @@ def plan_size(store: str, plans: dict[str, SplitPlan], layers: dict[str, int], d
         rows = int(offsets[-1])
         size.splits[split] = SplitSize(
             utterances=len(lengths), hours=sum(lengths) / frame_rate / 3600, frames=sum(lengths), rows=rows,
-            bytes=rows * row_bytes + len(lengths) * INDEX_BYTES_PER_UTTERANCE,
+            bytes=int(rows * row_bytes) + len(lengths) * INDEX_BYTES_PER_UTTERANCE,
         )
     root = local_root(store)
     size.existing = _bytes_under(root)
