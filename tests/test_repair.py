@@ -220,6 +220,21 @@ def test_a_copy_is_repaired_from_its_source(reference, tmp_path):
     assert verify(path).ok and info(path)["verification"] is None
 
 
+def test_an_int8_copy_is_repaired_from_its_float16_source(reference, tmp_path):
+    """copy --dtype int8 quantises its source; its repair quantises the same source again, so the
+    repaired blocks are the bytes the copy first held."""
+    path = tmp_path / "int8.zarr"
+    copy_store(reference, path, layers="1-2", splits=["dev"], dtype="int8", progress=False)
+    before = layer_files(path)
+    damage(path, "dev", 1, "layer01")
+    assert verify(path).damaged_blocks == {"dev": [1]}
+    result = run_cli("verify", "--repair", path)
+    assert result.exit_code == 0, result.output
+    assert f"rewritten from {reference}" in result.output
+    assert {k: v[1] for k, v in layer_files(path).items()} == {k: v[1] for k, v in before.items()}
+    assert verify(path).ok and open_store(path).dtype == "int8"
+
+
 @pytest.fixture
 def own_audio_store(tmp_path):
     """A store of six files of our own (so that one can go missing), its block 0 damaged."""
