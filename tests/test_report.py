@@ -581,3 +581,113 @@ def test_linear_and_weighted_probes_beside_the_bilstm(runs, tmp_path):
 
     old = {r.name: r for r in find_runs(runs)}["probe/layer08/seed0"]  # written as earlier versions did
     assert (old.probe, old.weighted, old.layer, old.key) == ("bilstm", False, 8, (0, 0, 0, 8, ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Similarity results under RUNS/similarity/ and the note on the frozen CNN
+
+
+def write_similarity(runs_dir, name, layers, matrix, model_a="tuned", model_b="base"):
+    """similarity.json as `w2vcache similarity A [B] --out RUNS/similarity/<name>` writes it (the
+    fields the report reads): with `model_b`, two stores of the same layers and their diagonal."""
+    directory = runs_dir / "similarity" / name
+    directory.mkdir(parents=True)
+    diagonal = [row[k] for k, row in enumerate(matrix)] if model_b else None
+    data = {"measure": "linear_cka", "split": "dev", "layers_a": layers, "layers_b": layers, "matrix": matrix,
+            "diagonal": diagonal, "frames": 500, "store_a": {"path": "a.zarr", "model": model_a},
+            "store_b": {"path": "b.zarr", "model": model_b} if model_b else None}
+    (directory / "similarity.json").write_text(json.dumps(data))
+    return directory
+
+
+LAYERS = ["layer00", "layer01", "layer02", "layer03"]
+# A fine-tuned store against its pre-trained one: layer01 has no variance (null), layer02 changed most.
+TUNED = [[0.95, 0.5, 0.3, 0.2], [None, None, None, None], [0.3, 0.4, 0.4, 0.5], [0.2, 0.3, 0.6, 0.7]]
+WITHIN = [[1.0, 0.9, 0.8, 0.7], [0.9, 1.0, 0.9, 0.8], [0.8, 0.9, 1.0, 0.9], [0.7, 0.8, 0.9, 1.0]]
+SIMILARITY_HEADING = "Layer similarity (linear CKA, `w2vcache similarity`, under similarity/)"
+
+
+def test_similarity_results_are_reported_with_their_diagonals_and_heatmaps(report_cli, runs):
+    from w2vcache.figure import similarity_figure_size
+    from w2vcache.report import find_similarities
+
+    write_similarity(runs, "ft-vs-base", LAYERS, TUNED)
+    write_similarity(runs / "nested", "ignored", LAYERS, WITHIN)  # only RUNS/similarity/ is read
+    write_similarity(runs, "base", LAYERS, WITHIN, model_a="base", model_b=None)
+    assert len(find_runs(runs)) == 9 + 3 + 11 + 1  # no similarity result is taken for a run
+    result = report_cli(runs)
+    assert result.exit_code == 0, result.output
+    out = runs / "report"
+    text = (out / "report.md").read_text()
+    assert markdown_tables(result.stdout)[SIMILARITY_HEADING] == markdown_tables(text)[SIMILARITY_HEADING] == {
+        "layer00": {"ft-vs-base": "0.950"}, "layer01": {"ft-vs-base": "-"},
+        "layer02": {"ft-vs-base": "0.400"}, "layer03": {"ft-vs-base": "0.700"}}
+    assert "- base: within base, split dev, 500 frames, 4 x 4 layers" in text
+    assert "- ft-vs-base: tuned against base, split dev, 500 frames, 4 x 4 layers" in text
+    assert "Changed most in ft-vs-base: layer02 (CKA 0.400 with itself)." in text
+    assert "(report-similarity.png)" in text and "(report.png)" in text
+    assert f"figure: {out / 'report-similarity.png'}" in result.stderr.splitlines()
+
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["similarity"]] == ["base", "ft-vs-base"]
+    assert report["similarity"][0]["diagonal"] is None and report["similarity"][0]["changed_most"] is None
+    assert report["similarity"][1]["changed_most"] == {"layer": "layer02", "cka": 0.4}
+    assert report["similarity"][1]["matrix"] == TUNED
+    # Two heatmaps and one panel of diagonals, each 500 x 450 pixels.
+    assert similarity_figure_size(find_similarities(runs)) == (1500, 450)
+    assert png_size(out / "report-similarity.png") == (1500, 450)
+    assert png_size(out / "report.png") == (1000, 400)  # the runs' figure is unchanged
+
+    result = report_cli(runs, "--out", runs / "bare", "--no-figure")
+    assert result.exit_code == 0 and not list((runs / "bare").glob("*.png"))
+    assert "Changed most in ft-vs-base" in (runs / "bare" / "report.md").read_text()
+
+
+def test_similarity_results_alone_make_a_report(tmp_path):
+    runs = tmp_path / "runs"
+    write_similarity(runs, "ft-vs-base", LAYERS, TUNED)
+    written = write_report(runs)
+    assert sorted(written) == ["csv", "json", "md", "similarity_png"]  # no runs: no report.png
+    assert SIMILARITY_HEADING in markdown_tables(written["md"].read_text())
+    assert json.loads(written["json"].read_text())["rows"] == []
+
+
+def test_a_broken_similarity_result_is_a_one_line_error(report_cli, runs):
+    broken = write_similarity(runs, "broken", LAYERS, TUNED) / "similarity.json"
+    broken.write_text('{"split": "dev"}')
+    result = report_cli(runs)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"Error: {broken}: not a similarity result of w2vcache similarity")
+
+
+def test_the_report_says_once_that_fine_tunes_keep_the_cnn_frozen(runs, tmp_path):
+    from w2vcache.report import FROZEN_CNN_NOTE
+
+    assert "--train-feature-encoder" in FROZEN_CNN_NOTE  # the option finetune really has
+    text = write_report(runs, tmp_path / "frozen")["md"].read_text()
+    assert text.count(FROZEN_CNN_NOTE) == 1 and "trained it too:" not in text
+    probes = tmp_path / "probes"
+    write_probes(probes)
+    assert "feature encoder" not in write_report(probes)["md"].read_text()  # no fine-tune, no note
+    # A fine-tune that trained the CNN (config.json's model.train_feature_encoder) is named.
+    for seed in (0, 1, 2):
+        config_path = runs / "finetune" / "reinit-12" / f"seed{seed}" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["model"]["train_feature_encoder"] = True
+        config_path.write_text(json.dumps(config))
+    text = write_report(runs, tmp_path / "trained")["md"].read_text()
+    assert text.count(FROZEN_CNN_NOTE) == 1 and "These trained it too: reinit-12." in text
+
+
+def test_without_matplotlib_the_tables_are_written_and_the_figures_asked_for_say_how(runs, tmp_path, monkeypatch):
+    import sys
+
+    write_similarity(runs, "ft-vs-base", LAYERS, TUNED)
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    written = write_report(runs, tmp_path / "tables", figure=False)
+    assert sorted(written) == ["csv", "json", "md"]
+    assert SIMILARITY_HEADING in markdown_tables(written["md"].read_text())
+    with pytest.raises(W2VCacheError, match="w2vcache\\[plots\\]"):
+        write_report(runs, tmp_path / "figures")

@@ -367,14 +367,16 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, tra
 
 
 @main.command("demo")
-@click.option("--out", default="demo", show_default=True, help="Where the store, runs and report go.")
+@click.option("--out", default="demo", show_default=True, help="Where the stores, runs and report go.")
 @threads_option
 @user_errors
 def demo_command(out, threads):
     """The whole workflow on the bundled corpus with the built-in model, in a few minutes on a CPU.
 
-    Extracts every layer, probes each one, fine-tunes the baseline and a re-initialised variant,
-    and reports. The built-in model's weights are random: the curve shows the workflow, not W2V.
+    Extracts every layer, probes each one and their learnt weighted sum, fine-tunes the baseline
+    and a re-initialised variant, extracts the fine-tuned baseline, compares its layers with the
+    pre-trained ones (linear CKA on dev), and reports. The built-in model's weights are random:
+    the curves show the workflow, not W2V.
     """
     from .demo import demo
 

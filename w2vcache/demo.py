@@ -1,11 +1,12 @@
 """The whole workflow in one call, on a fresh install, with no network: the built-in model over the
-bundled corpus -> extract -> probe every layer -> fine-tune the baseline and one re-init variant
--> report.
+bundled corpus -> extract -> probe every layer and their learnt weighted sum -> fine-tune the
+baseline and one re-init variant -> extract the fine-tuned baseline -> similarity of its layers
+with the pre-trained ones (linear CKA on dev) -> report.
 
 The built-in model's weights are random, so its curve by layer shows the workflow working, not a
 finding about W2V: the probes and fine-tunes learn (their CER falls far below 100 %), but every
-layer of a random model carries about the same information. The demo's last lines say what the
-training reached and how long the whole run took.
+layer of a random model carries about the same information. The demo's last lines say what each
+step reached and how long the whole run took.
 """
 
 import time
@@ -16,8 +17,9 @@ from .corpus import build_corpus
 from .extract import ExtractConfig, extract
 from .finetune import FinetuneConfig, finetune
 from .probe import ProbeConfig, probe
-from .report import best_probe, summarize, write_report
-from .runs import find_runs
+from .report import SIMILARITY_DIR, best_probe, find_similarities, summarize, write_report
+from .runs import find_runs, finetune_experiment, run_dir
+from .similarity import similarity
 from .train import TrainConfig
 
 RANDOM_WEIGHTS_NOTE = (
@@ -26,17 +28,21 @@ RANDOM_WEIGHTS_NOTE = (
     "about Wav2Vec 2.0. Run the same steps with --model facebook/wav2vec2-base for real numbers."
 )
 
+SIMILARITY_NAME = "finetuned-vs-pretrained"  # runs/similarity/<this>/similarity.json, read by the report
+
 
 @dataclass
 class DemoConfig:
-    """Sizes that finish in about 3 minutes on 2 idle CPU cores and visibly learn; the real recipe's
+    """Sizes that finish in under 3 minutes on 2 idle CPU cores and visibly learn; the real recipe's
     are in the README. Chosen on the dev split: the probe's dev CER stops improving after about 25
-    epochs (it overfits the 96 training utterances), and fine-tuning the random tiny model needs
-    many small updates to leave CTC's all-blank plateau. Every run keeps its epoch of lowest dev
-    CER: on 5 minutes of training speech WER stays near 100 % long after CER has fallen."""
+    epochs (it overfits the 96 training utterances); 22 leave room for the weighted probe and the
+    similarity steps within 3 minutes, at about 1.7 points more of the best probe's dev CER (25
+    epochs: 70.0 %, 22: 71.7 %, 20: 72.7 %). Fine-tuning the random tiny model needs many small
+    updates to leave CTC's all-blank plateau. Every run keeps its epoch of lowest dev CER: on 5
+    minutes of training speech WER stays near 100 % long after CER has fallen."""
 
     model: str = "builtin:tiny"
-    probe_epochs: int = 25
+    probe_epochs: int = 22
     probe_hidden: int = 128
     probe_lstm_layers: int = 1
     probe_batch_frames: int = 600  # small batches: many updates in few epochs
@@ -66,14 +72,19 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, n
         return result
 
     corpus = build_corpus()
-    store = out / "features.zarr"
+    store, tuned_store = out / "features.zarr", out / "finetuned.zarr"
     runs = out / "runs"
-    step("extract: every layer of the built-in W2V over the bundled corpus",
-         lambda: extract(corpus, ExtractConfig(model=config.model, store=str(store), threads=num_threads),
-                         progress=progress))
+    baseline = run_dir(runs, "finetune", finetune_experiment(()), config.seed)
     schedule = dict(warmup_epochs=1.0, seed=config.seed, select_by="cer")
-    step("probe: a BiLSTM-CTC on every layer",
-         lambda: probe(str(store), "all", str(config.seed), runs,
+
+    def extract_from(model, into):
+        return extract(corpus, ExtractConfig(model=str(model), store=str(into), threads=num_threads),
+                       progress=progress)
+
+    step("extract: every layer of the built-in W2V over the bundled corpus", lambda: extract_from(config.model, store))
+    # One call trains both: each layer alone, then their learnt weighted sum (the SUPERB protocol).
+    step("probe: a BiLSTM-CTC on every layer, and on their learnt weighted sum",
+         lambda: probe(str(store), "all,weighted", str(config.seed), runs,
                        ProbeConfig(hidden=config.probe_hidden, lstm_layers=config.probe_lstm_layers,
                                    batch_frames=config.probe_batch_frames, dropout=config.probe_dropout),
                        TrainConfig(epochs=config.probe_epochs, lr=config.probe_lr, **schedule),
@@ -84,22 +95,32 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, n
                                          batch_seconds=config.finetune_batch_seconds, num_workers=0),
                           TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, **schedule),
                           progress=progress, num_threads=num_threads))
+    step("extract: every layer of the fine-tuned baseline", lambda: extract_from(baseline, tuned_store))
+    # Under RUNS/similarity/, where `w2vcache report` finds it; the fine-tuned layers are the rows.
+    step("similarity: each fine-tuned layer against each pre-trained one (linear CKA, dev)",
+         lambda: similarity(str(tuned_store), str(store), split="dev", out=runs / SIMILARITY_DIR / SIMILARITY_NAME,
+                            progress=progress))
     paths = step("report", lambda: write_report(runs, runs / "report", figure=_can_plot()))
     say("\n" + Path(paths["md"]).read_text())
     say(RANDOM_WEIGHTS_NOTE)
-    figure = paths.get("png") or "not drawn: matplotlib is missing (pip install 'w2vcache[plots]')"
     wall = time.perf_counter() - started
     summary = reached(runs)
-    say(f"\ntable:  {paths['md']}\nfigure: {figure}\n"
+    say(f"\ntable:  {paths['md']}\nfigure: {_figure_line(paths)}\n"
         + f"wall time {wall:.0f} s: " + ", ".join(f"{name.split(':')[0]} {seconds:.0f} s" for name, seconds in timings.items()))
     for line in summary["lines"]:
         say(line)
     return {"paths": paths, "timings": timings, "wall_seconds": wall, "reached": summary}
 
 
+def _figure_line(paths: dict) -> str:
+    figures = [str(paths[k]) for k in ("png", "similarity_png") if paths.get(k)]
+    return ", ".join(figures) or "not drawn: matplotlib is missing (pip install 'w2vcache[plots]')"
+
+
 def reached(runs) -> dict:
-    """What the demo's training reached: the best probe chosen on dev alone (by CER, which moves long
-    before WER does on a few minutes of speech), and each fine-tune, as dev and test error rates."""
+    """What the demo's steps reached: the best probe chosen on dev alone (by CER, which moves long
+    before WER does on a few minutes of speech), each fine-tune, as dev and test error rates; the
+    layer fine-tuning changed most (lowest CKA with itself); the weighted probe's heaviest layer."""
     rows = summarize(find_runs(runs))
 
     def rates(row) -> str:
@@ -109,8 +130,22 @@ def reached(runs) -> dict:
     best, on = best_probe(rows, "cer") or (None, None)
     lines = [f"reached: best probe layer {best.label} (chosen on {on}): {rates(best)}"] if best else []
     lines += [f"reached: fine-tune re-init {row.label}: {rates(row)}" for row in rows if row.kind == "finetune"]
+    changed = next((s.changed_most for s in find_similarities(runs) if s.name == SIMILARITY_NAME), None)
+    if changed:
+        lines.append(f"reached: fine-tuning changed {changed[0]} most (linear CKA {changed[1]:.3f} with the "
+                     f"pre-trained {changed[0]}; 1 is unchanged)")
+    weighted = next((r for r in rows if r.weighted and r.layer_weights), None)
+    top = max(weighted.layer_weights.items(), key=lambda item: item[1].mean) if weighted else None
+    if top:
+        lines.append(f"reached: weighted probe: {rates(weighted)}; heaviest layer {top[0]} "
+                     f"(weight {top[1].mean:.3f}; equal weights would be {1 / len(weighted.layer_weights):.3f})")
     return {"best_probe_layer": best.label if best else None,
-            "best_probe_dev_cer_percent": best.cer_percent[on].mean if best else None, "lines": lines}
+            "best_probe_dev_cer_percent": best.cer_percent[on].mean if best else None,
+            "changed_most_layer": changed[0] if changed else None,
+            "changed_most_cka": changed[1] if changed else None,
+            "weighted_top_layer": top[0] if top else None,
+            "weighted_top_weight": top[1].mean if top else None,
+            "lines": lines}
 
 
 def _can_plot() -> bool:

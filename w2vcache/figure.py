@@ -4,18 +4,25 @@ blocks (PNG).
 
 FIGURE_PANEL_INCHES per panel at FIGURE_DPI: 500 x 400 pixels with one panel (probes only or
 fine-tunes only), 1000 x 400 with two, 1500 x 400 with all three.
+
+The similarity figure (report-similarity.png): one linear-CKA heatmap per similarity result under
+RUNS/similarity/, and one panel with the diagonals (CKA of each layer with the same layer of the
+other store) of those that have one, each panel SIMILARITY_PANEL_INCHES.
 """
 
 from pathlib import Path
 
+import numpy as np
+
 from . import record
 from .errors import W2VCacheError
 from .layers import layer_index
-from .report import PROBE_NAMES, Row, Stat, best_probe, split_order
+from .report import PROBE_NAMES, Row, Similarity, Stat, best_probe, split_order
 
 FIGURE_PANEL_INCHES = (5.0, 4.0)  # width, height of one panel
 FIGURE_DPI = 100  # 5 x 4 inches -> 500 x 400 pixels per panel
-
+SIMILARITY_PANEL_INCHES = (5.0, 4.5)  # a heatmap is square plus its colour bar
+ANNOTATE_UP_TO = 16  # write the value in each cell of heatmaps up to this many layers a side
 
 
 def _panels(rows: list[Row]) -> list[list[Row]]:
@@ -33,12 +40,8 @@ def figure_size(rows: list[Row]) -> tuple[int, int]:
     return round(panels * FIGURE_PANEL_INCHES[0] * FIGURE_DPI), round(FIGURE_PANEL_INCHES[1] * FIGURE_DPI)
 
 
-def _errors(stats: list[Stat]) -> list[float]:
-    return [s.std or 0.0 for s in stats]
-
-
-def write_figure(rows: list[Row], path) -> Path:
-    """WER (%) by probed layer, and by re-initialised blocks, with seed std as error bars."""
+def _matplotlib():
+    """matplotlib's Figure and Agg canvas, or an error saying how to install or skip it."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -46,7 +49,16 @@ def write_figure(rows: list[Row], path) -> Path:
         raise W2VCacheError(
             "the figure needs matplotlib: pip install 'w2vcache[plots]', or leave the figure out (--no-figure)"
         ) from None
+    return Figure, FigureCanvasAgg
 
+
+def _errors(stats: list[Stat]) -> list[float]:
+    return [s.std or 0.0 for s in stats]
+
+
+def write_figure(rows: list[Row], path) -> Path:
+    """WER (%) by probed layer, and by re-initialised blocks, with seed std as error bars."""
+    Figure, FigureCanvasAgg = _matplotlib()
     panels = _panels(rows)
     probes = [r for r in rows if r.kind == "probe"]
     weighted = [r for r in probes if r.layer_weights]
@@ -144,3 +156,81 @@ def write_figure(rows: list[Row], path) -> Path:
     with record.replacing(path) as tmp:
         fig.savefig(tmp, dpi=FIGURE_DPI, format="png")  # no bbox_inches="tight": it would change the size
     return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Similarity
+
+
+def similarity_figure_size(similarities: list[Similarity]) -> tuple[int, int]:
+    """The similarity PNG's width and height in pixels: a heatmap per result, and one panel for the
+    diagonals where any result has one."""
+    panels = len(similarities) + any(s.diagonal is not None for s in similarities)
+    return (round(panels * SIMILARITY_PANEL_INCHES[0] * FIGURE_DPI),
+            round(SIMILARITY_PANEL_INCHES[1] * FIGURE_DPI))
+
+
+def _tick(name: str) -> str:
+    number = layer_index(name)
+    return name if number is None else str(number)
+
+
+def write_similarity_figure(similarities: list[Similarity], path) -> Path:
+    """Each result's linear-CKA heatmap (0 to 1), then the diagonals as curves by layer on one axes."""
+    Figure, FigureCanvasAgg = _matplotlib()
+
+    diagonals = [s for s in similarities if s.diagonal is not None]
+    panels = len(similarities) + bool(diagonals)
+    fig = Figure(figsize=(SIMILARITY_PANEL_INCHES[0] * panels, SIMILARITY_PANEL_INCHES[1]), dpi=FIGURE_DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = iter(fig.subplots(1, panels, squeeze=False)[0])
+    for result in similarities:
+        _heatmap(fig, next(axes), result)
+    if diagonals:
+        _diagonals(next(axes), diagonals)
+    with record.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=FIGURE_DPI, format="png")
+    return Path(path)
+
+
+def _heatmap(fig, ax, result: Similarity) -> None:
+    """Store A's layers up, store B's across; undefined cells (no variance) left blank."""
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in result.matrix], dtype=float)
+    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+    fig.colorbar(image, ax=ax, label="linear CKA")
+    ax.set_xticks(range(len(result.layers_b)), [_tick(n) for n in result.layers_b])
+    ax.set_yticks(range(len(result.layers_a)), [_tick(n) for n in result.layers_a])
+    ax.set_xlabel(f"layer of {_short(result.model_b or result.model_a)}", fontsize="small")
+    ax.set_ylabel(f"layer of {_short(result.model_a)}", fontsize="small")
+    ax.set_title(f"{result.name}: split {result.split}, {result.frames} frames", fontsize="medium")
+    if max(matrix.shape) <= ANNOTATE_UP_TO:
+        for (i, j), v in np.ndenumerate(matrix):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="x-small",
+                        color="black" if v > 0.6 else "white")
+
+
+def _short(model: str | None, parts: int = 3) -> str:
+    """A model's name short enough for an axis: a run directory's path keeps its last parts
+    ("finetune/reinit-none/seed0"), which name the run."""
+    pieces = str(model).split("/")
+    return str(model) if len(pieces) <= parts else ".../" + "/".join(pieces[-parts:])
+
+
+def _diagonals(ax, diagonals: list[Similarity]) -> None:
+    """CKA of each layer with the same layer of the other store: how much each layer changed."""
+    layers = list(dict.fromkeys(layer for s in diagonals for layer in s.layers_a))
+    for s in diagonals:
+        points = [(layers.index(n), v) for n, v in zip(s.layers_a, s.diagonal) if v is not None]
+        ax.plot([x for x, _ in points], [v for _, v in points], marker="o", markersize=4, label=s.name)
+        most = s.changed_most
+        if most:
+            ax.plot([layers.index(most[0])], [most[1]], marker="*", markersize=12, color="black", linestyle="none")
+    ax.set_xticks(range(len(layers)), [_tick(n) for n in layers])
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("linear CKA with the same layer")
+    ax.set_title("How much each layer changed (1: not at all; *: most)", fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")

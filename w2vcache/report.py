@@ -28,11 +28,17 @@ Units: WER and CER in percent as result.json gives them (21.0 = 21 %; a WER abov
 insertions, stays above 100), deltas in percentage points. Markdown rounds to two decimals; CSV and
 JSON keep them unrounded, under names that say the unit (dev_wer_percent_mean, delta_wer_points).
 
-The figure is figure.py's.
+Similarity results (`w2vcache similarity ... --out RUNS/similarity/<name>`, docs/ANALYSES.md) under
+RUNS/similarity/ are read too: the report lists them, tabulates each diagonal (how much each layer
+changed, for a fine-tuned store against its pre-trained one) and draws their heatmaps and diagonal
+curves in a second figure (report-similarity.png).
+
+The figures are figure.py's.
 """
 
 import csv
 import io
+import json
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,6 +59,14 @@ PROBE_NAMES = {"bilstm": "BiLSTM", "linear": "linear"}
 
 FORMATS = ("md", "csv", "json")
 REPORT_NAME = "report"  # out_dir/report.md, report.csv, report.json, report.png
+SIMILARITY_FIGURE = f"{REPORT_NAME}-similarity.png"  # out_dir/report-similarity.png: heatmaps, diagonals
+# `w2vcache similarity ... --out RUNS/similarity/<name>` puts its results where the report finds them.
+SIMILARITY_DIR = "similarity"
+SIMILARITY_FILE = "similarity.json"
+# Said once under the fine-tuning table: what the fine-tunes train, which the table alone does not show.
+FROZEN_CNN_NOTE = ("The fine-tunes train the transformer and the CTC head with the CNN feature encoder frozen, "
+                   "as fairseq and transformers do when fine-tuning W2V for ASR; `--train-feature-encoder` "
+                   "trains it too.")
 
 
 @dataclass
@@ -120,6 +134,62 @@ class Row:
 
 def reinit_label(reinit) -> str:
     return ",".join(map(str, reinit)) if reinit else "none"
+
+
+@dataclass
+class Similarity:
+    """One `w2vcache similarity` result under RUNS/similarity/, as the report uses it."""
+
+    name: str  # its folder relative to RUNS/similarity ("finetuned-vs-pretrained")
+    path: Path  # its similarity.json
+    split: str
+    layers_a: list[str]  # the matrix's rows
+    layers_b: list[str]  # its columns
+    matrix: list[list[float | None]]  # linear CKA; None where a layer has no variance
+    diagonal: list[float | None] | None  # CKA(layer k of A, layer k of B); None within one store
+    frames: int
+    model_a: str | None
+    model_b: str | None  # None: one store against itself
+
+    @property
+    def changed_most(self) -> tuple[str, float] | None:
+        """The layer whose CKA with the same layer is lowest: the one fine-tuning changed most."""
+        scored = [(v, name) for name, v in zip(self.layers_a, self.diagonal or ()) if v is not None]
+        return (min(scored)[1], min(scored)[0]) if scored else None
+
+    @property
+    def against(self) -> str:
+        return f"{self.model_a} against {self.model_b}" if self.model_b else f"within {self.model_a}"
+
+    def to_dict(self) -> dict:
+        most = self.changed_most
+        return {"name": self.name, "path": str(self.path), "split": self.split, "frames": self.frames,
+                "model_a": self.model_a, "model_b": self.model_b, "layers_a": self.layers_a,
+                "layers_b": self.layers_b, "matrix": self.matrix, "diagonal": self.diagonal,
+                "changed_most": None if most is None else {"layer": most[0], "cka": most[1]}}
+
+
+def find_similarities(runs_dir) -> list[Similarity]:
+    """Every similarity.json under RUNS/similarity/, at any depth, sorted by folder."""
+    root = Path(runs_dir) / SIMILARITY_DIR
+    if not root.is_dir():
+        return []
+    return [read_similarity(path, path.parent.relative_to(root).as_posix())
+            for path in sorted(root.rglob(SIMILARITY_FILE))]
+
+
+def read_similarity(path: Path, name: str) -> Similarity:
+    """similarity.json as `w2vcache similarity` writes it; an error naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text())
+        return Similarity(
+            name=name, path=path, split=data["split"], layers_a=list(data["layers_a"]),
+            layers_b=list(data["layers_b"]), matrix=data["matrix"], diagonal=data.get("diagonal"),
+            frames=data["frames"], model_a=(data.get("store_a") or {}).get("model"),
+            model_b=(data.get("store_b") or {}).get("model"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise W2VCacheError(f"{path}: not a similarity result of w2vcache similarity ({why})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,8 +363,10 @@ def _markdown_table(header: list[str], align: list[str], lines: list[list[str]])
     return out
 
 
-def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str | None = None) -> str:
-    """The report as Markdown: a probe table, a fine-tune table, what was left out and why."""
+def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str | None = None,
+                    similarities: list[Similarity] = (), similarity_figure: str | None = None) -> str:
+    """The report as Markdown: a probe table, a fine-tune table, the similarity results, what was
+    left out and why. `figure`, `similarity_figure`: the PNGs' names, linked where given."""
     out = [f"# w2vcache report: {runs_dir}" if runs_dir is not None else "# w2vcache report", ""]
     out.append("WER and CER in %: mean ± sample standard deviation over seeds (n = seeds averaged).")
 
@@ -337,6 +409,8 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
             out += ["", "Δ: change of the mean WER against re-init none, in percentage points."]
         else:
             out += ["", "Δ: not computed, no fine-tuning baseline (re-init none) has finished."]
+        out += ["", _feature_encoder_note(runs)]
+    out += _similarity_section(similarities)
 
     left_out = not_included(runs)
     if left_out:
@@ -348,7 +422,42 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
         out += [f"- note: {n}" for n in extra]
     if figure:
         out += ["", f"![WER by layer and by re-initialised blocks]({figure})"]
+    if similarity_figure:
+        out += ["", f"![Linear CKA between layers, and of each layer with itself]({similarity_figure})"]
     return "\n".join(out) + "\n"
+
+
+def _feature_encoder_note(runs: list[Run]) -> str:
+    """FROZEN_CNN_NOTE, naming the fine-tunes (if any) that trained the CNN too."""
+    trained = sorted({r.experiment for r in runs
+                      if r.kind == "finetune" and r.status == "finished"
+                      and (r.config.get("model") or {}).get("train_feature_encoder")})
+    if not trained:
+        return FROZEN_CNN_NOTE
+    return FROZEN_CNN_NOTE + f" These trained it too: {', '.join(trained)}."
+
+
+def _similarity_section(similarities: list[Similarity]) -> list[str]:
+    """Markdown lines: each similarity result in a line, and a table of the diagonals there are."""
+    if not similarities:
+        return []
+    out = ["", f"## Layer similarity (linear CKA, `w2vcache similarity`, under {SIMILARITY_DIR}/)", ""]
+    out += [f"- {s.name}: {s.against}, split {s.split}, {s.frames} frames, "
+            f"{len(s.layers_a)} x {len(s.layers_b)} layers" for s in similarities]
+    diagonals = [s for s in similarities if s.diagonal is not None]
+    if not diagonals:
+        return out
+    layers = list(dict.fromkeys(layer for s in diagonals for layer in s.layers_a))
+    values = [dict(zip(s.layers_a, s.diagonal)) for s in diagonals]
+    lines = [[layer, *("-" if v.get(layer) is None else f"{v[layer]:.3f}" for v in values)] for layer in layers]
+    out += ["", "CKA of each layer with the same layer of the other store (1: unchanged; lower: changed more):", ""]
+    out += _markdown_table(["layer", *(s.name for s in diagonals)], ["---", *["---:"] * len(diagonals)], lines)
+    out.append("")
+    for s in diagonals:
+        most = s.changed_most
+        if most:
+            out.append(f"Changed most in {s.name}: {most[0]} (CKA {most[1]:.3f} with itself).")
+    return out
 
 
 def _weights_table(rows: list[Row]) -> list[str]:
@@ -412,8 +521,9 @@ def render_csv(rows: list[Row]) -> str:
     return buffer.getvalue()
 
 
-def report_dict(rows: list[Row], runs: list[Run], runs_dir=None) -> dict:
-    """Everything report.json holds: the rows, every run (failed and unfinished too), notes."""
+def report_dict(rows: list[Row], runs: list[Run], runs_dir=None, similarities: list[Similarity] = ()) -> dict:
+    """Everything report.json holds: the rows, every run (failed and unfinished too), notes, the
+    similarity results."""
     best, best_linear = best_probe(rows), best_probe(rows, probe="linear")
     return {
         "w2vcache": __version__,
@@ -431,6 +541,7 @@ def report_dict(rows: list[Row], runs: list[Run], runs_dir=None) -> dict:
         "not_included": [{"name": r.name, "status": r.status, "why": r.why_not_included}
                          for r in not_included(runs)],
         "notes": notes(runs),
+        "similarity": [s.to_dict() for s in similarities],
     }
 
 
@@ -439,8 +550,11 @@ def report_dict(rows: list[Row], runs: list[Run], runs_dir=None) -> dict:
 
 
 def load_report(runs_dir) -> tuple[list[Run], list[Row]]:
-    """The runs under RUNS and their rows; an error if nothing there has finished."""
+    """The runs under RUNS and their rows; an error if nothing there has finished, unless RUNS holds
+    similarity results (they make a report on their own)."""
     runs = find_runs(runs_dir)
+    if find_similarities(runs_dir):
+        return runs, summarize(runs)
     if not runs:
         raise W2VCacheError(f"{runs_dir}: no run directories (none holds {CONFIG} or {RESULT})")
     rows = summarize(runs)
@@ -451,18 +565,21 @@ def load_report(runs_dir) -> tuple[list[Run], list[Row]]:
 
 
 def write_report(runs_dir, out_dir=None, formats=FORMATS, figure: bool = True) -> dict[str, Path]:
-    """Write the table (report.md / .csv / .json as asked) and the figure (report.png) for RUNS.
+    """Write the table (report.md / .csv / .json as asked) and the figures (report.png, and
+    report-similarity.png where RUNS/similarity/ holds results) for RUNS.
 
-    out_dir defaults to RUNS/report. Returns {"md": path, "csv": ..., "json": ..., "png": ...}
-    for the files written. An error names RUNS if it holds no run, or no finished run.
+    out_dir defaults to RUNS/report. Returns {"md": path, "csv": ..., "json": ..., "png": ...,
+    "similarity_png": ...} for the files written. An error names RUNS if it holds no run, or no
+    finished run, and no similarity result.
     """
     runs, rows = load_report(runs_dir)
     out = Path(out_dir) if out_dir is not None else Path(runs_dir) / REPORT_NAME
-    return write_files(runs, rows, out, formats, figure=figure, runs_dir=runs_dir)
+    return write_files(runs, rows, out, formats, figure=figure, runs_dir=runs_dir,
+                       similarities=find_similarities(runs_dir))
 
 
 def write_files(runs: list[Run], rows: list[Row], out_dir, formats=FORMATS, figure: bool = True,
-                runs_dir=None) -> dict[str, Path]:
+                runs_dir=None, similarities: list[Similarity] = ()) -> dict[str, Path]:
     """write_report for runs already read (the command line prints the same rows it writes)."""
     formats = tuple(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]
@@ -473,21 +590,31 @@ def write_files(runs: list[Run], rows: list[Row], out_dir, formats=FORMATS, figu
         raise W2VCacheError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    written = {}
-    if figure:
-        from .figure import write_figure  # matplotlib is optional (the plots extra)
-
-        written["png"] = write_figure(rows, out / f"{REPORT_NAME}.png")
+    written = _write_figures(rows, similarities, out) if figure else {}
     if "md" in formats:
         written["md"] = out / f"{REPORT_NAME}.md"
-        png = written.get("png")
+        png, similarity_png = written.get("png"), written.get("similarity_png")
         with record.replacing(written["md"]) as tmp:
-            tmp.write_text(render_markdown(rows, runs, runs_dir, figure=png.name if png else None))
+            tmp.write_text(render_markdown(rows, runs, runs_dir, figure=png.name if png else None,
+                                           similarities=similarities,
+                                           similarity_figure=similarity_png.name if similarity_png else None))
     if "csv" in formats:
         written["csv"] = out / f"{REPORT_NAME}.csv"
         with record.replacing(written["csv"]) as tmp:
             tmp.write_text(render_csv(rows))
     if "json" in formats:
         written["json"] = out / f"{REPORT_NAME}.json"
-        record.write_json(written["json"], report_dict(rows, runs, runs_dir))
+        record.write_json(written["json"], report_dict(rows, runs, runs_dir, similarities))
+    return written
+
+
+def _write_figures(rows: list[Row], similarities: list[Similarity], out: Path) -> dict[str, Path]:
+    """report.png where there are rows, report-similarity.png where there are similarity results."""
+    from .figure import write_figure, write_similarity_figure  # matplotlib is optional (the plots extra)
+
+    written = {}
+    if rows:
+        written["png"] = write_figure(rows, out / f"{REPORT_NAME}.png")
+    if similarities:
+        written["similarity_png"] = write_similarity_figure(similarities, out / SIMILARITY_FIGURE)
     return written

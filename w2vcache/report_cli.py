@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .cli_common import user_errors
-from .report import FORMATS, REPORT_NAME, load_report, render_markdown, write_files
+from .report import FORMATS, REPORT_NAME, find_similarities, load_report, render_markdown, write_files
 
 
 @click.command("report")
@@ -17,20 +17,25 @@ from .report import FORMATS, REPORT_NAME, load_report, render_markdown, write_fi
 @click.option("--out", type=click.Path(file_okay=False), help=f"Where to write the files.  [default: RUNS/{REPORT_NAME}]")
 @click.option("--format", "formats", type=click.Choice(FORMATS), multiple=True,
               help="Table file(s) to write; repeatable.  [default: all]")
-@click.option("--no-figure", is_flag=True, help="Do not draw report.png (drawing it needs matplotlib).")
+@click.option("--no-figure", is_flag=True,
+              help="Do not draw report.png and report-similarity.png (drawing them needs matplotlib).")
 @user_errors
 def report_command(runs, out, formats, no_figure):
     """The seed's table and WER figure from the runs under RUNS.
 
     Writes report.md (WER/CER in %, mean ± sample std over seeds), report.csv and report.json
     (the same in %, unrounded) and report.png (WER by layer; WER by re-initialised blocks).
+    Similarity results under RUNS/similarity/ (`w2vcache similarity ... --out
+    RUNS/similarity/NAME`) are reported too: their diagonals in the table, their heatmaps and
+    diagonal curves in report-similarity.png.
     Prints the Markdown to stdout and the paths written to stderr, so `> table.md` keeps only
     the table. Failed and unfinished runs are listed, never averaged.
     """
     runs = Path(runs)
     found, rows = load_report(runs)
+    similarities = find_similarities(runs)
     written = write_files(found, rows, Path(out) if out else runs / REPORT_NAME, formats or FORMATS,
-                          figure=not no_figure, runs_dir=runs)
-    click.echo(render_markdown(rows, found, runs), nl=False)
+                          figure=not no_figure, runs_dir=runs, similarities=similarities)
+    click.echo(render_markdown(rows, found, runs, similarities=similarities), nl=False)
     for kind, path in written.items():
-        click.echo(f"{'figure' if kind == 'png' else 'table'}: {path}", err=True)
+        click.echo(f"{'figure' if kind.endswith('png') else 'table'}: {path}", err=True)
