@@ -298,14 +298,18 @@ def training_options(command):
 @click.option("--memory-budget", type=float, default=8.0, show_default=True,
               help="GB of one split's features to hold in memory (every layer of it, for --layer weighted); "
               "more are read batch by batch.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N (torchrun ranks take cuda:LOCAL_RANK).")
+@click.option("--shard", metavar="I/N",
+              help="Train only this job's share of the (layer, seed) runs, e.g. one task of a Slurm array "
+              "(torchrun ranks share the runs by themselves).")
 @threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 @user_errors
 def probe_command(store, layers, seeds, train_config, train_split, probe_kind, lstm_layers, hidden, dropout,
-                  layer_norm, batch_frames, memory_budget, device, threads, out):
+                  layer_norm, batch_frames, memory_budget, device, shard, threads, out):
     """Train BiLSTM-CTC (or linear-CTC) probes on cached layers, or on their learnt weighted sum;
-    finished runs are skipped, killed ones resume."""
+    finished runs are skipped, killed ones resume, and runs another job is training are left to it."""
     from .probe import ProbeConfig, probe
 
     result = probe(
@@ -313,10 +317,10 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
         ProbeConfig(lstm_layers=lstm_layers, hidden=hidden, dropout=dropout, batch_frames=batch_frames,
                     probe=probe_kind, layer_norm=layer_norm),
         train_config, train_split=train_split, memory_budget=int(memory_budget * 2**30), device=device,
-        num_threads=threads,
+        num_threads=threads, shard=shard,
     )
-    click.echo(f"{len(result.finished)} run(s) trained, {len(result.skipped)} already finished, "
-               f"in {result.seconds:.1f} s; results under {out}/probe")
+    for line in result.summary(out, "probe"):
+        click.echo(line)
 
 
 @main.command("finetune")
@@ -341,13 +345,16 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: mixed precision on GPU.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (torchrun ranks take cuda:LOCAL_RANK).")
+@click.option("--shard", metavar="I/N",
+              help="Train only this job's share of the (re-init, seed) runs, one process per run: torchrun's "
+              "ranks then share the job's runs instead of training each together (DDP); 0/1 for all of them.")
 @click.option("--revision", help="Hub revision of --model.")
 @threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 @user_errors
 def finetune_command(model, librispeech, librilight, splits, reinits, seeds, train_config, train_split,
                      freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length, final_dropout,
-                     batch_seconds, grad_accum, num_workers, precision, device, revision, threads, out):
+                     batch_seconds, grad_accum, num_workers, precision, device, shard, revision, threads, out):
     """Fine-tune W2V with a CTC head, top blocks re-initialised first (torchrun for several GPUs)."""
     from .finetune import FinetuneConfig, finetune, parse_reinit
     from .probe import parse_seeds
@@ -359,11 +366,11 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, tra
                        final_dropout=final_dropout, mask_time_prob=mask_time_prob, mask_time_length=mask_time_length,
                        batch_seconds=batch_seconds, num_workers=num_workers, precision=precision),
         dataclasses.replace(train_config, grad_accum=grad_accum),
-        train_split=train_split, device=device, revision=revision, num_threads=threads,
+        train_split=train_split, device=device, revision=revision, num_threads=threads, shard=shard,
     )
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, say it once
-        click.echo(f"{len(result.finished)} run(s) trained, {len(result.skipped)} already finished, "
-                   f"in {result.seconds:.1f} s; results under {out}/finetune")
+    if shard is not None or int(os.environ.get("RANK", "0")) == 0:  # DDP ranks did one thing: say it once
+        for line in result.summary(out, "finetune"):
+            click.echo(line)
 
 
 @main.command("demo")

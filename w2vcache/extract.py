@@ -32,6 +32,7 @@ from .corpus import Corpus
 from .errors import W2VCacheError
 from .layers import choose_layers, layer_name
 from .space import StoreSize, check_space, plan_size
+from .spread import parse_shard, rank_device
 from .store import FeatureStore, SplitPlan, local_root
 from .store.layout import FAILED_REASON
 
@@ -87,29 +88,8 @@ def select_layers(spec: str, num_layers: int) -> list[str]:
     return choose_layers(spec, [layer_name(i) for i in range(num_layers + 1)], "--layers", "the model")
 
 
-def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    """'I/N' -> (I, N); with no --shard, torchrun's RANK/WORLD_SIZE make each rank a shard."""
-    if spec is None:
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            return (int(os.environ["RANK"]), world) if world > 1 and "RANK" in os.environ else None
-        except ValueError:
-            raise W2VCacheError(
-                f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: "
-                "torchrun's variables must be integers") from None
-    try:
-        i, n = (int(v) for v in spec.split("/"))
-    except ValueError:
-        raise W2VCacheError(f"--shard {spec!r}: expected I/N, e.g. 0/4 for the first of four workers") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise W2VCacheError(f"--shard {spec}: needs 0 <= I < N")
-    return i, n
-
-
 def _device(config: ExtractConfig) -> str:
-    device = config.device
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    device = rank_device(config.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise W2VCacheError(f"--device {config.device}: no CUDA GPU is available here")
     if config.compute_dtype not in COMPUTE_DTYPES:

@@ -28,6 +28,7 @@ from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
+from .spread import Share, rank_device, share_of
 from .train import TrainConfig, seed_everything, sweep, test_splits_for, train
 
 PRECISIONS = ("fp32", "bf16")
@@ -258,15 +259,20 @@ def init_distributed(device: str) -> str:
 def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(0,), out="runs",
              config: FinetuneConfig = FinetuneConfig(), train_config: TrainConfig = TrainConfig(),
              train_split: str = "train", device: str = "cpu", revision: str | None = None,
-             progress: bool = True, num_threads: int | None = None) -> SweepResult:
+             progress: bool = True, num_threads: int | None = None, shard: str | None = None) -> SweepResult:
     """Fine-tune `model` once per (re-init set, seed); finished runs are skipped, killed ones resume.
 
-    `num_threads`: torch's CPU threads; None chooses them (threads.py)."""
+    `num_threads`: torch's CPU threads; None chooses them (threads.py).
+    Under torchrun, without `shard`, the ranks train each run together (DDP). With `shard` ("I/N",
+    this job's share of the runs; "0/1" for all), no process group is made: under torchrun each
+    rank takes its share of the job's runs alone, on cuda:LOCAL_RANK with device "cuda"."""
     if config.precision not in PRECISIONS:
         raise W2VCacheError(f"--precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise W2VCacheError(f"--device {device}: no CUDA GPU is available here")
-    device = init_distributed(device)
+    # --shard spreads runs, one process each; without it torchrun's ranks share each run (DDP).
+    share = share_of(shard) if shard is not None else Share()
+    device = rank_device(device) if shard is not None else init_distributed(device)
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     train_config = test_splits_for(train_config, corpus.splits, "the corpus" if progress and main_rank else None)
 
@@ -286,5 +292,6 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
             print(f"finetune {run_record.experiment} seed {seed} -> {directory}")
         train(task, tc, directory, run_record, progress=progress and main_rank, num_threads=num_threads)
 
-    return sweep((run_dir(out, "finetune", finetune_experiment(blocks), seed), functools.partial(start, blocks, seed))
-                 for blocks in reinits for seed in seeds)
+    runs = ((run_dir(out, "finetune", finetune_experiment(blocks), seed), functools.partial(start, blocks, seed))
+            for blocks in reinits for seed in seeds)
+    return sweep(runs, share)

@@ -29,6 +29,7 @@ from .batching import length_batches
 from .errors import W2VCacheError
 from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
 from .runs import LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, probe_experiment, run_dir
+from .spread import rank_device, share_of
 from .store import open_store
 from .train import TrainConfig, seed_everything, sweep, test_splits_for, train
 
@@ -357,11 +358,15 @@ def choose_sources(spec, available: list[str]) -> list[str]:
 def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: ProbeConfig = ProbeConfig(),
           train_config: TrainConfig = TrainConfig(), train_split: str = "train",
           memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu", progress: bool = True,
-          num_threads: int | None = None) -> SweepResult:
+          num_threads: int | None = None, shard: str | None = None) -> SweepResult:
     """Train a probe on each (layer, seed); runs already finished are skipped, killed ones resume.
 
     `layers`: see choose_sources ("weighted" for the learnt weighted sum of every numbered layer).
-    `num_threads`: torch's CPU threads; None chooses them (threads.py)."""
+    `num_threads`: torch's CPU threads; None chooses them (threads.py).
+    `shard`: "I/N", this job's share of the runs (spread.py); under torchrun each rank takes its
+    share of that (or of all), on cuda:LOCAL_RANK with device "cuda". No process group is needed."""
+    share = share_of(shard)
+    device = rank_device(device)
     if config.probe not in PROBES:
         raise W2VCacheError(f"--probe {config.probe!r}: choose {' or '.join(PROBES)}")
     store = open_store(store_url)
@@ -393,6 +398,6 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
             print(f"probe {probe_experiment(layer, config.probe)} seed {seed} -> {directory}")
         train(task, tc, directory, run_record, progress=progress, num_threads=num_threads)
 
-    return sweep((run_dir(out, "probe", probe_experiment(layer, config.probe), seed),
-                  functools.partial(start, layer, seed))
-                 for layer in chosen for seed in seed_list)
+    runs = ((run_dir(out, "probe", probe_experiment(layer, config.probe), seed), functools.partial(start, layer, seed))
+            for layer in chosen for seed in seed_list)
+    return sweep(runs, share)

@@ -90,9 +90,37 @@ def upgrade_record(obj: dict) -> dict:
 
 @dataclass
 class SweepResult:
-    finished: list[str] = field(default_factory=list)  # run directories trained now
+    finished: list[str] = field(default_factory=list)  # run directories this process took and trained
     skipped: list[str] = field(default_factory=list)  # run directories already finished
+    held: list[str] = field(default_factory=list)  # run directories another live process was training
     seconds: float = 0.0
+    share: str | None = None  # this process's share ("shard 0/2, rank 1/8"); None: the whole sweep
+    elsewhere: int = 0  # runs of the sweep left to other shards or ranks
+
+    def summary(self, out, kind: str) -> list[str]:
+        """What the sweep did, for a person: one line, then (a share of a sweep, or runs left to
+        other jobs) which runs it took, skipped as finished, left to their holders."""
+        first = (f"{len(self.finished)} run(s) trained, {len(self.skipped)} already finished, "
+                 + (f"{len(self.held)} being trained by another job, " if self.held else "")
+                 + f"in {self.seconds:.1f} s; results under {Path(out) / kind}")
+        if not (self.share or self.held):
+            return [first]
+
+        def names(dirs):
+            return ", ".join(_relative(d, out) for d in dirs) or "none"
+
+        who = self.share or "this job"
+        return [f"{who}: {first}",
+                f"{who}: took {names(self.finished)}; finished already: {names(self.skipped)}; "
+                f"held by another job: {names(self.held)}"
+                + (f"; {self.elsewhere} run(s) left to other shards or ranks" if self.elsewhere else "")]
+
+
+def _relative(directory: str, out) -> str:
+    try:
+        return Path(directory).relative_to(out).as_posix()
+    except ValueError:
+        return str(directory)
 
 
 # ---------------------------------------------------------------------------------------------

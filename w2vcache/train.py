@@ -26,6 +26,7 @@ from . import record, threads
 from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates
 from .runs import BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, metrics_line, upgrade_record
+from .spread import FINISHED, HELD, Share, claim_run
 
 _END = object()  # end of an epoch's batches
 
@@ -175,15 +176,34 @@ def evaluate(task: Task, split: str) -> ErrorRates:
     return error_rates(refs, hyps)
 
 
-def sweep(runs) -> SweepResult:
-    """Train every run of a sweep that is not finished yet. `runs` yields (run directory, start)
-    pairs; start(directory) trains that run there, resuming a killed one."""
-    started, result = time.perf_counter(), SweepResult()
-    for directory, start in runs:
-        if (directory / RESULT).exists():
+def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepResult:
+    """Train this process's share of a sweep's runs that are not finished yet. `runs` yields
+    (run directory, start) pairs in the sweep's order; start(directory) trains that run there,
+    resuming a killed one.
+
+    Each run is trained under its lock (spread.py), so jobs with overlapping shares never train
+    one run at once: a run another live process holds is left to it with one line saying who,
+    not an error. `together`: the ranks of an initialised process group train each run together
+    (DDP); default, whether one is initialised."""
+    together = dist.is_initialized() if together is None else together
+    started, result = time.perf_counter(), SweepResult(share=share.describe())
+    for k, (directory, start) in enumerate(runs):
+        if not share.takes(k):
+            result.elsewhere += 1
+            continue
+        claim = claim_run(directory, together)
+        if claim.state == FINISHED:
             result.skipped.append(str(directory))
             continue
-        start(directory)
+        if claim.state == HELD:
+            if not together or dist.get_rank() == 0:
+                print(claim.message, flush=True)
+            result.held.append(str(directory))
+            continue
+        try:
+            start(directory)
+        finally:
+            claim.release()  # a run that failed is not held either: result.json says it failed
         result.finished.append(str(directory))
     result.seconds = time.perf_counter() - started
     return result

@@ -2,6 +2,7 @@
 
 One lock for the whole store or one per shard, a create lock that serialises creation, pid
 liveness (`pid_alive`), and the takeover of a stale lock whose holder is provably dead.
+`try_lock` offers the same lock to others (a sweep locks each run directory with it).
 """
 
 from __future__ import annotations
@@ -175,6 +176,15 @@ def _try_lock(root: Path, name: str, label: str) -> _Lock | dict:
         if _holder_alive(holder):
             return holder
         _break_stale(lock_path, raw)
+
+
+Lock = _Lock  # public name for holders outside the store (run directories: w2vcache/spread.py)
+
+
+def try_lock(root, name: str) -> _Lock | dict:
+    """Take lock `name` in `root`/.locks, taking over a stale one (its holder provably dead, as
+    after kill -9); returns the held `Lock`, or the record of the live process holding it."""
+    return _try_lock(Path(root), name, name)
 
 
 def _acquire_writer_lock(root: Path, shard: tuple[int, int] | None, label: str) -> _Lock:

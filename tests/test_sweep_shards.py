@@ -1,0 +1,174 @@
+"""A sweep spread over torchrun ranks and --shard jobs: each run trained once, by whoever locks it
+first, with the metrics it has when trained alone; live locks skipped, dead ones taken over."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+from click.testing import CliRunner
+
+from conftest import run_killed_after_first_checkpoint
+from w2vcache.cli import main
+from w2vcache.errors import W2VCacheError
+from w2vcache.probe import ProbeConfig, probe
+from w2vcache.runs import find_runs
+from w2vcache.spread import RUN_LOCK, Share, share_of
+from w2vcache.store.locks import LOCK_DIR, try_lock
+from w2vcache.train import TrainConfig
+
+RUNS = ["probe/layer00/seed0", "probe/layer00/seed1", "probe/layer01/seed0", "probe/layer01/seed1"]
+TINY = ["--layer", "0-1", "--seeds", "0,1", "--epochs", "1", "--hidden", "8", "--lstm-layers", "1", "--threads", "1"]
+COMPARED = ("best_epoch", "dev", "test-clean", "test-other")
+
+
+def tiny_probe(store, out, **kwargs):
+    """The sweep of TINY, in this process."""
+    return probe(str(store), "0-1", "0,1", out, ProbeConfig(hidden=8, lstm_layers=1), TrainConfig(epochs=1),
+                 progress=False, num_threads=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def alone(bundled_store, tmp_path_factory):
+    """Each run's result.json from one process sweeping them all, one after another."""
+    out = tmp_path_factory.mktemp("alone")
+    assert tiny_probe(bundled_store, out).finished == [str(out / r) for r in RUNS]
+    return {r: json.loads((out / r / "result.json").read_text()) for r in RUNS}
+
+
+def w2vcache(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def took(output: str) -> list[str]:
+    """The runs a job's summary says it took."""
+    lines = [line for line in output.splitlines() if ": took " in line]
+    assert lines, output
+    return [name for line in lines
+            for name in line.split(": took ")[1].split(";")[0].split(", ") if name != "none"]
+
+
+def assert_every_run_once_as_alone(out, outputs, alone):
+    """Union of what the jobs took is every run, none twice; each trained one epoch, once; each run's
+    metrics equal those of the run trained alone; no lock left behind; report reads the union."""
+    taken = [name for output in outputs for name in took(output)]
+    assert sorted(taken) == RUNS, outputs
+    for name in RUNS:
+        run = out / name
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 1, name
+        result = json.loads((run / "result.json").read_text())
+        assert {k: result[k] for k in COMPARED} == {k: alone[name][k] for k in COMPARED}, name
+        assert not (run / LOCK_DIR).exists(), name
+    assert [r.name for r in find_runs(out) if r.status == "finished"] == RUNS
+
+
+def test_shares_cover_every_run_once_whatever_the_ranks_of_each_job():
+    runs = range(39)  # 13 layers x 3 seeds
+    for jobs, ranks in [(1, 1), (1, 8), (3, 1), (2, [1, 3])]:
+        per_job = ranks if isinstance(ranks, list) else [ranks] * jobs
+        takers = [[Share(j, jobs, r, per_job[j]) for r in range(per_job[j])] for j in range(jobs)]
+        for k in runs:
+            assert sum(s.takes(k) for job in takers for s in job) == 1, (jobs, ranks, k)
+
+
+def test_shard_option_errors_are_extracts(monkeypatch, bundled_store, tmp_path):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert share_of(None) == Share()
+    assert share_of("1/3") == Share(1, 3)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert share_of("1/3") == Share(1, 3, 1, 2)
+    assert share_of("1/3", ranks=False) == Share(1, 3)
+    with pytest.raises(W2VCacheError, match=r"^--shard 3/2: needs 0 <= I < N$"):
+        share_of("3/2")
+    result = CliRunner().invoke(main, ["probe", "--store", str(bundled_store), "--shard", "one/2", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "Error: --shard 'one/2': expected I/N" in result.output
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(W2VCacheError, match="RANK='x'"):
+        share_of(None)
+
+
+def test_torchrun_ranks_share_the_runs_without_a_process_group(bundled_store, tmp_path, alone):
+    job = w2vcache("torch.distributed.run", "--nproc_per_node", "2", "-m", "w2vcache", "probe",
+                   "--store", str(bundled_store), *TINY, "--out", str(tmp_path), env={"OMP_NUM_THREADS": "1"})
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, output
+    assert "rank 0/2: took probe/layer00/seed0, probe/layer01/seed0;" in output
+    assert "rank 1/2: took probe/layer00/seed1, probe/layer01/seed1;" in output
+    assert_every_run_once_as_alone(tmp_path, [output], alone)
+
+
+def test_two_shard_jobs_started_together_finish_everything_once(bundled_store, tmp_path, alone):
+    jobs = [w2vcache("w2vcache", "probe", "--store", str(bundled_store), *TINY, "--shard", shard, "--out", str(tmp_path))
+            for shard in ("0/2", "1/2")]
+    outputs = [job.communicate(timeout=120)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    assert "shard 0/2: took probe/layer00/seed0, probe/layer01/seed0;" in outputs[0]
+    assert_every_run_once_as_alone(tmp_path, outputs, alone)
+    again = CliRunner().invoke(main, ["probe", "--store", str(bundled_store), *TINY, "--out", str(tmp_path)])
+    assert "0 run(s) trained, 4 already finished" in again.output
+
+
+def test_a_run_locked_by_a_live_process_is_left_to_it(bundled_store, tmp_path, capsys):
+    held = tmp_path / "probe/layer01/seed0"
+    lock = try_lock(held, RUN_LOCK)  # this process plays the other job, still alive
+    try:
+        result = tiny_probe(bundled_store, tmp_path)
+    finally:
+        lock.release()
+    assert result.held == [str(held)]
+    assert sorted(result.finished) == sorted(str(tmp_path / r) for r in RUNS if r != "probe/layer01/seed0")
+    assert f"{held}: skipped, being trained by pid {os.getpid()}" in capsys.readouterr().out
+    assert not (held / "result.json").exists()
+    assert result.summary(tmp_path, "probe")[0].startswith("this job: 3 run(s) trained, 0 already finished, "
+                                                             "1 being trained by another job,")
+    resumed = tiny_probe(bundled_store, tmp_path)  # the holder gone, the run is trained by whoever comes next
+    assert (resumed.finished, len(resumed.skipped)) == ([str(held)], 3)
+
+
+def test_a_lock_left_by_kill_9_is_taken_over_and_the_run_resumed(bundled_store, tmp_path):
+    run = tmp_path / "probe/layer00/seed0"
+    args = ["probe", "--store", str(bundled_store), "--layer", "0", "--seeds", "0", "--epochs", "2", *TINY[6:]]
+    run_killed_after_first_checkpoint([*args, "--out", str(tmp_path)])
+    assert (run / LOCK_DIR / f"{RUN_LOCK}.lock").exists() and not (run / "result.json").exists()
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "1 run(s) trained" in result.output and "being trained" not in result.output
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]  # resumed after epoch 1, not trained anew
+    assert not (run / LOCK_DIR).exists()
+
+
+def test_an_initialised_process_group_trains_each_run_together(bundled_store, tmp_path, monkeypatch):
+    """A group the caller made (as fine-tuning's DDP does): its ranks do not split the runs, rank 0
+    claims each and tells the others (here a group of one)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        result = tiny_probe(bundled_store, tmp_path / "runs")
+    finally:
+        dist.destroy_process_group()
+    assert result.share is None and len(result.finished) == 4
+
+
+def test_finetune_with_shard_under_torchrun_spreads_runs_instead_of_ddp(tmp_path, monkeypatch):
+    """--shard: no process group; rank 1 of 2 takes every second run of the job, alone."""
+    from w2vcache.corpus import build_corpus
+    from w2vcache.finetune import finetune
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    trained = []
+    monkeypatch.setattr("w2vcache.finetune.train", lambda task, tc, directory, *a, **k: trained.append(
+        (directory.relative_to(tmp_path).as_posix(), task.world)))
+    result = finetune(build_corpus(), reinits=[(), (4,)], seeds=[0, 1], out=tmp_path, shard="0/1", progress=False,
+                      train_config=TrainConfig(epochs=1))
+    assert not dist.is_initialized()
+    assert trained == [("finetune/reinit-none/seed1", 1), ("finetune/reinit-4/seed1", 1)]
+    assert (result.share, result.elsewhere) == ("rank 1/2", 2)

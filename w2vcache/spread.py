@@ -1,0 +1,135 @@
+"""Spreading a sweep's runs over torchrun ranks and `--shard I/N` jobs, and the lock per run.
+
+A run is independent training, so spreading a sweep needs no process group: each process takes
+its share of the sweep's (experiment, seed) runs from --shard and torchrun's RANK/WORLD_SIZE, and
+locks each run directory while it trains it. The lock is the store's (store/locks.py: pid and
+process start time, taken over once its holder is dead, as after kill -9), so two jobs whose
+shares overlap never train one run at once: the second skips it, saying who holds it, and goes on.
+
+Where a process group *is* initialised (fine-tuning's DDP: every rank trains the same run), the
+ranks act as one: rank 0 alone looks at each run and locks it, and tells the others what to do.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .errors import W2VCacheError
+from .runs import RESULT
+from .store.locks import LOCK_DIR, Lock, try_lock
+
+RUN_LOCK = "run"  # RUNS/probe/layer08/seed0/.locks/run.lock while a process trains that run
+
+TAKEN, FINISHED, HELD = "taken", "finished", "held"
+
+
+@dataclass(frozen=True)
+class Share:
+    """Which runs of a sweep this process takes: run k (in the sweep's order) goes to job
+    k % jobs, and within that job to rank (k // jobs) % ranks. Nesting ranks inside jobs (rather
+    than one flat index) means every run is taken whatever number of ranks each job has."""
+
+    job: int = 0
+    jobs: int = 1
+    rank: int = 0
+    ranks: int = 1
+
+    def takes(self, k: int) -> bool:
+        return k % self.jobs == self.job and (k // self.jobs) % self.ranks == self.rank
+
+    def describe(self) -> str | None:
+        """'shard 1/4', 'rank 0/8', 'shard 1/4, rank 0/8'; None for the whole sweep."""
+        parts = ([f"shard {self.job}/{self.jobs}"] if self.jobs > 1 else []) + \
+                ([f"rank {self.rank}/{self.ranks}"] if self.ranks > 1 else [])
+        return ", ".join(parts) or None
+
+
+def share_of(shard: str | None, ranks: bool = True) -> Share:
+    """The share of `--shard I/N` (None: the whole sweep), split further between torchrun's ranks
+    when `ranks` and no process group is initialised (an initialised group trains runs together).
+    Errors as extract's --shard: `--shard 3/2: needs 0 <= I < N`."""
+    if shard is None and not (ranks and "RANK" in os.environ):
+        return Share()
+    job, jobs = parse_shard(shard) if shard is not None else (0, 1)
+    rank, world = (0, 1)
+    if ranks and not dist.is_initialized():
+        rank, world = parse_shard(None) or (0, 1)  # RANK / WORLD_SIZE, checked there
+    return Share(job, jobs, rank, world)
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """'I/N' -> (I, N); with no --shard, torchrun's RANK/WORLD_SIZE make each rank a shard."""
+    if spec is None:
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            return (int(os.environ["RANK"]), world) if world > 1 and "RANK" in os.environ else None
+        except ValueError:
+            raise W2VCacheError(
+                f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: "
+                "torchrun's variables must be integers") from None
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise W2VCacheError(f"--shard {spec!r}: expected I/N, e.g. 0/4 for the first of four workers") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise W2VCacheError(f"--shard {spec}: needs 0 <= I < N")
+    return i, n
+
+
+def rank_device(device: str) -> str:
+    """--device cuda under torchrun: this rank's GPU, cuda:LOCAL_RANK (one device per rank)."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Claiming a run
+
+
+@dataclass
+class Claim:
+    """What this process does with one run: trains it (TAKEN, holding `lock`), skips it as
+    FINISHED (result.json written), or leaves it to the live process that HOLDS its lock."""
+
+    state: str
+    message: str | None = None  # HELD: who holds it, as one line
+    lock: Lock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def held_message(directory, holder: dict) -> str:
+    lock = Path(directory) / LOCK_DIR / f"{RUN_LOCK}.lock"
+    return (f"{directory}: skipped, being trained by pid {holder.get('pid')} on host {holder.get('host')} "
+            f"since {holder.get('started')} (if that process is dead on another host, delete {lock})")
+
+
+def _claim(directory: Path) -> Claim:
+    if (directory / RESULT).exists():  # looked at first: a finished run gets no lock folder
+        return Claim(FINISHED)
+    got = try_lock(directory, RUN_LOCK)
+    if isinstance(got, dict):
+        return Claim(HELD, held_message(directory, got))
+    if (directory / RESULT).exists():  # another job finished it between our two looks
+        got.release()
+        return Claim(FINISHED)
+    return Claim(TAKEN, lock=got)
+
+
+def claim_run(directory, together: bool = False) -> Claim:
+    """Claim `directory` for this process. `together`: the ranks of the initialised process
+    group train it as one (DDP), so rank 0 claims it and every rank follows its answer (all
+    ranks must call this for the same runs, in the same order)."""
+    directory = Path(directory)
+    if not together:
+        return _claim(directory)
+    claim = _claim(directory) if dist.get_rank() == 0 else None
+    answer = [(claim.state, claim.message) if claim else None]
+    dist.broadcast_object_list(answer, src=0)
+    return claim or Claim(*answer[0])
