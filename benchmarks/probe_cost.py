@@ -2,6 +2,7 @@
 
     python benchmarks/probe_cost.py [--model builtin:base] [--layer 8] [--hidden 1024] [--lstm-layers 3]
                                     [--batch-frames 16000] [--seconds 0] [--threads N]
+    python benchmarks/probe_cost.py --data-wait [--batch-frames 2000] [--epochs 3] ...
 
 Over the bundled train split (all of it unless --seconds cuts it), with the recipe's batches:
 - the probe's training epoch from the store, profiled: building batches (data), forward + CTC,
@@ -13,6 +14,14 @@ Over the bundled train split (all of it unless --seconds cuts it), with the reci
 
 Prints the epoch times and the ratios: ours / plain nn.LSTM (target <= 1.0), cached / on-the-fly
 (target <= 0.55), the data-wait share (target < 2 %) and the padded-frame share (target < 5 %).
+
+--data-wait instead measures where a fast probe waits for its data: a linear probe and a small
+BiLSTM (1x128), each with batches assembled in the loop (prefetch 0) and ahead by a thread
+(prefetch 2), the training loop's own measure (the time spent in next() on the epoch's batches,
+as train.py counts data_wait_seconds) over --epochs epochs after a warm-up one. The bundled train
+split holds 5 minutes of speech, so its batches are cut smaller (--batch-frames 2000 unless given)
+to make more than a handful per epoch; each epoch's first batch is waited for whatever the
+prefetch (nothing was built before the epoch asked), so the share is also given without it.
 """
 
 import argparse
@@ -96,16 +105,63 @@ def epoch(task: ProbeTask, model: nn.Module, order) -> dict:
     return parts
 
 
+def loop_epoch(task: ProbeTask, epoch_index: int) -> dict:
+    """train.py's epoch, its data wait measured the way train.py measures it: around next()."""
+    optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-4)
+    task.model.train()
+    waits, started = [], time.perf_counter()
+    iterator = iter(task.train_batches(epoch_index))
+    while True:
+        t = time.perf_counter()
+        batch = next(iterator, None)
+        waits.append(time.perf_counter() - t)
+        if batch is None:
+            break
+        task.loss(batch).backward()
+        torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return dict(total=time.perf_counter() - started, wait=sum(waits), first=waits[0], batches=len(waits) - 1)
+
+
+def data_wait(store_path: Path, layer: str, args) -> None:
+    """The data-wait share of a linear probe and a small BiLSTM, without and with prefetch."""
+    kinds = {"linear": dict(probe="linear"), "bilstm 1x128": dict(probe="bilstm", hidden=128, lstm_layers=1)}
+    shares = {}
+    print(f"\n{'probe':<14} {'threads':>7} {'prefetch':>8} {'batches':>8} {'epoch s':>8} {'data wait s':>11} "
+          f"{'share':>8} {'w/o 1st batch':>13}")
+    for name, options in kinds.items():
+        for prefetch in (0, 2):
+            config = ProbeConfig(batch_frames=args.batch_frames, prefetch=prefetch, **options)
+            seed_everything(0)
+            task = ProbeTask(open_store(store_path), layer, config, TrainConfig(dev_split="train", test_splits=()))
+            used = threads.use(args.threads, task.model)
+            loop_epoch(task, 0)  # warm-up: oneDNN primitives, allocator, page cache
+            epochs = [loop_epoch(task, e) for e in range(1, args.epochs + 1)]
+            total, wait = sum(e["total"] for e in epochs), sum(e["wait"] for e in epochs)
+            first = sum(e["first"] for e in epochs)
+            shares[name, prefetch] = wait / total
+            print(f"{name:<14} {used:>7} {prefetch:>8} {epochs[0]['batches']:>8} {total / len(epochs):>8.3f} "
+                  f"{wait / len(epochs):>11.4f} {100 * wait / total:>7.2f} % {100 * (wait - first) / total:>11.2f} %")
+    for name in kinds:
+        print(f"{name}: data-wait share with prefetch / without: {shares[name, 2] / shares[name, 0]:.3f} "
+              f"({100 * shares[name, 0]:.2f} % -> {100 * shares[name, 2]:.2f} %; target < 2 %)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:base")
     parser.add_argument("--layer", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--lstm-layers", type=int, default=3)
-    parser.add_argument("--batch-frames", type=int, default=16000)
+    parser.add_argument("--batch-frames", type=int, help="padded frames per batch (16000; --data-wait: 2000)")
     parser.add_argument("--seconds", type=float, default=0, help="cut the train split to this much audio (0: all)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: w2vcache's choice)")
+    parser.add_argument("--data-wait", action="store_true",
+                        help="measure the data-wait share of fast probes with and without prefetch instead")
+    parser.add_argument("--epochs", type=int, default=3, help="--data-wait: epochs measured after a warm-up one")
     args = parser.parse_args()
+    args.batch_frames = args.batch_frames or (2000 if args.data_wait else 16000)
 
     corpus = build_corpus()
     chosen, total = [], 0.0
@@ -122,6 +178,11 @@ def main():
         tmp = Path(tmp)
         extract(corpus, ExtractConfig(model=args.model, store=str(tmp / "s.zarr"), layers=str(args.layer),
                                       threads=args.threads), progress=False, backbone=backbone)
+        if args.data_wait:
+            print(f"model {args.model}, layer {args.layer}, {len(chosen)} utterances, {total:.1f} s of audio, "
+                  f"batches of <= {args.batch_frames} padded frames")
+            data_wait(tmp / "s.zarr", layer, args)
+            return
         config = ProbeConfig(hidden=args.hidden, lstm_layers=args.lstm_layers, batch_frames=args.batch_frames)
         seed_everything(0)
         task = ProbeTask(open_store(tmp / "s.zarr"), layer, config, TrainConfig(dev_split="train", test_splits=()))

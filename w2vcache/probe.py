@@ -6,6 +6,8 @@ memory as stored (float16: 2.8 GB for W2V-Base over Libri-light's 10 h) and conv
 a layer larger than the memory budget is read from the store batch by batch instead, each batch
 being a run of neighbouring utterances (the store keeps them sorted by length), so a read touches
 few chunks. A weighted probe reads every numbered layer, the budget covering them all.
+A thread assembles the next batches while the model steps (`ProbeConfig.prefetch`), so the loop
+never waits on the data path; the batches and their order are those of a loop without it.
 
 Kinds of probe:
 - "bilstm": the paper's, a bidirectional LSTM and a linear layer to the symbols.
@@ -17,6 +19,7 @@ Kinds of probe:
 
 import functools
 import random
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +51,9 @@ class ProbeConfig:
     batch_frames: int = 16000  # padded frames per batch (320 s of audio at 50 frames/s)
     probe: str = "bilstm"  # or "linear"
     layer_norm: bool = False  # weighted probes: layer-normalise each layer before the sum (s3prl's normalize)
+    # Batches assembled ahead by a thread while the model steps; 0: in the loop. The batches, their
+    # order and so every metric are the same either way, so it is not part of the run's record.
+    prefetch: int = 2
 
     def record(self, weighted: bool) -> dict:
         """config.json's "model": the options this probe uses, and only those (a linear probe has
@@ -261,38 +267,61 @@ class ProbeTask:
         self.unknown = {}
 
     def _batch(self, split: str, indices: list[int]) -> Batch:
+        """One batch, assembled and on the device."""
+        return self._to_device(self._assemble(split, indices))
+
+    def _assemble(self, split: str, indices: list[int]) -> Batch:
+        """One batch on the host, as the prefetching thread builds it: padded in numpy (whose copies
+        release the GIL, and use none of torch's intra-op threads, which the model steps on).
+
+        For a CUDA device the features stay in the store's dtype (float16: half the bytes to copy)
+        in pinned memory, and become float32 on the device; on the CPU they become float32 here.
+        Either way the values are the stored ones exactly: float16 -> float32 is exact."""
         source = self.splits[split]
+        dtype = None if self.device.type == "cuda" else np.float32
         if self.weighted:
             per_layer = [source.get(indices, layer) for layer in self.layers]
             feats = per_layer[0]
-            x = torch.zeros(len(per_layer), len(feats), max(len(f) for f in feats), feats[0].shape[1])
+            # Each layer padded in place: no second copy of the largest batch there is.
+            x = np.zeros((len(per_layer), *_padded_shape(feats)), dtype=dtype or feats[0].dtype)
             for i, layer_feats in enumerate(per_layer):
-                for b, f in enumerate(layer_feats):
-                    x[i, b, : len(f)] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+                _pad(layer_feats, dtype, out=x[i])
         else:
             feats = source.get(indices)
-            x = torch.zeros(len(feats), max(len(f) for f in feats), feats[0].shape[1])
-            for b, f in enumerate(feats):
-                x[b, : len(f)] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+            x = _pad(feats, dtype)
+        features = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            features = features.pin_memory()  # so that the copy to the device does not block
         encoded = [text.encode(source.texts[i]) for i in indices]
         for e in encoded:
             for symbol, count in e.unknown.items():
                 self.unknown[symbol] = self.unknown.get(symbol, 0) + count
         return Batch(
-            features=x.to(self.device),
+            features=features,
             lengths=torch.tensor([len(f) for f in feats]),
             targets=torch.tensor([i for e in encoded for i in e.ids], dtype=torch.long),
             target_lengths=torch.tensor([len(e.ids) for e in encoded]),
             references=[source.texts[i] for i in indices],
         )
 
+    def _to_device(self, batch: Batch) -> Batch:
+        """In the loop's thread: the copy is queued on its CUDA stream, ahead of the step's kernels."""
+        if self.device.type == "cpu":
+            return batch
+        features = batch.features.to(self.device, non_blocking=True).float()
+        return Batch(features, batch.lengths, batch.targets, batch.target_lengths, batch.references)
+
+    def _batches(self, split: str, order: list[list[int]]) -> "_Lazy":
+        makers = [functools.partial(self._assemble, split, indices) for indices in order]
+        return _Lazy(makers, self.config.prefetch, self._to_device)
+
     def train_batches(self, epoch: int):
         order = list(self.batches[self.train_split])
         random.Random(self.seed * 100_003 + epoch).shuffle(order)  # the same order on a resumed run
-        return _Lazy([lambda idx=idx: self._batch(self.train_split, idx) for idx in order])
+        return self._batches(self.train_split, order)
 
     def eval_batches(self, split: str):
-        return (self._batch(split, idx) for idx in self.batches[split])
+        return iter(self._batches(split, self.batches[split]))
 
     def start_epoch(self, epoch: int) -> None:
         pass  # the whole probe trains from the first epoch
@@ -313,17 +342,149 @@ class ProbeTask:
         return batch.references, text.greedy_decode(log_probs.cpu(), batch.lengths)
 
 
-class _Lazy:
-    """A list of batch makers that builds each batch when iterated (len() known up front)."""
+def _padded_shape(feats: list[np.ndarray]) -> tuple[int, int, int]:
+    return len(feats), max(len(f) for f in feats), feats[0].shape[1]
 
-    def __init__(self, makers):
-        self.makers = makers
+
+def _pad(feats: list[np.ndarray], dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """(B, T_max, D) zero-padded, `dtype` None keeping the stored one; written into `out` (zeros
+    of that shape) when given."""
+    if out is None:
+        out = np.zeros(_padded_shape(feats), dtype=dtype or feats[0].dtype)
+    for b, f in enumerate(feats):
+        out[b, : len(f)] = f
+    return out
+
+
+class _Lazy:
+    """A list of batch makers that builds each batch when iterated (len() known up front, nothing
+    built until iterated). With `prefetch` > 0 a thread builds them that many ahead (_Prefetched);
+    `finish` (the move to the device) runs in the iterating thread."""
+
+    def __init__(self, makers, prefetch: int = 0, finish=lambda batch: batch):
+        self.makers, self.prefetch, self.finish = makers, prefetch, finish
 
     def __len__(self):
         return len(self.makers)
 
     def __iter__(self):
-        return (make() for make in self.makers)
+        if self.prefetch > 0:
+            return _Prefetched(self.makers, self.prefetch, self.finish)
+        return (self.finish(make()) for make in self.makers)
+
+
+PREFETCH_THREAD = "w2vcache-prefetch"
+PREFETCH_LINGER = 1.0  # seconds a worker with no place ahead waits for one before it ends
+
+
+class _Failure:
+    """A maker's exception, handed to the iterating thread in place of its batch."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _Prefetched:
+    """Iterates makers' results in their order while a worker thread builds up to `depth` ahead.
+
+    The batches are the makers' own, one worker calls them one at a time in order, so a run
+    with prefetch sees exactly the batches and order of one without (and text.encode's unknown
+    symbols are counted in the same order).
+
+    The worker never waits long on the consumer: when `depth` batches wait unclaimed for
+    PREFETCH_LINGER it ends, and the next batch taken starts a new one. A loop that stops taking
+    batches (an exception in its step, Ctrl-C, a break) therefore leaves no thread behind a second
+    after the batch in the making, even when nobody closes this iterator: a traceback keeps the
+    loop's frame, and this iterator, alive. The end of the makers, an error in one, and close()
+    also end it (close() waits for it).
+    """
+
+    def __init__(self, makers, depth: int, finish):
+        self._makers, self._depth, self._finish = makers, depth, finish
+        self._ready: dict[int, object] = {}  # built, not yet taken: index -> batch or _Failure
+        self._made = 0  # the next index to build
+        self._taken = 0  # the next index to hand out
+        self._cond = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._working = self._closed = False
+        # Batches handed out, kept so that the worker, not the loop, frees their memory: freeing a
+        # large buffer while the worker faults in the next one stalls the loop's thread (measured:
+        # half a fast probe's data wait). The loop holds the last one, and may not yet have
+        # dropped the one before it.
+        self._handed: list = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._taken >= len(self._makers):
+            self.close()
+            raise StopIteration
+        with self._cond:
+            self._wake()
+            while self._taken not in self._ready:
+                if self._closed and not self._working:
+                    raise StopIteration  # closed early: nothing more will come
+                self._cond.wait()
+            item = self._ready.pop(self._taken)
+            self._taken += 1
+            self._handed.append(item)
+            self._cond.notify_all()  # one more place ahead is free: for a lingering worker,
+            self._wake()  # or a new one
+        if isinstance(item, _Failure):
+            self.close()
+            raise item.error
+        return self._finish(item)
+
+    def _wake(self) -> None:
+        """Start a worker if none runs and there is a batch to build (the lock held)."""
+        if not self._working and not self._closed and self._room():
+            self._working = True
+            self._worker = threading.Thread(target=self._work, name=PREFETCH_THREAD, daemon=True)
+            self._worker.start()
+
+    def _room(self) -> bool:
+        return self._made < len(self._makers) and self._made - self._taken < self._depth
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                # Wait a little for the loop to take a batch (a fresh thread per batch costs as much
+                # as a fast probe's step); a loop that has stopped taking them loses the thread then.
+                if not self._closed and not self._room() and self._made < len(self._makers):
+                    self._cond.wait_for(lambda: self._closed or self._room(), PREFETCH_LINGER)
+                if self._closed or not self._room():
+                    self._working = False
+                    return
+                index = self._made
+                self._made += 1
+                stale, self._handed = self._handed[:-2], self._handed[-2:]
+            stale.clear()  # their memory freed here, in the worker
+            try:
+                item = self._makers[index]()
+            except BaseException as error:  # re-raised in the iterating thread, where it belongs
+                item = _Failure(error)
+            with self._cond:
+                self._ready[index] = item
+                self._cond.notify_all()
+                if isinstance(item, _Failure):
+                    self._working, self._closed = False, True
+                    return
+
+    def close(self) -> None:
+        """Stop building and wait for the batch in the making, if any; drop what was built."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()  # a lingering worker ends now
+            worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join()
+        with self._cond:
+            self._ready.clear()
+            self._handed.clear()
+
+    def __del__(self):
+        self._closed = True  # a worker still running ends after its batch, or its linger
 
 
 # ---------------------------------------------------------------------------------------------

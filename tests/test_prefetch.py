@@ -1,0 +1,140 @@
+"""The probe's prefetching data path: the same batches in the same order as without it, the same
+run, and no thread left behind at the end of an epoch, on an error or on Ctrl-C."""
+
+import json
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from w2vcache.probe import PREFETCH_THREAD, ProbeConfig, ProbeTask, _Prefetched, probe
+from w2vcache.store import open_store
+from w2vcache.train import TrainConfig, seed_everything, train
+from w2vcache.runs import RunRecord
+
+SMALL = dict(hidden=16, lstm_layers=1, batch_frames=1500)
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == PREFETCH_THREAD]
+
+
+def no_prefetch_thread_left(timeout: float = 10.0) -> bool:
+    """A worker abandoned mid-epoch finishes the batch it is building, then ends by itself."""
+    for t in prefetch_threads():
+        t.join(timeout)
+    return not prefetch_threads()
+
+
+def task(store, prefetch: int, probe_kind: str = "bilstm", layer: str = "layer02") -> ProbeTask:
+    seed_everything(0)
+    config = ProbeConfig(**SMALL, probe=probe_kind, prefetch=prefetch)
+    return ProbeTask(open_store(store), layer, config, TrainConfig(seed=3))
+
+
+def same_batch(a, b) -> None:
+    assert a.features.dtype == b.features.dtype == torch.float32
+    assert torch.equal(a.features, b.features)
+    for name in ("lengths", "targets", "target_lengths"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.references == b.references
+
+
+@pytest.mark.parametrize("layer", ["layer02", "weighted"])
+def test_prefetched_batches_equal_the_unprefetched_ones_in_order(bundled_store, layer):
+    plain, ahead = task(bundled_store, 0, layer=layer), task(bundled_store, 3, layer=layer)
+    for epoch in (0, 1):
+        expected, got = list(plain.train_batches(epoch)), list(ahead.train_batches(epoch))
+        assert len(expected) == len(got) == len(ahead.train_batches(epoch)) > 2
+        for a, b in zip(expected, got):
+            same_batch(a, b)
+    for split in ("dev", "test-clean"):
+        expected, got = list(plain.eval_batches(split)), list(ahead.eval_batches(split))
+        assert len(expected) == len(got)
+        for a, b in zip(expected, got):
+            same_batch(a, b)
+    assert plain.unknown == ahead.unknown
+    assert no_prefetch_thread_left(timeout=0)  # each epoch's iterator ended its worker
+
+
+def test_a_run_with_prefetch_equals_one_without(bundled_store, tmp_path):
+    runs = {}
+    for prefetch in (0, 2):
+        config = ProbeConfig(**SMALL, prefetch=prefetch)
+        probe(str(bundled_store), layers="2", seeds="0", out=tmp_path / f"p{prefetch}", config=config,
+              train_config=TrainConfig(epochs=2, lr=2e-3), progress=False, num_threads=1)
+        run = next((tmp_path / f"p{prefetch}").rglob("result.json")).parent
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        runs[prefetch] = (
+            [{k: m[k] for k in ("train_loss", "dev_wer_percent", "dev_cer_percent", "updates")} for m in metrics],
+            {k: v for k, v in json.loads((run / "result.json").read_text()).items() if k not in ("timings", "finished")},
+            torch.load(run / "best.pt"),
+        )
+    assert runs[0][0] == runs[2][0]
+    assert runs[0][1] == runs[2][1]
+    assert runs[0][2].keys() == runs[2][2].keys()
+    assert all(torch.equal(runs[0][2][k], runs[2][2][k]) for k in runs[0][2])
+    assert no_prefetch_thread_left(timeout=0)
+
+
+def test_order_is_kept_whatever_each_batch_takes_to_build():
+    rng = random.Random(0)
+    delays = [rng.uniform(0, 0.01) for _ in range(30)]
+
+    def maker(i):
+        def make():
+            time.sleep(delays[i])
+            return i
+        return make
+
+    assert list(_Prefetched([maker(i) for i in range(30)], 4, lambda b: b)) == list(range(30))
+    assert no_prefetch_thread_left(timeout=0)
+
+
+def test_a_failing_batch_is_raised_in_the_loop_and_stops_the_thread():
+    def make(i):
+        if i == 3:
+            raise ValueError("batch 3 is broken")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="batch 3 is broken"):
+        for batch in _Prefetched([lambda i=i: make(i) for i in range(10)], 2, lambda b: b):
+            got.append(batch)
+    assert got == [0, 1, 2]
+    assert no_prefetch_thread_left(timeout=0)  # the failure ended the worker before it was raised
+
+
+@pytest.mark.parametrize("error", [RuntimeError("step failed"), KeyboardInterrupt()])
+def test_a_loop_stopped_by_an_error_or_ctrl_c_leaves_no_thread(bundled_store, tmp_path, error):
+    """The real training loop, its step failing on the second batch: the exception (and its
+    traceback, which keeps the loop's iterator alive) reaches the caller, the worker does not."""
+    probe_task = task(bundled_store, 2)
+    calls = []
+    step = probe_task.loss
+
+    def failing_loss(batch):
+        calls.append(batch)
+        if len(calls) == 2:
+            time.sleep(0.2)  # let the worker fill its places ahead: it must end all the same
+            raise error
+        return step(batch)
+
+    probe_task.loss = failing_loss
+    record = RunRecord(kind="probe", experiment="x", layer=2, reinit=[], seed=0, model={}, data={}, store="s",
+                       device="cpu", threads=1)
+    with pytest.raises(type(error)) as caught:
+        train(probe_task, TrainConfig(epochs=1), tmp_path / "run", record, progress=False, num_threads=1)
+    assert caught.traceback  # held, with the loop's frame, while the thread is checked
+    assert no_prefetch_thread_left()
+
+
+def test_a_loop_that_breaks_early_leaves_no_thread(bundled_store):
+    batches = iter(task(bundled_store, 2).train_batches(0))
+    next(batches)
+    assert no_prefetch_thread_left()  # not closed, not collected: the worker ended by itself
+    batches.close()
+    with pytest.raises(StopIteration):
+        next(batches)
