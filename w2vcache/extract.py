@@ -51,7 +51,9 @@ class ExtractConfig:
     dtype: str = "float16"  # how features are stored: float16, float32 or int8 (quantised from float16)
     batch_seconds: float = 64.0  # padded audio per forward pass
     device: str = "cpu"
-    compute_dtype: str = "float32"  # float16 / bfloat16 autocast, for GPUs
+    # float16 / bfloat16 autocast (for GPUs; a CPU runs them too, mostly slower). Its error against
+    # float32 is measured on the run's first batch and recorded (ExtractResult.compute_error).
+    compute_dtype: str = "float32"
     shard: str | None = None  # "I/N": this worker fills blocks b with b % N == I
     skip_bad: bool = False  # record unusable audio files in the store and go on
     revision: str | None = None  # hub revision of the model
@@ -70,6 +72,9 @@ class ExtractResult:
     audio_seconds: float
     seconds: float
     skipped: dict[str, list[dict]] = field(default_factory=dict)
+    # With a reduced --compute-dtype: its error against float32 on this run's first batch
+    # (measure_compute_error); None in float32, or when the run computed nothing.
+    compute_error: dict | None = None
 
     @property
     def speed(self) -> float:
@@ -94,8 +99,6 @@ def _device(config: ExtractConfig) -> str:
         raise W2VCacheError(f"--device {config.device}: no CUDA GPU is available here")
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise W2VCacheError(f"--compute-dtype {config.compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
-    if config.compute_dtype != "float32" and not device.startswith("cuda"):
-        raise W2VCacheError(f"--compute-dtype {config.compute_dtype} needs --device cuda")
     return device
 
 
@@ -292,9 +295,40 @@ def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
     return host, ready, host_peaks
 
 
+def relative_errors(reduced: torch.Tensor, reference: torch.Tensor, frames: list[int]) -> dict[str, float]:
+    """One layer's error against float32 over the batch's real frames (padding left out):
+    "rms", the error's norm over the reference's norm (all frames together), and "max", the worst
+    frame's (its error's norm over its reference's norm). Fractions, in float64."""
+    mask = torch.arange(reference.shape[1], device=reference.device)[None, :] < torch.tensor(frames, device=reference.device)[:, None]
+    a, b = reduced[mask].double(), reference[mask].double()
+    diff = (a - b).norm(dim=-1)
+    norm = b.norm(dim=-1)
+    # A frame of (near) zero features would divide by nothing: its error counts against the typical frame's norm.
+    floor = max(float(norm.mean()) * 1e-6, torch.finfo(torch.float64).tiny)
+    return {"rms": float(diff.norm() / b.norm().clamp_min(floor)), "max": float((diff / norm.clamp_min(floor)).max())}
+
+
+def measure_compute_error(backbone: Backbone, waves, reduced: dict[str, torch.Tensor], frames: list[int],
+                          include_cnn: bool, compute_dtype: str, where: dict) -> dict:
+    """What a reduced compute dtype costs in accuracy, measured where it is used: the batch just
+    computed, run again in float32 (one extra forward, once per run), each stored layer compared.
+    Recorded in the run's record and shown by `info`, so a store says how far it is from float32."""
+    reference, _ = forward_layers(backbone, waves, include_cnn=include_cnn)
+    names = backbone.layer_names(include_cnn=include_cnn)
+    return {
+        "dtype": compute_dtype,
+        "against": "float32",
+        "measured_on": {**where, "utterances": len(frames), "frames": int(sum(frames))},
+        "layers": {name: relative_errors(x, reference[names.index(name)], frames) for name, x in reduced.items()},
+    }
+
+
 def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[str], config: ExtractConfig,
-                progress: bool = True) -> tuple[int, int, float]:
-    """Run the model over `blocks` and write them; returns (blocks, utterances, audio seconds)."""
+                progress: bool = True, measured: dict | None = None) -> tuple[int, int, float]:
+    """Run the model over `blocks` and write them; returns (blocks, utterances, audio seconds).
+
+    `measured`: with a reduced compute dtype, filled with measure_compute_error's record of the
+    first batch."""
     include_cnn = CNN_LAYER in layers
     names = backbone.layer_names(include_cnn=include_cnn)
     keep = [names.index(name) for name in layers]
@@ -323,7 +357,12 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                     current_block, used_threads = block, threads.use(config.threads, backbone.model)
                 with torch.autocast(device.type, dtype=compute, enabled=compute is not torch.float32):
                     outputs, frames = forward_layers(backbone, waves, include_cnn=include_cnn)
-                features, ready, peaks = _to_host({layers[k]: outputs[i] for k, i in enumerate(keep)}, store_dtype)
+                kept = {layers[k]: outputs[i] for k, i in enumerate(keep)}
+                if measured is not None and compute is not torch.float32 and not measured:
+                    measured.update(measure_compute_error(backbone, waves, kept, frames, include_cnn, config.compute_dtype,
+                                                          {"split": block.split, "block": block.index,
+                                                           "ids": list(block.ids[batch.start:batch.stop])}))
+                features, ready, peaks = _to_host(kept, store_dtype)
                 pending.append(writer.submit(filler.add, block, batch, features, frames, ready, peaks, failures))
                 # At most two batches in flight: bounded memory, and a write error surfaces promptly.
                 while len(pending) > 2:
@@ -419,7 +458,8 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
         where = {split: {u[0]: u[2] for u in plan.utterances} for split, plan in plans.items()}
         blocks = [replace(b, paths=tuple(where[split][i] for i in b.ids))
                   for split in plans for b in store.pending_blocks(split)]
-        n_blocks, n_utts, audio_seconds = fill_blocks(store, blocks, backbone, layers, config, progress)
+        measured: dict = {}
+        n_blocks, n_utts, audio_seconds = fill_blocks(store, blocks, backbone, layers, config, progress, measured)
         # From the store, not this run: a resumed or repeated run reports what earlier runs found.
         for split, plan in plans.items():
             plan.skipped += [{**u, "reason": f"{FAILED_REASON}: {u['reason']}"}
@@ -432,6 +472,7 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
         audio_seconds=audio_seconds,
         seconds=time.perf_counter() - started,
         skipped={split: plan.skipped for split, plan in plans.items() if plan.skipped},
+        compute_error=measured or None,
     )
     _write_run_record(config, device, result)
     return result

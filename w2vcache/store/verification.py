@@ -442,4 +442,24 @@ def _info(store: FeatureStore) -> dict:
         # None, or the last verification's record of damage: checked, damaged_blocks, problems
         "verification": verification,
         "provenance": store.provenance,
+        # None, or the reduced compute dtype's measured error (extract.measure_compute_error)
+        "compute_error": _compute_error(store),
     }
+
+
+RUNS_GROUP = "_runs"  # as in extract.py (not imported: that would load torch for `info`)
+
+
+def _compute_error(store: FeatureStore) -> dict | None:
+    """The error against float32 that the latest extraction run in a reduced compute dtype
+    measured on its first batch; None for float32 stores, stores from before w2vcache measured it,
+    and stores whose records cannot be listed (plain http)."""
+    try:
+        runs = store._root[RUNS_GROUP]
+        records = [group.attrs.asdict() for name, group in runs.groups() if name.startswith("extract-")]
+    except Exception:  # no _runs group (KeyError), or a remote store that cannot be listed
+        return None
+    measured = [r for r in records if isinstance((r.get("result") or {}).get("compute_error"), dict)]
+    if not measured:
+        return None
+    return max(measured, key=lambda r: str(r.get("finished", "")))["result"]["compute_error"]
