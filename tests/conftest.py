@@ -36,6 +36,24 @@ def bundled_store(tmp_path_factory):
     return path
 
 
+def few_utterances() -> dict:
+    """A few bundled utterances by split: 6 to train on, 3 to validate, 3 to test."""
+    from w2vcache.corpus import build_corpus
+
+    corpus = build_corpus()
+    return {"train": corpus.splits["train"][:6], "dev": corpus.splits["dev"][:3],
+            "test-clean": corpus.splits["test-clean"][:3]}
+
+
+def few_utterance_splits(folder) -> list[str]:
+    """Manifests of `few_utterances` written in `folder`, as --split options: enough for a
+    fine-tune to run in seconds."""
+    picks = few_utterances()
+    for name, utts in picks.items():
+        (folder / f"{name}.tsv").write_text("".join(f"{u.path}\t{u.text}\t{u.id}\n" for u in utts))
+    return [f"--split={name}={folder / name}.tsv" for name in picks]
+
+
 def run_killed_after_first_checkpoint(args: list[str]) -> None:
     """Run `w2vcache ARGS` in a child process that SIGKILLs itself right after it has saved its first
     epoch's checkpoint.pt (best.pt is saved just before it): a kill at a fixed point, however fast

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import run_killed_after_first_checkpoint
+from conftest import few_utterance_splits, run_killed_after_first_checkpoint
 from w2vcache.audio import audio_info
 from w2vcache.backbone import reinit_layers
 from w2vcache.checkpoints import load_backbone
@@ -27,13 +27,7 @@ FAST = dict(batch_seconds=8, num_workers=0)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Manifests of a few bundled utterances: 6 to train on, 3 to validate, 3 to test."""
-    folder = tmp_path_factory.mktemp("tiny")
-    corpus = build_corpus()
-    picks = {"train": corpus.splits["train"][:6], "dev": corpus.splits["dev"][:3],
-             "test-clean": corpus.splits["test-clean"][:3]}
-    for name, utts in picks.items():
-        (folder / f"{name}.tsv").write_text("".join(f"{u.path}\t{u.text}\t{u.id}\n" for u in utts))
-    return [f"--split={name}={folder / name}.tsv" for name in picks]
+    return few_utterance_splits(tmp_path_factory.mktemp("tiny"))
 
 
 def changed(before, after, prefix=""):

@@ -12,11 +12,11 @@ import torch
 import zarr
 from click.testing import CliRunner
 
+from conftest import few_utterance_splits, few_utterances
 from w2vcache.audio import load_audio
 from w2vcache.backbone import forward_layers, state_dict_hash
 from w2vcache.checkpoints import load_backbone
 from w2vcache.cli import main
-from w2vcache.corpus import build_corpus
 from w2vcache.errors import W2VCacheError
 from w2vcache.store import open_store
 
@@ -31,12 +31,7 @@ def made(tmp_path_factory):
     """A two-epoch fine-tuning run of builtin:tiny on a few bundled utterances, and two stores of
     the same utterances: one of the pre-trained model, one of the run."""
     folder = tmp_path_factory.mktemp("finetuned")
-    corpus = build_corpus()
-    picks = {"train": corpus.splits["train"][:6], "dev": corpus.splits["dev"][:3],
-             "test-clean": corpus.splits["test-clean"][:3]}
-    for name, utts in picks.items():
-        (folder / f"{name}.tsv").write_text("".join(f"{u.path}\t{u.text}\t{u.id}\n" for u in utts))
-    splits = [f"--split={name}={folder / name}.tsv" for name in picks]
+    splits, picks = few_utterance_splits(folder), few_utterances()
     result = cli("finetune", *splits, "--epochs", "2", "--freeze-epochs", "0", "--batch-seconds", "8",
                  "--num-workers", "0", "--lr", "3e-3", "--test-splits", "test-clean", "--out", folder / "runs")
     assert result.exit_code == 0, result.output
