@@ -54,10 +54,10 @@ def few_utterance_splits(folder) -> list[str]:
     return [f"--split={name}={folder / name}.tsv" for name in picks]
 
 
-def run_killed_after_first_checkpoint(args: list[str]) -> None:
-    """Run `w2vcache ARGS` in a child process that SIGKILLs itself right after it has saved its first
-    epoch's checkpoint.pt (best.pt is saved just before it): a kill at a fixed point, however fast
-    or loaded the machine."""
+def run_killed_after_first_checkpoint(args: list[str], sig: int = signal.SIGKILL) -> None:
+    """Run `w2vcache ARGS` in a child process that sends itself `sig` (SIGKILL by default) right after
+    it has saved its first epoch's checkpoint.pt (best.pt is saved just before it): a kill at a
+    fixed point, however fast or loaded the machine."""
     script = textwrap.dedent(f"""
         import os, signal
         import w2vcache.train
@@ -66,13 +66,14 @@ def run_killed_after_first_checkpoint(args: list[str]) -> None:
         def dying_save(obj, path):
             save(obj, path)
             if path.name == "checkpoint.pt":
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), {int(sig)})
         w2vcache.train._save = dying_save
         main({[str(a) for a in args]!r}, standalone_mode=False)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, err
+    # SIGTERM is turned into an exit with status 128 + 15 (train.sweep); SIGKILL cannot be caught.
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), err
 
 
 def make_librispeech_split(root, chapters, seconds=0.5):

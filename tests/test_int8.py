@@ -204,6 +204,21 @@ def test_export_decodes_to_float16(stores, tmp_path):
         np.testing.assert_array_equal(f["dev/layer03"][...], frames.astype(np.float16))
 
 
+def test_export_refuses_values_float16_cannot_hold(tmp_path):
+    """An int8 store of float32 features may hold values past float16's 65504: the export names the
+    split and layer instead of writing infinities, and leaves no file behind."""
+    path = tmp_path / "big.zarr"
+    write_store(path, [40, 30], 8)
+    root = zarr.open_group(str(path), mode="r+")
+    root["dev/layer01.scale"][...] = root["dev/layer01.scale"][...] * 1e4  # values up to about 1e6
+    out = tmp_path / "big.h5"
+    result = cli("export", path, out)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.splitlines()[-1].startswith(f"Error: cannot export {path}: dev layer01 holds values beyond "
+                                                     "float16's range")
+    assert not out.exists()
+
+
 def test_verify_names_a_corrupt_scale_chunk(stores, tmp_path):
     path = tmp_path / "bad.zarr"
     copy_store(stores["int8"], path, layers="1", splits="dev", progress=False)

@@ -3,6 +3,8 @@ first, with the metrics it has when trained alone; live locks skipped, dead ones
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -15,7 +17,7 @@ from w2vcache.cli import main
 from w2vcache.errors import W2VCacheError
 from w2vcache.probe import ProbeConfig, probe
 from w2vcache.runs import find_runs
-from w2vcache.spread import RUN_LOCK, Share, share_of
+from w2vcache.spread import RUN_LOCK, Share, rank_device, share_of
 from w2vcache.store.locks import LOCK_DIR, try_lock
 from w2vcache.train import TrainConfig
 
@@ -143,6 +145,37 @@ def test_a_lock_left_by_kill_9_is_taken_over_and_the_run_resumed(bundled_store, 
     assert not (run / LOCK_DIR).exists()
 
 
+def test_sigterm_releases_the_run_lock_and_the_run_resumes(bundled_store, tmp_path):
+    """A scheduler's time limit or scancel sends SIGTERM: the run's lock goes with the process (a job
+    on another host could not tell a dead holder from a live one), and the next command resumes it."""
+    run = tmp_path / "probe/layer00/seed0"
+    args = ["probe", "--store", str(bundled_store), "--layer", "0", "--seeds", "0", "--epochs", "2", *TINY[6:]]
+    run_killed_after_first_checkpoint([*args, "--out", str(tmp_path)], sig=signal.SIGTERM)
+    assert (run / "checkpoint.pt").exists() and not (run / "result.json").exists()
+    assert not (run / LOCK_DIR / f"{RUN_LOCK}.lock").exists()
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_holder_in_another_pid_namespace_is_never_proved_dead(tmp_path):
+    """Containers sharing a hostname do not see each other's pids: a lock whose holder ran in another
+    pid namespace is left alone, while the same record from this namespace is taken over."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / LOCK_DIR / f"{RUN_LOCK}.lock"
+    lock.parent.mkdir()
+    record = {"pid": dead.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00",
+              "pid_start": "1", "lock": RUN_LOCK}
+    lock.write_text(json.dumps({**record, "pid_ns": "pid:[1]"}))
+    assert try_lock(tmp_path, RUN_LOCK) == {**record, "pid_ns": "pid:[1]"}
+    lock.write_text(json.dumps({**record, "pid_ns": os.readlink("/proc/self/ns/pid")}))
+    taken = try_lock(tmp_path, RUN_LOCK)
+    assert not isinstance(taken, dict)
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    taken.release()
+
+
 def test_an_initialised_process_group_trains_each_run_together(bundled_store, tmp_path, monkeypatch):
     """A group the caller made (as fine-tuning's DDP does): its ranks do not split the runs, rank 0
     claims each and tells the others (here a group of one)."""
@@ -172,3 +205,11 @@ def test_finetune_with_shard_under_torchrun_spreads_runs_instead_of_ddp(tmp_path
     assert not dist.is_initialized()
     assert trained == [("finetune/reinit-none/seed1", 1), ("finetune/reinit-4/seed1", 1)]
     assert (result.share, result.elsewhere) == ("rank 1/2", 2)
+
+
+def test_torchrun_ranks_take_their_own_gpu_and_a_named_one_is_refused(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (rank_device("cuda"), rank_device("cpu")) == ("cuda:1", "cpu")
+    with pytest.raises(W2VCacheError, match=r"^--device cuda:0: under torchrun give --device cuda;"):
+        rank_device("cuda:0")

@@ -311,7 +311,7 @@ def training_options(command):
               help="Padded frames per batch.")
 @click.option("--memory-budget", type=float, default=8.0, show_default=True,
               help="GB of one split's features to hold in memory (every layer of it, for --layer weighted); "
-              "more are read batch by batch.")
+              "more are read batch by batch. Batches built ahead of the loop take about 4 batches' worth more.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda or cuda:N (torchrun ranks take cuda:LOCAL_RANK).")
 @click.option("--shard", metavar="I/N",

@@ -313,7 +313,14 @@ def measure_compute_error(backbone: Backbone, waves, reduced: dict[str, torch.Te
     """What a reduced compute dtype costs in accuracy, measured where it is used: the batch just
     computed, run again in float32 (one extra forward, once per run), each stored layer compared.
     Recorded in the run's record and shown by `info`, so a store says how far it is from float32."""
-    reference, _ = forward_layers(backbone, waves, include_cnn=include_cnn)
+    # True float32: TF32 (on by default for cuDNN's convolutions on Ampere and later) would put an
+    # error of float16's own order into the reference.
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        reference, _ = forward_layers(backbone, waves, include_cnn=include_cnn)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     names = backbone.layer_names(include_cnn=include_cnn)
     return {
         "dtype": compute_dtype,

@@ -586,8 +586,13 @@ def _export_split(source: FeatureStore, split: str, layers: list[str], group: An
         for start, stop in index.blocks:  # whole blocks: each a run of whole chunks of the store
             lo = int(index.offsets[start])
             n = int(offsets[stop] - offsets[start])
-            frames = source._read_features(split, layer, lo, lo + n)
-            data[offsets[start]: offsets[stop]] = frames.astype(dtype, copy=False)
+            frames = source._read_features(split, layer, lo, lo + n).astype(dtype, copy=False)
+            if dtype != source.dtype and not np.isfinite(frames).all():  # an int8 copy of a float32 store
+                raise W2VCacheError(
+                    f"cannot export {source.path}: {split} {layer} holds values beyond float16's range "
+                    f"(from utterance {index.ids[start]} on), which the export's float16 cannot hold; "
+                    "export the float32 store it was made from")
+            data[offsets[start]: offsets[stop]] = frames
             bar.update(n * dim * np.dtype(dtype).itemsize)
     return len(index.ids), n_frames
 

@@ -23,6 +23,7 @@ from .store.locks import LOCK_DIR, Lock, try_lock
 RUN_LOCK = "run"  # RUNS/probe/layer08/seed0/.locks/run.lock while a process trains that run
 
 TAKEN, FINISHED, HELD = "taken", "finished", "held"
+FAILED = "failed"  # rank 0 could not claim the run: every rank stops with its message
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,15 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 
 
 def rank_device(device: str) -> str:
-    """--device cuda under torchrun: this rank's GPU, cuda:LOCAL_RANK (one device per rank)."""
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
+    """--device cuda under torchrun: this rank's GPU, cuda:LOCAL_RANK (one device per rank). A
+    named GPU (cuda:1) with several ranks would put them all on it, so it is refused."""
+    if "LOCAL_RANK" not in os.environ:
+        return device
+    if device == "cuda":
         return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise W2VCacheError(f"--device {device}: under torchrun give --device cuda; each rank then takes "
+                            "its own GPU, cuda:LOCAL_RANK")
     return device
 
 
@@ -129,7 +136,14 @@ def claim_run(directory, together: bool = False) -> Claim:
     directory = Path(directory)
     if not together:
         return _claim(directory)
-    claim = _claim(directory) if dist.get_rank() == 0 else None
+    claim = None
+    if dist.get_rank() == 0:
+        try:
+            claim = _claim(directory)
+        except Exception as error:  # told to every rank, which would otherwise wait for an answer forever
+            claim = Claim(FAILED, f"{directory}: cannot lock the run: {error}")
     answer = [(claim.state, claim.message) if claim else None]
     dist.broadcast_object_list(answer, src=0)
+    if answer[0][0] == FAILED:
+        raise W2VCacheError(answer[0][1])
     return claim or Claim(*answer[0])

@@ -6,12 +6,15 @@ tested at the end, a checkpoint after every epoch so a killed run resumes where 
 the run directory of docs/RUNS.md.
 """
 
+import contextlib
 import json
 import math
 import pickle
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -187,6 +190,13 @@ def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepRe
     (DDP); default, whether one is initialised."""
     together = dist.is_initialized() if together is None else together
     started, result = time.perf_counter(), SweepResult(share=share.describe())
+    with _terminate_as_exit():
+        _sweep(runs, share, together, result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
     for k, (directory, start) in enumerate(runs):
         if not share.takes(k):
             result.elsewhere += 1
@@ -203,10 +213,28 @@ def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepRe
         try:
             start(directory)
         finally:
-            claim.release()  # a run that failed is not held either: result.json says it failed
+            claim.release()  # a run that stopped, for whatever reason, is not held: the next job resumes it
         result.finished.append(str(directory))
-    result.seconds = time.perf_counter() - started
-    return result
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (a scheduler's time limit, scancel, preemption) ends a process without running its
+    `finally` blocks, which would leave a run's lock behind for jobs on other hosts to skip; raised
+    as SystemExit instead, the lock is released on the way out. A handler someone else installed
+    is left alone, as is a sweep run outside the main thread (signals go to the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progress: bool = True,

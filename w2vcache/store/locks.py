@@ -1,4 +1,4 @@
-"""Writer locks: <store>/.locks/<name>.lock holding {pid, host, started, pid_start}.
+"""Writer locks: <store>/.locks/<name>.lock holding {pid, host, started, pid_start, pid_ns}.
 
 One lock for the whole store or one per shard, a create lock that serialises creation, pid
 liveness (`pid_alive`), and the takeover of a stale lock whose holder is provably dead.
@@ -50,9 +50,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (Linux: 'pid:[4026531836]'). Containers sharing a hostname
+    (host networking) see each other's pids as absent or as someone else's: a holder in another
+    namespace is treated as on another host, never proved dead by its pid."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _holder_alive(holder: dict) -> bool:
-    """False only when the holder is provably dead: same host, and its pid gone or reused."""
+    """False only when the holder is provably dead: same host and pid namespace, and its pid gone
+    or reused."""
     if holder.get("host") != socket.gethostname():
+        return True
+    if holder.get("pid_ns") is not None and holder.get("pid_ns") != _pid_namespace():
         return True
     pid = holder.get("pid")
     if not isinstance(pid, int) or not pid_alive(pid):
@@ -153,7 +166,7 @@ def _try_lock(root: Path, name: str, label: str) -> _Lock | dict:
         content = json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "pid_start": _pid_start(os.getpid()), "lock": name,
+            "pid_start": _pid_start(os.getpid()), "pid_ns": _pid_namespace(), "lock": name,
         }).encode()
         lock_dir.mkdir(parents=True, exist_ok=True)
         # Write the record first, then link it into place: the link is atomic and fails if the lock
