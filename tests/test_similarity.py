@@ -167,6 +167,9 @@ def test_streamed_equals_in_memory_on_the_same_sampled_frames(stores, monkeypatc
     whole = similarity(stores["tiny"], stores["tiny-ln"], max_frames=1000, seed=4, progress=False)
     assert whole.passes == 1
     np.testing.assert_allclose(whole.matrix, r.matrix, rtol=0, atol=1e-12)
+    within = similarity(stores["tiny"], max_frames=1000, seed=4, memory_budget=budget, progress=False)
+    assert within.passes > 1
+    np.testing.assert_allclose(within.matrix, in_memory(stores["tiny"], stores["tiny"], "dev", rows), rtol=0, atol=1e-10)
     other_seed = similarity(stores["tiny"], stores["tiny-ln"], max_frames=1000, seed=5, progress=False)
     assert not np.array_equal(other_seed.matrix, r.matrix)
 

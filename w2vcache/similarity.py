@@ -282,6 +282,8 @@ def _stream_cka(a, b, split, names_a, names_b, lengths, rows, positions_b, budge
                 ys = [y_all[:, starts_b[j]:starts_b[j + 1]] for j in range(len(names_b))]
                 bpos = [int(positions_b[i]) for i in positions]
                 for j, y in enumerate(ys):
+                    if same and j < group[0]:
+                        continue  # within one store a pass needs B's layers from its own first layer on
                     y[:] = xs[j] if same and j in xs else _sampled(b, split, names_b[j], bpos, local)
                 if g == 0:  # sums and Gram matrices of every layer, in the first pass only
                     for k, x in xs.items():
