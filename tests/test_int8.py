@@ -192,6 +192,17 @@ def test_probe_trains_on_an_int8_store(stores, tmp_path):
     assert json.loads((run / "config.json").read_text())["data"]["dtype"] == "int8"
 
 
+def test_similarity_reads_int8_as_the_features_it_encodes(stores):
+    """Layer by layer, an int8 store is the float16 one up to its rounding: CKA of each layer with
+    its float16 self is 1 to within that rounding, and the whole matrix matches float16's own."""
+    from w2vcache.similarity import similarity
+
+    across = similarity(stores["int8"], stores["float16"], split="dev", progress=False)
+    assert min(across.diagonal) > 0.999
+    own = similarity(stores["float16"], split="dev", progress=False)
+    np.testing.assert_allclose(across.matrix, own.matrix, atol=2e-3)
+
+
 def test_export_decodes_to_float16(stores, tmp_path):
     out = tmp_path / "x.h5"
     export_hdf5(stores["int8"], out, layers="3", progress=False)
