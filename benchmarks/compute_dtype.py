@@ -30,6 +30,7 @@ from w2vcache.backbone import forward_layers
 from w2vcache.batching import length_batches
 from w2vcache.checkpoints import load_backbone
 from w2vcache.corpus import build_corpus
+from w2vcache.extract import frame_errors, tf32, worst_frame
 
 DTYPES = ("float32", "tf32", "float16", "bfloat16")
 AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,13 +43,10 @@ class ErrorSum:
         self.diff2, self.ref2, self.worst = {}, {}, {}
 
     def add(self, name: str, reduced: torch.Tensor, reference: torch.Tensor, frames: list[int]) -> None:
-        mask = torch.arange(reference.shape[1], device=reference.device)[None, :] < torch.tensor(frames, device=reference.device)[:, None]
-        a, b = reduced[mask].double(), reference[mask].double()
-        diff, norm = (a - b).norm(dim=-1), b.norm(dim=-1)
+        diff, norm = frame_errors(reduced, reference, frames)
         self.diff2[name] = self.diff2.get(name, 0.0) + float((diff**2).sum())
         self.ref2[name] = self.ref2.get(name, 0.0) + float((norm**2).sum())
-        frame = float((diff / norm.clamp_min(float(norm.mean()) * 1e-6)).max())
-        self.worst[name] = max(self.worst.get(name, 0.0), frame)
+        self.worst[name] = max(self.worst.get(name, 0.0), worst_frame(diff, norm))
 
     def rms(self) -> dict[str, float]:
         return {name: (self.diff2[name] / self.ref2[name]) ** 0.5 for name in self.diff2}
@@ -56,10 +54,7 @@ class ErrorSum:
 
 def run(backbone, batches, dtype: str, device: torch.device):
     """Every batch's layers in `dtype`, and the seconds the pass took."""
-    # cuDNN convolutions use TF32 by default: float32 means float32 here, TF32 only when asked.
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
-    try:
+    with tf32(dtype == "tf32"):  # float32 means float32 here (cuDNN's default is TF32), TF32 only when asked
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -70,8 +65,6 @@ def run(backbone, batches, dtype: str, device: torch.device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         return outputs, time.perf_counter() - started
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def measure(model: str, args) -> dict:

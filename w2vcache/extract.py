@@ -7,6 +7,7 @@ a loader thread decodes the next batches' audio, the main thread runs the model,
 thread casts, cuts and writes the features of the batch before.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -295,17 +296,38 @@ def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
     return host, ready, host_peaks
 
 
-def relative_errors(reduced: torch.Tensor, reference: torch.Tensor, frames: list[int]) -> dict[str, float]:
-    """One layer's error against float32 over the batch's real frames (padding left out):
-    "rms", the error's norm over the reference's norm (all frames together), and "max", the worst
-    frame's (its error's norm over its reference's norm). Fractions, in float64."""
+def frame_errors(reduced: torch.Tensor, reference: torch.Tensor, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per real frame of a padded batch (padding left out), in float64: the norm of the error
+    against the reference, and the reference's norm."""
     mask = torch.arange(reference.shape[1], device=reference.device)[None, :] < torch.tensor(frames, device=reference.device)[:, None]
     a, b = reduced[mask].double(), reference[mask].double()
-    diff = (a - b).norm(dim=-1)
-    norm = b.norm(dim=-1)
-    # A frame of (near) zero features would divide by nothing: its error counts against the typical frame's norm.
+    return (a - b).norm(dim=-1), b.norm(dim=-1)
+
+
+def worst_frame(diff: torch.Tensor, norm: torch.Tensor) -> float:
+    """The largest per-frame relative error. A frame of (near) zero features would divide by
+    nothing: its error counts against the typical frame's norm."""
     floor = max(float(norm.mean()) * 1e-6, torch.finfo(torch.float64).tiny)
-    return {"rms": float(diff.norm() / b.norm().clamp_min(floor)), "max": float((diff / norm.clamp_min(floor)).max())}
+    return float((diff / norm.clamp_min(floor)).max())
+
+
+def relative_errors(reduced: torch.Tensor, reference: torch.Tensor, frames: list[int]) -> dict[str, float]:
+    """One layer's error against float32 over the batch's real frames: "rms", the error's norm
+    over the reference's norm (all frames together), and "max", the worst frame's. Fractions."""
+    diff, norm = frame_errors(reduced, reference, frames)
+    return {"rms": float(diff.norm() / norm.norm().clamp_min(torch.finfo(torch.float64).tiny)), "max": worst_frame(diff, norm)}
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 matmuls and cuDNN convolutions on or off inside the block (cuDNN's are on by default on
+    Ampere and later, so "float32" is not float32 there unless turned off)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def measure_compute_error(backbone: Backbone, waves, reduced: dict[str, torch.Tensor], frames: list[int],
@@ -313,14 +335,8 @@ def measure_compute_error(backbone: Backbone, waves, reduced: dict[str, torch.Te
     """What a reduced compute dtype costs in accuracy, measured where it is used: the batch just
     computed, run again in float32 (one extra forward, once per run), each stored layer compared.
     Recorded in the run's record and shown by `info`, so a store says how far it is from float32."""
-    # True float32: TF32 (on by default for cuDNN's convolutions on Ampere and later) would put an
-    # error of float16's own order into the reference.
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with tf32(False):  # TF32 would put an error of float16's own order into the reference
         reference, _ = forward_layers(backbone, waves, include_cnn=include_cnn)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     names = backbone.layer_names(include_cnn=include_cnn)
     return {
         "dtype": compute_dtype,
