@@ -14,6 +14,8 @@ from w2vcache.cli import main
 from w2vcache.corpus import build_corpus
 from w2vcache.errors import W2VCacheError
 from w2vcache.extract import ExtractConfig, extract
+from w2vcache.figure import similarity_figure_size
+from w2vcache.report import read_similarity
 from w2vcache.similarity import cka_from_moments, linear_cka, sample_frames, similarity
 from w2vcache.store import FeatureStore, open_store
 
@@ -223,7 +225,9 @@ def test_command_writes_json_csv_and_figure(stores, tmp_path):
     rows = (out / "similarity.csv").read_text().splitlines()
     assert rows[0] == "layer,layer01,layer02,layer03" and len(rows) == 4
     assert float(rows[1].split(",")[1]) == saved["matrix"][0][0]
-    assert png_size(out / "similarity.png") == (1100, 450)  # heatmap and the diagonal's curve
+    drawn = [read_similarity(out / "similarity.json", "sim")]
+    assert drawn[0].diagonal is not None  # so the figure has the heatmap and the diagonal's curve
+    assert png_size(out / "similarity.png") == similarity_figure_size(drawn)
 
 
 def test_command_refuses_other_utterances_in_one_line(stores, tmp_path):

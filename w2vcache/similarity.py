@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import record
 from .errors import W2VCacheError
-from .layers import choose_layers, layer_index
+from .layers import choose_layers
 from .store import FeatureStore, open_store
 
 MEASURES = ("cka",)
@@ -38,9 +38,6 @@ READ_FRAMES = 65_536  # store frames read per step (one layer at a time), boundi
 SAMPLED_ROWS = 2_048  # sampled frames per step: enough for efficient float64 products, ~16 KB per dim
 FILES = ("similarity.json", "similarity.csv", "similarity.png")
 NO_MATPLOTLIB = "not drawn: matplotlib is missing (pip install 'w2vcache[plots]')"
-PANEL_INCHES = (5.5, 4.5)
-DPI = 100
-ANNOTATE_UP_TO = 16  # write the value in each cell of matrices up to this many layers a side
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,10 +355,12 @@ def write_files(result: SimilarityResult, out, figure: bool = True) -> dict[str,
         tmp.write_text(render_csv(result))
     if figure:
         try:
-            files["png"] = write_figure(result, out / FILES[2])
+            import matplotlib  # noqa: F401  (the 'plots' extra)
         except ImportError:
             files["png"] = None
             result.notes.append(f"{FILES[2]}: {NO_MATPLOTLIB}")
+        else:
+            files["png"] = write_figure(files["json"], out / FILES[2])
     result.files = files
     return files
 
@@ -376,57 +375,10 @@ def render_csv(result: SimilarityResult) -> str:
     return buffer.getvalue()
 
 
-def _label(name: str) -> str:
-    k = layer_index(name)
-    return name if k is None else str(k)
+def write_figure(json_path, path) -> Path:
+    """The report's similarity figure of this one result (figure.py): its heatmap and, between two
+    stores of the same layers, the same-layer curve."""
+    from .figure import write_similarity_figure
+    from .report import read_similarity
 
-
-def write_figure(result: SimilarityResult, path) -> Path:
-    """The heatmap (store A's layers down, store B's across, 0 to 1) and, where there is one, the
-    diagonal as a curve by layer. Raises ImportError without matplotlib."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    store_a = result.record["store_a"]
-    store_b = result.record["store_b"] or store_a
-    panels = 2 if result.diagonal is not None else 1
-    # Figure + Agg canvas rather than pyplot: no global backend switch, no display, no leaked figures.
-    fig = Figure(figsize=(PANEL_INCHES[0] * panels, PANEL_INCHES[1]), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-
-    ax = axes[0]
-    image = ax.imshow(np.ma.masked_invalid(result.matrix), vmin=0, vmax=1, cmap="viridis", origin="lower",
-                      aspect="auto")
-    fig.colorbar(image, ax=ax, label="linear CKA")
-    ax.set_xticks(range(len(result.layers_b)), [_label(n) for n in result.layers_b])
-    ax.set_yticks(range(len(result.layers_a)), [_label(n) for n in result.layers_a])
-    if result.record["store_b"]:
-        # Name each axis by its model, or by its store where both stores name the same model.
-        key = "model" if store_a["model"] and store_b["model"] and store_a["model"] != store_b["model"] else "path"
-        ax.set_xlabel(f"layer of {store_b[key]}")
-        ax.set_ylabel(f"layer of {store_a[key]}")
-    else:
-        ax.set_xlabel("layer")
-        ax.set_ylabel("layer")
-    ax.set_title(f"Linear CKA, split {result.split}, {result.frames} frames", fontsize="medium")
-    if max(result.matrix.shape) <= ANNOTATE_UP_TO:
-        for (i, j), v in np.ndenumerate(result.matrix):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize="x-small",
-                        color="black" if v > 0.6 else "white")
-
-    if result.diagonal is not None:
-        ax = axes[1]
-        x = range(len(result.layers_a))
-        ax.plot(x, result.diagonal, marker="o", markersize=4)
-        ax.set_xticks(x, [_label(n) for n in result.layers_a])
-        ax.set_ylim(0, 1.05)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("linear CKA with the same layer")
-        ax.set_title("How much each layer changed (1: not at all)", fontsize="medium")
-        ax.grid(alpha=0.3)
-
-    with record.replacing(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, format="png")
-    return Path(path)
+    return write_similarity_figure([read_similarity(Path(json_path), Path(json_path).parent.name)], path)
