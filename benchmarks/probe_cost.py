@@ -14,6 +14,10 @@ Over the bundled train split (all of it unless --seconds cuts it), with the reci
 
 Prints the epoch times and the ratios: ours / plain nn.LSTM (target <= 1.0), cached / on-the-fly
 (target <= 0.55), the data-wait share (target < 2 %) and the padded-frame share (target < 5 %).
+It also counts the arithmetic: the probe step's floating-point operations per padded frame (the
+LSTM's matrix products, forward and backward) and W2V's forward per frame (torch's FLOP counter),
+each side's achieved GFLOP/s, and the ratio the cache would give were both run at the same
+GFLOP/s: the floor of cached / on-the-fly for a probe that costs what it costs.
 
 --data-wait instead measures where a fast probe waits for its data: a linear probe and a small
 BiLSTM (1x128), each with batches assembled in the loop (prefetch 0) and ahead by a thread
@@ -25,6 +29,8 @@ prefetch (nothing was built before the epoch asked), so the share is also given 
 """
 
 import argparse
+import copy
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.flop_counter import FlopCounterMode
 
 from w2vcache import threads
 from w2vcache.audio import SAMPLE_RATE, load_audio
@@ -79,6 +87,45 @@ class PackedLSTM(PlainLSTM):
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])
         return self.output(out).log_softmax(-1)
+
+
+def probe_step_flops(input_dim: int, hidden: int, lstm_layers: int, symbols: int) -> float:
+    """Floating-point operations of one training step per padded frame: each direction of each LSTM
+    layer multiplies [input; state] by its (4 hidden) x (input + hidden) weights, the output layer
+    its (symbols) x (2 hidden) ones, 2 operations per multiply-add; the backward pass costs twice the
+    forward (one product for the input's gradient, one for the weights'). Gate nonlinearities, CTC
+    and Adam are left out: a few percent."""
+    forward, width = 0, input_dim
+    for _ in range(lstm_layers):
+        forward += 2 * 2 * 4 * hidden * (width + hidden)
+        width = 2 * hidden
+    forward += 2 * width * symbols
+    return 3.0 * forward
+
+
+def w2v_forward_flops(backbone, waves) -> tuple[float, int]:
+    """W2V's forward FLOPs on `waves` as torch's counter sees them, and the frames they make. On a
+    copy without its weight-norm parametrisation (the positional convolution's), which the counter
+    cannot follow; the products are the same."""
+    model = copy.deepcopy(backbone.model)
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name)
+    with FlopCounterMode(display=False) as counter:
+        _, frames = forward_layers(dataclasses.replace(backbone, model=model), waves)
+    return float(counter.get_total_flops()), sum(frames)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """This CPU's float32 rate on one large matrix product, torch's threads as set: the most any
+    model here can reach."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 def epoch(task: ProbeTask, model: nn.Module, order) -> dict:
@@ -205,6 +252,7 @@ def main():
         with torch.no_grad():
             forward_layers(backbone, [load_audio(chosen[0].path)])  # warm-up
         uncached = epoch(task, task.model, order)
+        w2v_flops, w2v_frames = w2v_forward_flops(backbone, [load_audio(u.path) for u in chosen[:8]])
 
     fps = real / ours["total"]
     print(f"\nprobe epoch from the store          {ours['total']:8.2f} s  ({fps:.0f} frames/s)")
@@ -219,6 +267,19 @@ def main():
           f"the epoch {uncached['total'] / ours['total']:.2f}x faster)")
     print(f"data wait share of the cached epoch: {100 * ours['data'] / ours['total']:.2f} % (target < 2 %)")
     print(f"padded frames share in batches: {100 * (padded - real) / padded:.2f} % (target < 5 %)")
+
+    # The arithmetic: what each side computes, how fast, and the ratio at equal speed.
+    probe_flops = probe_step_flops(task.model.lstm.input_size, args.hidden, args.lstm_layers,
+                                   task.model.output.out_features) * padded
+    forward_flops = w2v_flops / w2v_frames * real
+    print(f"\narithmetic: probe step {probe_flops / padded / 1e6:.1f} MFLOP per padded frame, "
+          f"W2V forward {w2v_flops / w2v_frames / 1e6:.1f} MFLOP per frame")
+    peak = matmul_gflops()
+    print(f"achieved: probe {probe_flops / ours['total'] / 1e9:.0f} GFLOP/s, W2V forward (with loading) "
+          f"{forward_flops / uncached['data'] / 1e9:.0f} GFLOP/s; one 2048x2048 matrix product "
+          f"{peak:.0f} GFLOP/s")
+    print(f"cached / on-the-fly at equal GFLOP/s: {probe_flops / (probe_flops + forward_flops):.3f} "
+          f"(below it only if the LSTM computes faster per FLOP than W2V's forward)")
 
 
 if __name__ == "__main__":
