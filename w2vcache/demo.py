@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .corpus import build_corpus
 from .extract import ExtractConfig, extract
+from .figure import NO_MATPLOTLIB, can_plot
 from .finetune import FinetuneConfig, finetune
 from .probe import ProbeConfig, probe
 from .report import SIMILARITY_DIR, best_probe, find_similarities, summarize, write_report
@@ -99,8 +100,8 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, n
     # Under RUNS/similarity/, where `w2vcache report` finds it; the fine-tuned layers are the rows.
     step("similarity: each fine-tuned layer against each pre-trained one (linear CKA, dev)",
          lambda: similarity(str(tuned_store), str(store), split="dev", out=runs / SIMILARITY_DIR / SIMILARITY_NAME,
-                            progress=progress))
-    paths = step("report", lambda: write_report(runs, runs / "report", figure=_can_plot()))
+                            figure=False, progress=progress))  # the report draws it, with the other figures
+    paths = step("report", lambda: write_report(runs, runs / "report", figure=can_plot()))
     say("\n" + Path(paths["md"]).read_text())
     say(RANDOM_WEIGHTS_NOTE)
     wall = time.perf_counter() - started
@@ -114,7 +115,7 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, n
 
 def _figure_line(paths: dict) -> str:
     figures = [str(paths[k]) for k in ("png", "similarity_png") if paths.get(k)]
-    return ", ".join(figures) or "not drawn: matplotlib is missing (pip install 'w2vcache[plots]')"
+    return ", ".join(figures) or NO_MATPLOTLIB
 
 
 def reached(runs) -> dict:
@@ -147,10 +148,3 @@ def reached(runs) -> dict:
             "weighted_top_weight": top[1].mean if top else None,
             "lines": lines}
 
-
-def _can_plot() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -10,6 +10,7 @@ RUNS/similarity/, and one panel with the diagonals (CKA of each layer with the s
 other store) of those that have one, each panel SIMILARITY_PANEL_INCHES.
 """
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,18 @@ import numpy as np
 from . import record
 from .errors import W2VCacheError
 from .layers import layer_index
-from .report import PROBE_NAMES, Row, Similarity, Stat, best_probe, split_order
+from .report import PROBE_NAMES, Row, Similarity, Stat, best_probe, split_order, weight_layers
 
 FIGURE_PANEL_INCHES = (5.0, 4.0)  # width, height of one panel
 FIGURE_DPI = 100  # 5 x 4 inches -> 500 x 400 pixels per panel
 SIMILARITY_PANEL_INCHES = (5.0, 4.5)  # a heatmap is square plus its colour bar
 ANNOTATE_UP_TO = 16  # write the value in each cell of heatmaps up to this many layers a side
+NO_MATPLOTLIB = "not drawn: matplotlib is missing (pip install 'w2vcache[plots]')"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib (the 'plots' extra) is installed, so that the figures can be drawn."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _panels(rows: list[Row]) -> list[list[Row]]:
@@ -119,7 +126,7 @@ def write_figure(rows: list[Row], path) -> Path:
         a.legend(fontsize="small")
     if weighted:
         a = next(ax)
-        layers = list(dict.fromkeys(layer for r in weighted for layer in r.layer_weights))
+        layers = weight_layers(weighted)
         width = 0.8 / len(weighted)
         for i, row in enumerate(weighted):
             stats = [row.layer_weights.get(layer) for layer in layers]
@@ -127,8 +134,7 @@ def write_figure(rows: list[Row], path) -> Path:
             a.bar(xs, [s.mean if s else 0.0 for s in stats], width, yerr=[(s.std or 0.0) if s else 0.0 for s in stats],
                   capsize=2, color=f"C{i}", label=f"{PROBE_NAMES.get(row.probe, row.probe)} probe")
         a.axhline(1 / len(layers), color="0.5", linestyle="--", linewidth=1, label="equal weights")
-        numbers = [layer_index(layer) for layer in layers]
-        a.set_xticks(range(len(layers)), [layer if n is None else str(n) for layer, n in zip(layers, numbers)])
+        a.set_xticks(range(len(layers)), [_tick(layer) for layer in layers])
         a.set_xlabel("layer")
         a.set_ylabel("softmax weight")
         a.set_title("Weighted probes: layer weights")

@@ -178,15 +178,19 @@ def find_similarities(runs_dir) -> list[Similarity]:
             for path in sorted(root.rglob(SIMILARITY_FILE))]
 
 
+def similarity_of(data: dict, path: Path, name: str) -> Similarity:
+    """A similarity result as the report sees it, from what similarity.json holds."""
+    return Similarity(
+        name=name, path=path, split=data["split"], layers_a=list(data["layers_a"]),
+        layers_b=list(data["layers_b"]), matrix=data["matrix"], diagonal=data.get("diagonal"),
+        frames=data["frames"], model_a=(data.get("store_a") or {}).get("model"),
+        model_b=(data.get("store_b") or {}).get("model"))
+
+
 def read_similarity(path: Path, name: str) -> Similarity:
     """similarity.json as `w2vcache similarity` writes it; an error naming the file otherwise."""
     try:
-        data = json.loads(path.read_text())
-        return Similarity(
-            name=name, path=path, split=data["split"], layers_a=list(data["layers_a"]),
-            layers_b=list(data["layers_b"]), matrix=data["matrix"], diagonal=data.get("diagonal"),
-            frames=data["frames"], model_a=(data.get("store_a") or {}).get("model"),
-            model_b=(data.get("store_b") or {}).get("model"))
+        return similarity_of(json.loads(path.read_text()), path, name)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         why = f"{type(e).__name__}: {e}"
         raise W2VCacheError(f"{path}: not a similarity result of w2vcache similarity ({why})") from None
@@ -479,7 +483,8 @@ def _weights_table(rows: list[Row]) -> list[str]:
     return out + ["", "Each weight is the share of that layer in the sum the probe reads; the weights add up to 1."]
 
 
-def _weight_layers(rows: list[Row]) -> list[str]:
+def weight_layers(rows: list[Row]) -> list[str]:
+    """The layers weighted probes among `rows` weigh, in their order."""
     return list(dict.fromkeys(layer for r in rows if r.layer_weights for layer in r.layer_weights))
 
 
@@ -490,7 +495,7 @@ def csv_columns(rows: list[Row]) -> list[str]:
         for measure in MEASURES:
             columns += [f"{split}_{measure}_mean", f"{split}_{measure}_std", f"{split}_{measure}_n"]
     columns += [f"{split}_delta_wer_points" for split in splits]
-    for layer in _weight_layers(rows):
+    for layer in weight_layers(rows):
         columns += [f"weight_{layer}_mean", f"weight_{layer}_std"]
     return columns
 
@@ -549,19 +554,19 @@ def report_dict(rows: list[Row], runs: list[Run], runs_dir=None, similarities: l
 # Writing
 
 
-def load_report(runs_dir) -> tuple[list[Run], list[Row]]:
-    """The runs under RUNS and their rows; an error if nothing there has finished, unless RUNS holds
-    similarity results (they make a report on their own)."""
-    runs = find_runs(runs_dir)
-    if find_similarities(runs_dir):
-        return runs, summarize(runs)
+def load_report(runs_dir) -> tuple[list[Run], list[Row], list[Similarity]]:
+    """The runs under RUNS, their rows and the similarity results; an error if nothing there has
+    finished, unless RUNS holds similarity results (they make a report on their own)."""
+    runs, similarities = find_runs(runs_dir), find_similarities(runs_dir)
+    if similarities:
+        return runs, summarize(runs), similarities
     if not runs:
         raise W2VCacheError(f"{runs_dir}: no run directories (none holds {CONFIG} or {RESULT})")
     rows = summarize(runs)
     if not rows:
         waiting = "; ".join(f"{r.name} ({r.why_not_included})" for r in runs)
         raise W2VCacheError(f"{runs_dir}: no finished runs yet: {waiting}")
-    return runs, rows
+    return runs, rows, similarities
 
 
 def write_report(runs_dir, out_dir=None, formats=FORMATS, figure: bool = True) -> dict[str, Path]:
@@ -572,10 +577,9 @@ def write_report(runs_dir, out_dir=None, formats=FORMATS, figure: bool = True) -
     "similarity_png": ...} for the files written. An error names RUNS if it holds no run, or no
     finished run, and no similarity result.
     """
-    runs, rows = load_report(runs_dir)
+    runs, rows, similarities = load_report(runs_dir)
     out = Path(out_dir) if out_dir is not None else Path(runs_dir) / REPORT_NAME
-    return write_files(runs, rows, out, formats, figure=figure, runs_dir=runs_dir,
-                       similarities=find_similarities(runs_dir))
+    return write_files(runs, rows, out, formats, figure=figure, runs_dir=runs_dir, similarities=similarities)
 
 
 def write_files(runs: list[Run], rows: list[Row], out_dir, formats=FORMATS, figure: bool = True,

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .cli_common import user_errors
-from .report import FORMATS, REPORT_NAME, find_similarities, load_report, render_markdown, write_files
+from .report import FORMATS, REPORT_NAME, load_report, render_markdown, write_files
 
 
 @click.command("report")
@@ -32,8 +32,7 @@ def report_command(runs, out, formats, no_figure):
     the table. Failed and unfinished runs are listed, never averaged.
     """
     runs = Path(runs)
-    found, rows = load_report(runs)
-    similarities = find_similarities(runs)
+    found, rows, similarities = load_report(runs)
     written = write_files(found, rows, Path(out) if out else runs / REPORT_NAME, formats or FORMATS,
                           figure=not no_figure, runs_dir=runs, similarities=similarities)
     click.echo(render_markdown(rows, found, runs, similarities=similarities), nl=False)

@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 
 from . import record
 from .errors import W2VCacheError
+from .figure import can_plot, write_similarity_figure
 from .layers import choose_layers
+from .report import similarity_of
 from .store import FeatureStore, open_store
 
 MEASURES = ("cka",)
@@ -37,7 +39,6 @@ DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of float64 products held at once
 READ_FRAMES = 65_536  # store frames read per step (one layer at a time), bounding the raw read
 SAMPLED_ROWS = 2_048  # sampled frames per step: enough for efficient float64 products, ~16 KB per dim
 FILES = ("similarity.json", "similarity.csv", "similarity.png")
-NO_MATPLOTLIB = "not drawn: matplotlib is missing (pip install 'w2vcache[plots]')"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,7 +122,6 @@ class SimilarityResult:
     seconds: float
     record: dict = field(repr=False)  # what similarity.json holds
     files: dict[str, Path | None] = field(default_factory=dict)  # json, csv, png (None: not drawn)
-    notes: list[str] = field(default_factory=list)
 
 
 def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure: str = "cka",
@@ -354,13 +354,7 @@ def write_files(result: SimilarityResult, out, figure: bool = True) -> dict[str,
     with record.replacing(files["csv"]) as tmp:
         tmp.write_text(render_csv(result))
     if figure:
-        try:
-            import matplotlib  # noqa: F401  (the 'plots' extra)
-        except ImportError:
-            files["png"] = None
-            result.notes.append(f"{FILES[2]}: {NO_MATPLOTLIB}")
-        else:
-            files["png"] = write_figure(files["json"], out / FILES[2])
+        files["png"] = write_figure(result, files["json"], out / FILES[2]) if can_plot() else None
     result.files = files
     return files
 
@@ -375,10 +369,7 @@ def render_csv(result: SimilarityResult) -> str:
     return buffer.getvalue()
 
 
-def write_figure(json_path, path) -> Path:
+def write_figure(result: SimilarityResult, json_path: Path, path: Path) -> Path:
     """The report's similarity figure of this one result (figure.py): its heatmap and, between two
     stores of the same layers, the same-layer curve."""
-    from .figure import write_similarity_figure
-    from .report import read_similarity
-
-    return write_similarity_figure([read_similarity(Path(json_path), Path(json_path).parent.name)], path)
+    return write_similarity_figure([similarity_of(result.record, json_path, json_path.parent.name)], path)

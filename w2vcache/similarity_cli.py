@@ -7,7 +7,8 @@ its own (a `W2VCacheError` becomes a one-line error either way).
 import click
 
 from .cli_common import user_errors
-from .similarity import DEFAULT_MAX_FRAMES, DEFAULT_MEMORY_BUDGET, MEASURES, NO_MATPLOTLIB, similarity
+from .figure import NO_MATPLOTLIB
+from .similarity import DEFAULT_MAX_FRAMES, DEFAULT_MEMORY_BUDGET, MEASURES, similarity
 
 
 @click.command("similarity")
