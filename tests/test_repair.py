@@ -235,6 +235,23 @@ def test_an_int8_copy_is_repaired_from_its_float16_source(reference, tmp_path):
     assert verify(path).ok and open_store(path).dtype == "int8"
 
 
+def test_an_int8_copy_refuses_a_source_of_another_float_dtype(reference, tmp_path):
+    """The int8 copy was quantised from float16 features; float32 ones (of the same model and audio,
+    extracted again) would give other bytes."""
+    path = tmp_path / "int8.zarr"
+    copy_store(reference, path, layers="1-2", splits=["dev"], dtype="int8", progress=False)
+    wide = tmp_path / "float32.zarr"
+    extract(build_corpus(splits=SPLITS), ExtractConfig(store=str(wide), dtype="float32", **LAYOUT), progress=False)
+    damage(path, "dev", 1, "layer01")
+    before = layer_files(path)
+    result = run_cli("verify", "--repair", path, "--source", wide)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: cannot repair {path} from {wide}: it holds other features than the copy was made from "
+        "(provenance created, dtype differs); nothing was written")
+    assert layer_files(path) == before
+
+
 @pytest.fixture
 def own_audio_store(tmp_path):
     """A store of six files of our own (so that one can go missing), its block 0 damaged."""

@@ -8,11 +8,8 @@ thread casts, cuts and writes the features of the batch before.
 """
 
 import contextlib
-import json
 import math
-import os
 import queue
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 
 from . import record, text, threads
@@ -35,11 +31,11 @@ from .layers import choose_layers, layer_name
 from .space import StoreSize, check_space, plan_size
 from .spread import parse_shard, rank_device
 from .store import FeatureStore, SplitPlan, local_root
-from .store.layout import FAILED_REASON
+from .store.layout import DTYPES, FAILED_REASON, float_dtype
+from .store.records import write_run_record
 
 DEFAULT_STORE = "features.zarr"
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-RUNS_GROUP = "_runs"  # inside the store: one group per extraction run, its record as attributes
 PREFETCH_BATCHES = 2  # batches decoded ahead of the model; more only costs memory
 
 
@@ -246,7 +242,7 @@ class _BlockFiller:
             ready.synchronize()
             features = {name: x.numpy() for name, x in features.items()}
         if peaks is not None:
-            dtype = _host_dtype(self.store.dtype)
+            dtype = float_dtype(self.store.dtype)
             limit = float(np.finfo(dtype).max)
             for name, peak in zip(features, peaks.tolist()):
                 if math.isfinite(peak) and peak > limit:
@@ -266,13 +262,6 @@ class _BlockFiller:
             else:
                 self.store.mark_done(block)
             self.writer = self.block = None
-
-
-def _host_dtype(store_dtype: str) -> str:
-    """What the device hands the writer: the store's float type; for int8, float16, which the
-    writer quantises per chunk (its scales span batches, so not on the device). An int8 store is
-    then exactly the quantised float16 store: `copy --dtype int8` of one gives the same bytes."""
-    return "float16" if store_dtype == "int8" else store_dtype
 
 
 def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
@@ -355,7 +344,8 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
     include_cnn = CNN_LAYER in layers
     names = backbone.layer_names(include_cnn=include_cnn)
     keep = [names.index(name) for name in layers]
-    store_dtype = getattr(torch, _host_dtype(config.dtype))
+    # An int8 store gets float16, quantised by the writer per chunk (its scales span batches).
+    store_dtype = getattr(torch, float_dtype(config.dtype))
     compute = COMPUTE_DTYPES[config.compute_dtype]
     device = next(backbone.model.parameters()).device
     max_frames = max(1, int(config.batch_seconds * backbone.frame_rate))
@@ -421,8 +411,8 @@ class _Prepared:
 def _prepare(corpus: Corpus, config: ExtractConfig, progress: bool, backbone: Backbone | None) -> _Prepared:
     device = _device(config)
     shard = parse_shard(config.shard)
-    if config.dtype not in ("float16", "float32", "int8"):
-        raise W2VCacheError(f"--dtype {config.dtype!r}: choose float16, float32 or int8")
+    if config.dtype not in DTYPES:
+        raise W2VCacheError(f"--dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
     if backbone is None:
         backbone = load_backbone(config.model, device=device, revision=config.revision)
     layers = select_layers(config.layers, backbone.num_layers)
@@ -502,19 +492,10 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
 
 
 def _write_run_record(config: ExtractConfig, device: str, result: ExtractResult) -> None:
-    """One group per run inside the store, its attributes saying what ran, where, with which
-    versions and how fast. A group of its own, so concurrent shard workers never race on it."""
-    name = f"extract-{record.now().replace(':', '').replace('+', '')}-{socket.gethostname()}-{os.getpid()}"
-    group = zarr.open_group(str(config.store), path=f"{RUNS_GROUP}/{name}", mode="a", zarr_format=3)
-    group.attrs.update(json.loads(json.dumps(
-        {
-            "command": record.command_line(),
-            "config": asdict(config),
-            "device": device,
-            "torch_threads": torch.get_num_threads(),  # the last block's (config.threads: as asked)
-            "versions": record.versions(),
-            "finished": record.now(),
-            "result": asdict(result) | {"audio_seconds_per_second": result.speed},
-        },
-        default=str,
-    )))
+    """The run's record in the store (store/records.py): what ran, where, and how fast."""
+    write_run_record(config.store, "extract", {
+        "config": asdict(config),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),  # the last block's (config.threads: as asked)
+        "result": asdict(result) | {"audio_seconds_per_second": result.speed},
+    })

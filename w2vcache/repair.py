@@ -22,17 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import zarr
 from tqdm.auto import tqdm
 
-from . import record
 from .audio import AudioError, audio_info, check_complete, check_format
 from .checkpoints import load_backbone
 from .errors import W2VCacheError
-from .extract import RUNS_GROUP, ExtractConfig, _device, fill_blocks
-from .share import SUBSET_KEY, _copy_blocks, _run_name
+from .extract import ExtractConfig, _device, fill_blocks
+from .share import SUBSET_KEY, _copy_blocks
 from .store import FeatureStore, VerifyReport, local_root, open_store, record_verification, verify
 from .store.layout import Block
+from .store.records import latest, run_records, write_run_record
 
 # Model description keys that say nothing about the features: the library version that wrote the
 # config. Everything else the store records about its model must match the model loaded here.
@@ -149,15 +148,9 @@ def _from_audio(store: FeatureStore, blocks: list[Block], config: RepairConfig) 
 
 def _last_extraction(store: FeatureStore) -> dict:
     """The config (and device) of the store's last extraction run, from its _runs records; {} if none."""
-    try:
-        runs = store._root[RUNS_GROUP]
-        records = [attrs for name, group in runs.groups() if name.startswith("extract-")
-                   and isinstance((attrs := group.attrs.asdict()).get("config"), dict)]
-    except KeyError:
+    last = latest(run_records(store, "extract"), lambda r: isinstance(r.get("config"), dict))
+    if last is None:
         return {}
-    if not records:
-        return {}
-    last = max(records, key=lambda r: str(r.get("finished", "")))
     return {**last["config"], "device": last.get("device") or last["config"].get("device")}
 
 
@@ -260,14 +253,13 @@ def _check_source(store: FeatureStore, source: FeatureStore, blocks: list[Block]
     def refuse(why: str) -> None:
         raise W2VCacheError(f"cannot repair {store.path} from {source.path}: {why}; nothing was written")
 
+    # The provenance names the features' dtype (a converted copy's: its source's, which it is
+    # converted from again), the model, the audio and when they were extracted.
     own = {k: v for k, v in store.provenance.items() if k != SUBSET_KEY}
     theirs = {k: v for k, v in source.provenance.items() if k != SUBSET_KEY}
     if own != theirs:
         keys = sorted(k for k in set(own) | set(theirs) if own.get(k) != theirs.get(k))
         refuse(f"it holds other features than the copy was made from (provenance {', '.join(keys)} differs)")
-    # An int8 copy of a float store is written again by quantising the source, as `copy` did.
-    if source.dtype != store.dtype and store.dtype != "int8":
-        refuse(f"its dtype is {source.dtype}, the copy's {store.dtype}")
     for layer, dim in store.layers.items():
         if source.layers.get(layer) != dim:
             refuse(f"it has no layer {layer} of dim {dim}")
@@ -288,7 +280,4 @@ def _check_source(store: FeatureStore, source: FeatureStore, blocks: list[Block]
 
 def _write_run_record(store: FeatureStore, what: dict) -> None:
     """This run's record in <store>/_runs/repair-..., beside the extraction and copy runs."""
-    group = zarr.open_group(str(local_root(store.path)), path=f"{RUNS_GROUP}/{_run_name('repair')}", mode="a", zarr_format=3)
-    group.attrs.put(json.loads(json.dumps({
-        "command": record.command_line(), "repair": what, "versions": record.versions(),
-        "finished": record.now()}, default=str)))
+    write_run_record(local_root(store.path), "repair", {"repair": what})

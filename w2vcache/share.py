@@ -54,8 +54,9 @@ from .store import (
     url_protocol,
     verify,
 )
+from .store.layout import float_dtype
+from .store.records import RUNS_GROUP, has_records, run_name, run_records, write_run_record
 
-RUNS_GROUP = "_runs"  # as in extract.py: one group per run, its record as attributes (provenance)
 SUBSET_KEY = "subset_of"  # provenance key of a copy: where it came from and what it left out
 EXPORT_KEY = "exported_from"  # provenance key of an HDF5 export
 HDF5_FORMAT = "w2vcache-hdf5"
@@ -175,20 +176,11 @@ def _subset_record(store: FeatureStore, layers: list[str], splits: list[str]) ->
     return out
 
 
-def _run_name(kind: str) -> str:
-    return f"{kind}-{record.now().replace(':', '').replace('+', '')}-{socket.gethostname()}-{os.getpid()}"
-
-
 def _copy_runs(source: FeatureStore, destination: Path) -> int | None:
     """Copy the source's run records (_runs/<name> attributes) into a local store: how many, or
     None where the source cannot list them (a plain http server without an index page)."""
-    try:
-        runs = source._root[RUNS_GROUP]
-    except KeyError:
-        return 0
-    try:
-        records = {name: group.attrs.asdict() for name, group in runs.groups()}
-    except Exception:  # listing a remote store: fsspec's errors differ by protocol
+    records = run_records(source)
+    if records is None:
         return None
     for name, attrs in records.items():
         group = zarr.open_group(str(destination), path=f"{RUNS_GROUP}/{name}", mode="a", zarr_format=3)
@@ -284,12 +276,9 @@ def _copy_dtype(source: FeatureStore, dtype: str | None, where: str) -> str:
 
 def _record_copy(root: Path, result: CopyResult) -> None:
     """This run's record in <store>/_runs/copy-...; a finished copy run again adds none."""
-    if not result.blocks_copied and any((root / RUNS_GROUP).glob("copy-*/zarr.json")):
+    if not result.blocks_copied and has_records(root, "copy"):
         return
-    group = zarr.open_group(str(root), path=f"{RUNS_GROUP}/{_run_name('copy')}", mode="a", zarr_format=3)
-    group.attrs.put(json.loads(json.dumps({
-        "command": record.command_line(), "copy": asdict(result),
-        "versions": record.versions(), "finished": record.now()}, default=str)))
+    write_run_record(root, "copy", {"copy": asdict(result)})
 
 
 def _earlier_copy_time(dst: Any, subset: dict) -> str | None:
@@ -491,7 +480,7 @@ def _add_run_record(zf: zipfile.ZipFile, with_runs_group: bool, attributes: dict
 
     if with_runs_group:
         zf.writestr(zipfile.ZipInfo(f"{RUNS_GROUP}/zarr.json", date_time=ZIP_DATE_TIME), group({}))
-    name = f"{RUNS_GROUP}/{_run_name('pack')}/zarr.json"
+    name = f"{RUNS_GROUP}/{run_name('pack')}/zarr.json"
     zf.writestr(zipfile.ZipInfo(name, date_time=ZIP_DATE_TIME), group(json.loads(json.dumps(attributes, default=str))))
 
 
@@ -521,7 +510,7 @@ def export_hdf5(store: Any, file_h5: str | os.PathLike, layers: str | Sequence[s
         _require_complete(source, keep_splits, "export")
         subset = {**_subset_record(source, keep_layers, keep_splits), "exported": record.now()}
         provenance = {**source.provenance, EXPORT_KEY: subset}
-        dtype = _export_dtype(source.dtype)
+        dtype = float_dtype(source.dtype)  # int8 decoded: plain h5py readers apply no scales
         if dtype != source.dtype:
             subset["decoded"] = {"from": source.dtype, "to": dtype}
         meta = {"format": HDF5_FORMAT, "format_version": HDF5_FORMAT_VERSION,
@@ -552,16 +541,10 @@ def export_hdf5(store: Any, file_h5: str | os.PathLike, layers: str | Sequence[s
                         left_out={"layers": subset["left_out_layers"], "splits": subset["left_out_splits"]})
 
 
-def _export_dtype(dtype: str) -> str:
-    """An HDF5 layer's dtype: the store's; an int8 store's decoded to float16, for plain h5py
-    readers (its scales would be one more thing to apply), at the size of a float16 store's export."""
-    return "float16" if dtype == "int8" else dtype
-
-
 def _export_split(source: FeatureStore, split: str, layers: list[str], group: Any, bar: tqdm) -> tuple[int, int]:
     import h5py
 
-    dtype = _export_dtype(source.dtype)
+    dtype = float_dtype(source.dtype)
     index = source._split_index(split)
     strings = h5py.string_dtype("utf-8")
     for name, values in (("ids", index.ids), ("texts", index.texts), ("paths", index.paths)):

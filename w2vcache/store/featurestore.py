@@ -568,7 +568,7 @@ class FeatureStore:
         padded = np.zeros((rows, x.shape[1]), dtype=self.feature_dtype)
         padded[: block.n_frames] = x
         if self.dtype == INT8:
-            self._write_int8_layer(block, layer, *quantise(padded, chunk))
+            self._put_int8(block, layer, *quantise(padded, chunk))
             return
         self._array(block.split, layer)[block.frame_offset: block.frame_offset + rows] = padded
         self._layers_written.setdefault((block.split, block.index), set()).add(layer)
@@ -579,15 +579,20 @@ class FeatureStore:
         self._check_writable()
         self._check_block(block)
         chunk = self.chunk_frames(block.split)
-        first = block.frame_offset // chunk
         rows = -(-block.n_frames // chunk) * chunk
         if q.shape != (rows, self.layers[layer]) or q.dtype != np.int8 or scales.shape != (rows // chunk, q.shape[1]):
             raise W2VCacheError(f"store {self.path}: {block.split} block {block.index}: {layer} int8 "
                                 f"rows {q.shape} {q.dtype} / scales {scales.shape} do not cover the block's chunks")
+        self._put_int8(block, layer, q, scales)
+
+    def _put_int8(self, block: Block, layer: str, q: np.ndarray, scales: np.ndarray) -> None:
+        """Write a block's int8 rows and their scales, already checked."""
+        chunk = self.chunk_frames(block.split)
+        first = block.frame_offset // chunk
         # Order does not matter: nothing of the block is read until it is marked done, and a run
         # that resumes it rewrites values and scales alike.
-        self._array(block.split, layer + SCALE_SUFFIX)[first: first + rows // chunk] = scales
-        self._array(block.split, layer)[block.frame_offset: block.frame_offset + rows] = q
+        self._array(block.split, layer + SCALE_SUFFIX)[first: first + len(scales)] = scales
+        self._array(block.split, layer)[block.frame_offset: block.frame_offset + len(q)] = q
         self._layers_written.setdefault((block.split, block.index), set()).add(layer)
 
     def mark_done(self, block: Block, failed: Sequence[Mapping[str, str]] = ()) -> None:

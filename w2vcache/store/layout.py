@@ -118,12 +118,9 @@ class SplitStatus:
 
 
 def choose_chunk_frames(layers: Mapping[str, int], dtype: str) -> int:
-    """Frames per chunk so that the widest layer's chunk is about CHUNK_BYTES (at most MAX_CHUNK_FRAMES).
-
-    An int8 store is laid out as a float16 one (2 MiB chunks): its scales then cover the same
-    frames as a float16 store's chunks, and `copy --dtype int8` of that store equals extracting int8.
-    """
-    bytes_per_frame = max(layers.values()) * np.dtype("float16" if dtype == INT8 else dtype).itemsize
+    """Frames per chunk so that the widest layer's chunk is about CHUNK_BYTES (at most MAX_CHUNK_FRAMES);
+    an int8 store's are a float16 store's (float_dtype)."""
+    bytes_per_frame = max(layers.values()) * np.dtype(float_dtype(dtype)).itemsize
     return max(1, min(MAX_CHUNK_FRAMES, CHUNK_BYTES // bytes_per_frame))
 
 
@@ -164,6 +161,14 @@ def plan_blocks(lengths: Sequence[int], chunk_frames: int, block_chunks: int) ->
     return offsets, np.array(blocks, dtype=np.int64).reshape(-1, 2)
 
 
+def float_dtype(dtype: str) -> str:
+    """The float type a store of `dtype` is made from: its own; for int8, float16. An int8 store is
+    the float16 one quantised: the same chunks (so its scales cover a float16 store's chunks), the
+    same floats handed to the writer, and so `copy --dtype int8` of a float16 store equals
+    extracting int8; an export decodes it to the float16 a plain reader expects."""
+    return "float16" if dtype == INT8 else dtype
+
+
 def feature_dtype(dtype: str) -> str:
     """What reading a layer of a store of `dtype` returns: int8 decodes to float32."""
     return FLOAT_OF_INT8 if dtype == INT8 else dtype
@@ -182,9 +187,13 @@ def quantise(x: np.ndarray, chunk_frames: int) -> tuple[np.ndarray, np.ndarray]:
     rows, dim = x.shape
     assert rows % chunk_frames == 0, (rows, chunk_frames)
     chunks = x.reshape(rows // chunk_frames, chunk_frames, dim)
-    scales = (np.abs(chunks).max(axis=1).astype(np.float32) / np.float32(INT8_MAX)).astype(np.float32)
+    # max |x| as max(max x, -min x), and the rounding in place: no full-size temporary but q (the
+    # writer's hot path; the values are the same as abs().max() and rint()'s).
+    peaks = np.maximum(chunks.max(axis=1), -chunks.min(axis=1))
+    scales = (peaks.astype(np.float32) / np.float32(INT8_MAX)).astype(np.float32)
     divisor = np.where(scales > 0, scales, np.float32(1))[:, None, :]
-    q = np.rint(np.divide(chunks, divisor, dtype=np.float32))
+    q = np.divide(chunks, divisor, dtype=np.float32)
+    np.rint(q, out=q)
     np.clip(q, -INT8_MAX, INT8_MAX, out=q)  # rounding of max / scale can pass 127 by an ulp
     return q.astype(np.int8).reshape(rows, dim), scales
 

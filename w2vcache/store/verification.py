@@ -35,6 +35,7 @@ from .layout import (
     VERIFICATION_KEY,
 )
 from .location import _store_label
+from .records import latest, run_records
 
 HTTP_PROTOCOLS = ("http", "https")  # read-only, and no listing: bytes on disk are unknown there
 EXISTS_CONCURRENCY = 10  # chunk-existence checks in flight at once (as zarr's async.concurrency)
@@ -227,7 +228,7 @@ def _verify_split(store: FeatureStore, split: str, report: VerifyReport, pending
             if done[b]:
                 first = int(offsets[start]) // chunk_frames
                 last = -(-int(offsets[start] + lengths[start:stop].sum()) // chunk_frames)
-                if not _verify_chunks(array, f"{split}/{layer}", first, last, report):
+                if _read_chunks(array, f"{split}/{layer}", first, last, report) is None:
                     report._damaged(split, b)
                 if scales is not None and not _verify_scales(scales, f"{split}/{layer}{SCALE_SUFFIX}",
                                                              first, last, report):
@@ -252,9 +253,9 @@ def _scale_array(group: zarr.Group, split: str, layer: str, dtype: str, shape: t
 
 def _verify_scales(array: zarr.Array, name: str, first: int, last: int, report: VerifyReport) -> bool:
     """The scales of chunks first..last-1 exist, decode, and are finite and >= 0."""
-    if not _verify_chunks(array, name, first, last, report):
+    values = _read_chunks(array, name, first, last, report)
+    if values is None:
         return False
-    values = array[first:last]
     bad = np.flatnonzero(~(np.isfinite(values) & (values >= 0)).all(axis=1))
     for c in bad:
         report.problems.append(f"{name} chunk {first + c}: scales that are negative, NaN or infinite")
@@ -303,8 +304,8 @@ def _read_markers(array: zarr.Array, split: str, report: VerifyReport) -> np.nda
     return done
 
 
-def _verify_chunks(array: zarr.Array, name: str, first: int, last: int, report: VerifyReport) -> bool:
-    """Chunks first..last-1 (along frames) must exist and decode; False if any does not."""
+def _read_chunks(array: zarr.Array, name: str, first: int, last: int, report: VerifyReport) -> np.ndarray | None:
+    """Chunks first..last-1 (along frames), which must exist and decode; None (reported) if any does not."""
     step = array.chunks[0]
     keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, 0))}" for c in range(first, last)]
     intact = True
@@ -314,8 +315,8 @@ def _verify_chunks(array: zarr.Array, name: str, first: int, last: int, report: 
             intact = False
     report.chunks_checked += last - first
     try:
-        array[first * step: last * step]
-        return intact
+        values = array[first * step: last * step]
+        return values if intact else None
     except Exception:
         pass
     for c in range(first, last):
@@ -323,7 +324,7 @@ def _verify_chunks(array: zarr.Array, name: str, first: int, last: int, report: 
             array[c * step: (c + 1) * step]
         except Exception as e:
             report.problems.append(f"{name} chunk {c}: checksum mismatch or unreadable ({e})")
-    return False
+    return None
 
 
 def _keys_exist(store: Any, keys: list[str]) -> list[bool]:
@@ -447,19 +448,9 @@ def _info(store: FeatureStore) -> dict:
     }
 
 
-RUNS_GROUP = "_runs"  # as in extract.py (not imported: that would load torch for `info`)
-
-
 def _compute_error(store: FeatureStore) -> dict | None:
     """The error against float32 that the latest extraction run in a reduced compute dtype
     measured on its first batch; None for float32 stores, stores from before w2vcache measured it,
     and stores whose records cannot be listed (plain http)."""
-    try:
-        runs = store._root[RUNS_GROUP]
-        records = [group.attrs.asdict() for name, group in runs.groups() if name.startswith("extract-")]
-    except Exception:  # no _runs group (KeyError), or a remote store that cannot be listed
-        return None
-    measured = [r for r in records if isinstance((r.get("result") or {}).get("compute_error"), dict)]
-    if not measured:
-        return None
-    return max(measured, key=lambda r: str(r.get("finished", "")))["result"]["compute_error"]
+    last = latest(run_records(store, "extract"), lambda r: isinstance((r.get("result") or {}).get("compute_error"), dict))
+    return last and last["result"]["compute_error"]

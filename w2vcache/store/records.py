@@ -1,0 +1,57 @@
+"""The records of the runs that wrote a store: one group per run, `_runs/<kind>-<time>-<host>-<pid>`,
+its attributes saying what ran (command, config, versions, when it finished, what it did).
+
+A group of its own per run, so concurrent writers (extraction shards, a copy beside them) never
+race on one attribute file. Kinds: extract, copy, repair, pack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import zarr
+
+from w2vcache import record
+
+RUNS_GROUP = "_runs"
+
+
+def run_name(kind: str) -> str:
+    """A new run's group name: its kind, when, and which host and process."""
+    return f"{kind}-{record.now().replace(':', '').replace('+', '')}-{socket.gethostname()}-{os.getpid()}"
+
+
+def write_run_record(root: str | os.PathLike, kind: str, fields: dict) -> None:
+    """Record a run in the local store at `root`: `fields`, with the command line, the versions
+    and the time it finished."""
+    attrs = {"command": record.command_line(), **fields, "versions": record.versions(), "finished": record.now()}
+    group = zarr.open_group(str(root), path=f"{RUNS_GROUP}/{run_name(kind)}", mode="a", zarr_format=3)
+    group.attrs.put(json.loads(json.dumps(attrs, default=str)))
+
+
+def run_records(store, kind: str | None = None) -> dict[str, dict] | None:
+    """The store's run records by group name, those of one kind when given; {} when it has none,
+    None where it cannot list them (a plain http server without an index page)."""
+    try:
+        runs = store._root[RUNS_GROUP]
+    except KeyError:
+        return {}
+    try:
+        return {name: group.attrs.asdict() for name, group in runs.groups()
+                if kind is None or name.startswith(f"{kind}-")}
+    except Exception:  # listing a remote store: fsspec's errors differ by protocol
+        return None
+
+
+def latest(records: dict[str, dict] | None, has=lambda r: True) -> dict | None:
+    """The last finished of `records` for which `has` holds; None if none does."""
+    found = [r for r in (records or {}).values() if has(r)]
+    return max(found, key=lambda r: str(r.get("finished", ""))) if found else None
+
+
+def has_records(root: Path, kind: str) -> bool:
+    """Whether the local store at `root` holds a record of this kind."""
+    return any((Path(root) / RUNS_GROUP).glob(f"{kind}-*/zarr.json"))
