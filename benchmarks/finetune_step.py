@@ -8,12 +8,13 @@ corpus, in one process, alternating (after one warm-up step each) and reporting 
 
 - w2vcache: `FinetuneTask.loss(batch)` (backbone unfrozen, as after the freeze epochs; CNN feature
   encoder frozen; time masking and final dropout as FinetuneConfig's defaults), backward, gradient
-  clipping and an Adam step, as `train.py` does them.
+  clipping and an Adam step, as `train.py` does them (its fused Adam, train.make_optimizer).
 - transformers: `Wav2Vec2ForCTC` built from the same config (vocab_size=30, same masking and
   dropout), base-model and head weights copied from w2vcache's, `freeze_feature_encoder()`, fed
   what a hand-written script feeds it: a batch normalised and zero-padded by
   Wav2Vec2FeatureExtractor outside the step, with attention_mask only for layer-norm
-  (`feat_extract_norm="layer"`) models; then the same backward, clipping and Adam step.
+  (`feat_extract_norm="layer"`) models; then the same backward and clipping, and the Adam step
+  a script writes (`torch.optim.Adam(params, lr)`: unfused on CPU).
 
 Target ratio: at most 1.05. Both sides run with the same thread count: w2vcache's choice
 (threads.py: the cores no other process keeps busy, for a model this size) unless --threads says.
@@ -33,7 +34,7 @@ from w2vcache.audio import SAMPLE_RATE
 from w2vcache.checkpoints import load_backbone
 from w2vcache.corpus import build_corpus
 from w2vcache.finetune import AudioBatches, FinetuneConfig, FinetuneTask
-from w2vcache.train import TrainConfig, seed_everything
+from w2vcache.train import TrainConfig, make_optimizer, seed_everything
 
 CLIP_NORM, LR = TrainConfig.clip_norm, TrainConfig.lr
 
@@ -72,7 +73,7 @@ def main():
     members = max(batches, key=lambda b: sum(len(utterances[i].text) for i in b))  # most speech
     batch = AudioBatches(utterances, frames, [members], 0, 1)[0]
     waves, texts = batch.waves, batch.texts
-    ours_opt = torch.optim.Adam(task.model.parameters(), lr=LR)
+    ours_opt = make_optimizer(task.model.parameters(), LR)  # the training loop's (fused Adam)
 
     # -- transformers: same config and weights, fed as a hand-written script would feed it
     hf_config = copy.deepcopy(backbone.config)  # keeps the attention implementation too

@@ -51,7 +51,7 @@ from w2vcache.extract import ExtractConfig, extract
 from w2vcache.layers import layer_name
 from w2vcache.probe import ProbeConfig, ProbeTask
 from w2vcache.store import open_store
-from w2vcache.train import TrainConfig, seed_everything
+from w2vcache.train import TrainConfig, make_optimizer, seed_everything
 
 
 class ForwardEveryStep:
@@ -130,7 +130,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 def epoch(task: ProbeTask, model: nn.Module, order) -> dict:
     """The training loop's step over every batch, each phase timed."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model.parameters(), 1e-4)  # the training loop's
     parts = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
     model.train()
     for indices in order:
@@ -154,7 +154,7 @@ def epoch(task: ProbeTask, model: nn.Module, order) -> dict:
 
 def loop_epoch(task: ProbeTask, epoch_index: int) -> dict:
     """train.py's epoch, its data wait measured the way train.py measures it: around next()."""
-    optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(task.model.parameters(), 1e-4)
     task.model.train()
     waits, started = [], time.perf_counter()
     iterator = iter(task.train_batches(epoch_index))
@@ -242,7 +242,9 @@ def main():
               f"{len(chosen)} utterances, {total:.1f} s of audio, {real} frames in {len(order)} batches of "
               f"<= {args.batch_frames} padded frames, {used} torch thread(s)")
 
-        epoch(task, task.model, order[:1])  # warm-up: oneDNN primitives, allocator
+        # Warm-up, a whole epoch: oneDNN makes its primitives for each batch shape the first time it
+        # meets it (every epoch after the first has the same shapes), and the allocator grows.
+        epoch(task, task.model, order)
         ours = epoch(task, task.model, order)
         plain = epoch(task, PlainLSTM(task.model), order)
         # The packed kernel is slow: timed on the first batch only, against ours on the same batch.

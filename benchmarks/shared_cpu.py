@@ -32,7 +32,7 @@ from w2vcache.extract import ExtractConfig, extract
 from w2vcache.finetune import AudioBatches, FinetuneConfig, FinetuneTask
 from w2vcache.probe import ProbeConfig, ProbeTask
 from w2vcache.store import open_store
-from w2vcache.train import TrainConfig
+from w2vcache.train import TrainConfig, make_optimizer
 
 BUSY = "while True: pass"
 
@@ -59,7 +59,7 @@ def update(model, loss, optimizer) -> None:
 
 def probe_steps(task: ProbeTask, batches, requested):
     """The training loop's step (forward, CTC, backward, clipping, Adam) over `batches`."""
-    optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(task.model.parameters(), 1e-4)  # the training loop's
 
     def run():
         n = threads.use(requested, task.model)
@@ -78,7 +78,7 @@ def finetune_step(model: str, batch_seconds: float, requested):
     split = task.splits["train"]
     utterances, frames, batches = split.utterances, split.frames, split.batches
     batch = AudioBatches(utterances, frames, [batches[len(batches) // 2]], 0, 1)[0]
-    optimizer = torch.optim.Adam(task.model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(task.model.parameters(), 1e-4)  # the training loop's
 
     def run():
         n = threads.use(requested, task.model)
