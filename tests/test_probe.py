@@ -245,9 +245,12 @@ def test_incomplete_split_is_refused(tmp_path):
     backbone = load_backbone("builtin:tiny")
     config = ExtractConfig(store=str(tmp_path / "partial.zarr"), chunk_frames=64, block_chunks=2)
     layers = select_layers("all", backbone.num_layers)
-    plans = plan_splits(build_corpus(), backbone, progress=False)
+    corpus = build_corpus()  # a few utterances to train on, and all of dev: several blocks
+    corpus.splits = {"train": corpus.splits["train"][:6], "dev": corpus.splits["dev"]}
+    plans = plan_splits(corpus, backbone, progress=False)
     with FeatureStore.create(config.store, provenance(backbone, config, layers), plans,
                              {n: backbone.hidden_size for n in layers}, chunk_frames=64, block_chunks=2) as s:
+        assert len(s.pending_blocks("dev")) > 1  # so that some are left out
         blocks = [b for split in plans for b in s.pending_blocks(split) if not (split == "dev" and b.index > 0)]
         fill_blocks(s, blocks, backbone, layers, config, progress=False)
     with pytest.raises(W2VCacheError, match=r"dev.*(incomplete|not extracted|missing)"):
