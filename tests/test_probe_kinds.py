@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import run_killed_after_first_checkpoint
 from test_report import markdown_tables
 from w2vcache.cli import main
+from w2vcache.errors import W2VCacheError
 from w2vcache.layers import weighted_layers
 from w2vcache.probe import LinearProbe, ProbeConfig, ProbeTask
 from w2vcache.report import write_report
@@ -161,6 +162,9 @@ def test_cli_sweep_names_and_refusals(store, tmp_path):
     assert bad_kind.exit_code == 2 and "'mlp' is not one of 'bilstm', 'linear'" in bad_kind.output
     bad_layer = cli("probe", "--store", store, "--layer", "weighted,9", "--out", tmp_path / "x")
     assert bad_layer.exit_code == 1 and "no layer layer09" in bad_layer.output
+    # From Python, the config itself refuses an unknown kind, before a store is opened.
+    with pytest.raises(W2VCacheError, match=r"^--probe 'mlp': choose bilstm or linear$"):
+        ProbeConfig(probe="mlp")
 
 
 def test_report_shows_linear_and_weighted_probes_from_their_runs(store, tmp_path):

@@ -93,10 +93,10 @@ def write_figure(rows: list[Row], path) -> Path:
                 x[id(r)] = max(numbered, default=-1) + 1.5
             else:
                 x[id(r)] = named.index(r.label) - len(named)
-        kinds = list(dict.fromkeys(r.probe or "bilstm" for r in probes))
+        kinds = list(dict.fromkeys(r.probe for r in probes))
         for kind in kinds:
             linear = kind != "bilstm"
-            mine = [r for r in probes if (r.probe or "bilstm") == kind]
+            mine = [r for r in probes if r.probe == kind]
             for split in splits:
                 scored = [r for r in mine if split in r.wer_percent and not r.weighted]
                 style = dict(color=colours[split], marker="s" if linear else "o", markersize=3, capsize=3)

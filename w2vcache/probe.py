@@ -55,6 +55,10 @@ class ProbeConfig:
     # order and so every metric are the same either way, so it is not part of the run's record.
     prefetch: int = 2
 
+    def __post_init__(self):
+        if self.probe not in PROBES:
+            raise W2VCacheError(f"--probe {self.probe!r}: choose {' or '.join(PROBES)}")
+
     def record(self, weighted: bool) -> dict:
         """config.json's "model": the options this probe uses, and only those (a linear probe has
         no LSTM, so --hidden, --lstm-layers and --dropout are not recorded for it)."""
@@ -245,8 +249,6 @@ class ProbeTask:
 
     def __init__(self, store, layer: str, config: ProbeConfig, train_config: TrainConfig, train_split: str = "train",
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu"):
-        if config.probe not in PROBES:
-            raise W2VCacheError(f"--probe {config.probe!r}: choose {' or '.join(PROBES)}")
         self.config, self.seed, self.device = config, train_config.seed, torch.device(device)
         self.weighted, self.layers = layer == WEIGHTED, probe_layers(store, layer)
         train_config = test_splits_for(train_config, store.splits)
@@ -528,8 +530,6 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     share of that (or of all), on cuda:LOCAL_RANK with device "cuda". No process group is needed."""
     share = share_of(shard)
     device = rank_device(device)
-    if config.probe not in PROBES:
-        raise W2VCacheError(f"--probe {config.probe!r}: choose {' or '.join(PROBES)}")
     store = open_store(store_url)
     check_store(store)
     chosen, seed_list = choose_sources(layers, list(store.layers)), parse_seeds(seeds)

@@ -315,7 +315,7 @@ def notes(runs: list[Run]) -> list[str]:
         first = members[0]
         named = first.kind == "probe" and first.layer is None and not first.weighted  # the CNN output
         label = f"{first.kind} " + (first.experiment if named else experiment_name(
-            first.kind, first.layer, first.reinit, first.probe or "bilstm", first.weighted))
+            first.kind, first.layer, first.reinit, first.probe, first.weighted))
         names = sorted({r.experiment for r in members})
         if len(names) > 1:
             found.append(f"{label}: seeds averaged together carry different experiment names ({', '.join(names)})")
@@ -333,7 +333,7 @@ def not_included(runs: list[Run]) -> list[Run]:
 def best_probe(rows: list[Row], measure: str = "wer", probe: str = "bilstm") -> tuple[Row, str] | None:
     """The layer probe (BiLSTM, or linear) row with the lowest mean WER (or CER) on dev (test-clean
     where no such probe reports dev). Weighted probes are not layers: they are left out."""
-    probes = [r for r in rows if r.kind == "probe" and (r.probe or "bilstm") == probe and not r.weighted]
+    probes = [r for r in rows if r.kind == "probe" and r.probe == probe and not r.weighted]
     stats = {id(r): getattr(r, f"{measure}_percent") for r in probes}
     names = split_order(s for r in probes for s in stats[id(r)])
     for split in ("dev", *(s for s in names if s.startswith("dev")), "test-clean", *names):
@@ -375,7 +375,7 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
     out.append("WER and CER in %: mean ± sample standard deviation over seeds (n = seeds averaged).")
 
     for kind, heading in PROBE_SECTIONS.items():
-        probes = [r for r in rows if r.kind == "probe" and (r.probe or "bilstm") == kind]
+        probes = [r for r in rows if r.kind == "probe" and r.probe == kind]
         if not probes:
             continue
         splits = split_order(s for r in probes for s in r.wer_percent)

@@ -51,8 +51,6 @@ def share_of(shard: str | None, ranks: bool = True) -> Share:
     """The share of `--shard I/N` (None: the whole sweep), split further between torchrun's ranks
     when `ranks` and no process group is initialised (an initialised group trains runs together).
     Errors as extract's --shard: `--shard 3/2: needs 0 <= I < N`."""
-    if shard is None and not (ranks and "RANK" in os.environ):
-        return Share()
     job, jobs = parse_shard(shard) if shard is not None else (0, 1)
     rank, world = (0, 1)
     if ranks and not dist.is_initialized():
