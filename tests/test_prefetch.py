@@ -8,7 +8,10 @@ import time
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from w2vcache import probe as probe_module
+from w2vcache.cli import main
 from w2vcache.probe import PREFETCH_THREAD, ProbeConfig, ProbeTask, _Prefetched, probe
 from w2vcache.store import open_store
 from w2vcache.train import TrainConfig, seed_everything, train
@@ -59,12 +62,22 @@ def test_prefetched_batches_equal_the_unprefetched_ones_in_order(bundled_store, 
     assert no_prefetch_thread_left(timeout=0)  # each epoch's iterator ended its worker
 
 
-def test_a_run_with_prefetch_equals_one_without(bundled_store, tmp_path):
-    runs = {}
+def test_a_run_with_prefetch_equals_one_without(bundled_store, tmp_path, monkeypatch):
+    """The default (2 ahead, from Python) and `w2vcache probe --prefetch 0` train the same run."""
+    runs, prefetchers = {}, []
+    monkeypatch.setattr(probe_module, "_Prefetched",
+                        lambda *args: prefetchers.append(args) or _Prefetched(*args))
     for prefetch in (0, 2):
-        config = ProbeConfig(**SMALL, prefetch=prefetch)
-        probe(str(bundled_store), layers="2", seeds="0", out=tmp_path / f"p{prefetch}", config=config,
-              train_config=TrainConfig(epochs=2, lr=2e-3), progress=False, num_threads=1)
+        if prefetch:
+            probe(str(bundled_store), layers="2", seeds="0", out=tmp_path / f"p{prefetch}", config=ProbeConfig(**SMALL),
+                  train_config=TrainConfig(epochs=2, lr=2e-3), progress=False, num_threads=1)
+        else:
+            options = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
+            result = CliRunner().invoke(main, ["probe", "--store", str(bundled_store), "--layer", "2", "--epochs", "2",
+                                               "--lr", "2e-3", "--threads", "1", "--prefetch", "0", *options,
+                                               "--out", str(tmp_path / "p0")])
+            assert result.exit_code == 0, result.output
+            assert prefetchers == []  # every batch was built in the loop
         run = next((tmp_path / f"p{prefetch}").rglob("result.json")).parent
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         runs[prefetch] = (
@@ -72,6 +85,7 @@ def test_a_run_with_prefetch_equals_one_without(bundled_store, tmp_path):
             {k: v for k, v in json.loads((run / "result.json").read_text()).items() if k not in ("timings", "finished")},
             torch.load(run / "best.pt"),
         )
+    assert prefetchers and all(depth == 2 for _, depth, _ in prefetchers)
     assert runs[0][0] == runs[2][0]
     assert runs[0][1] == runs[2][1]
     assert runs[0][2].keys() == runs[2][2].keys()

@@ -311,7 +311,11 @@ def training_options(command):
               help="Padded frames per batch.")
 @click.option("--memory-budget", type=float, default=8.0, show_default=True,
               help="GB of one split's features to hold in memory (every layer of it, for --layer weighted); "
-              "more are read batch by batch. Batches built ahead of the loop take about 4 batches' worth more.")
+              "more are read batch by batch. Batches built ahead (--prefetch) take about that many batches' "
+              "worth more, plus two.")
+@click.option("--prefetch", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Batches a thread builds ahead while the model steps; 0 builds each in the loop, holding "
+              "the least memory. The batches, their order and the results are the same either way.")
 @click.option("--device", default="cpu", show_default=True,
               help="cpu, cuda or cuda:N (torchrun ranks take cuda:LOCAL_RANK).")
 @click.option("--shard", metavar="I/N",
@@ -321,7 +325,7 @@ def training_options(command):
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 @user_errors
 def probe_command(store, layers, seeds, train_config, train_split, probe_kind, lstm_layers, hidden, dropout,
-                  layer_norm, batch_frames, memory_budget, device, shard, threads, out):
+                  layer_norm, batch_frames, memory_budget, prefetch, device, shard, threads, out):
     """Train BiLSTM-CTC (or linear-CTC) probes on cached layers, or on their learnt weighted sum;
     finished runs are skipped, killed ones resume, and runs another job is training are left to it."""
     from .probe import ProbeConfig, probe
@@ -329,7 +333,7 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
     result = probe(
         store, layers, seeds, out,
         ProbeConfig(lstm_layers=lstm_layers, hidden=hidden, dropout=dropout, batch_frames=batch_frames,
-                    probe=probe_kind, layer_norm=layer_norm),
+                    probe=probe_kind, layer_norm=layer_norm, prefetch=prefetch),
         train_config, train_split=train_split, memory_budget=int(memory_budget * 2**30), device=device,
         num_threads=threads, shard=shard,
     )
