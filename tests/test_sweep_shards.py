@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch.distributed as dist
@@ -18,7 +19,8 @@ from w2vcache.errors import W2VCacheError
 from w2vcache.probe import ProbeConfig, probe
 from w2vcache.runs import find_runs
 from w2vcache.spread import RUN_LOCK, Share, rank_device, share_of
-from w2vcache.store.locks import LOCK_DIR, try_lock
+from w2vcache.store import locks
+from w2vcache.store.locks import LOCK_DIR, SILENT_AFTER_S, try_lock
 from w2vcache.train import TrainConfig
 
 RUNS = ["probe/layer00/seed0", "probe/layer00/seed1", "probe/layer01/seed0", "probe/layer01/seed1"]
@@ -174,6 +176,48 @@ def test_a_holder_in_another_pid_namespace_is_never_proved_dead(tmp_path):
     assert not isinstance(taken, dict)
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     taken.release()
+
+
+def test_a_lock_from_another_host_is_taken_over_once_it_stops_being_renewed(tmp_path):
+    """Another host's pid cannot be checked: its lock is trusted while renewed, taken over after
+    SILENT_AFTER_S without renewal (a node lost with its job), and always trusted when written by
+    a w2vcache without heartbeats."""
+    lock = tmp_path / LOCK_DIR / f"{RUN_LOCK}.lock"
+    lock.parent.mkdir()
+    record = {"pid": 4242, "host": "another-node", "started": "2026-01-01T00:00:00+00:00", "pid_start": "1",
+              "lock": RUN_LOCK, "heartbeat_s": 60.0}
+
+    def written(record, silent_for: float) -> None:
+        lock.write_text(json.dumps(record))
+        then = lock.stat().st_mtime - silent_for
+        os.utime(lock, (then, then))
+
+    written(record, silent_for=SILENT_AFTER_S - 60)
+    assert try_lock(tmp_path, RUN_LOCK) == record  # renewed a minute ago, or nearly: alive
+    old = {k: v for k, v in record.items() if k != "heartbeat_s"}
+    written(old, silent_for=10 * SILENT_AFTER_S)
+    assert try_lock(tmp_path, RUN_LOCK) == old  # no heartbeats to miss: trusted, as before
+    written(record, silent_for=SILENT_AFTER_S + 60)
+    taken = try_lock(tmp_path, RUN_LOCK)
+    assert not isinstance(taken, dict)
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    taken.release()
+    assert not lock.exists()
+
+
+def test_a_held_lock_is_renewed_until_released(tmp_path, monkeypatch):
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.05)
+    held = try_lock(tmp_path, RUN_LOCK)
+    assert json.loads(held.path.read_text())["heartbeat_s"] == 0.05
+    long_ago = held.path.stat().st_mtime - 3600
+    os.utime(held.path, (long_ago, long_ago))
+    deadline = time.monotonic() + 5
+    while held.path.stat().st_mtime == long_ago and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert held.path.stat().st_mtime > long_ago + 3000  # touched again by the holder's thread
+    held.release()
+    held._beat.join(timeout=2)
+    assert not held._beat.is_alive() and not held.path.exists()
 
 
 def test_an_initialised_process_group_trains_each_run_together(bundled_store, tmp_path, monkeypatch):

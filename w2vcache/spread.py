@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .errors import W2VCacheError
 from .runs import RESULT
-from .store.locks import LOCK_DIR, Lock, try_lock
+from .store.locks import LOCK_DIR, SILENT_AFTER_S, Lock, try_lock
 
 RUN_LOCK = "run"  # RUNS/probe/layer08/seed0/.locks/run.lock while a process trains that run
 
@@ -112,7 +112,8 @@ class Claim:
 def held_message(directory, holder: dict) -> str:
     lock = Path(directory) / LOCK_DIR / f"{RUN_LOCK}.lock"
     return (f"{directory}: skipped, being trained by pid {holder.get('pid')} on host {holder.get('host')} "
-            f"since {holder.get('started')} (if that process is dead on another host, delete {lock})")
+            f"since {holder.get('started')} (a holder on another host that stops renewing the lock is "
+            f"taken for dead after {SILENT_AFTER_S / 60:.0f} minutes; or delete {lock})")
 
 
 def _claim(directory: Path) -> Claim:

@@ -1,8 +1,10 @@
-"""Writer locks: <store>/.locks/<name>.lock holding {pid, host, started, pid_start, pid_ns}.
+"""Writer locks: <store>/.locks/<name>.lock holding {pid, host, started, pid_start, pid_ns,
+heartbeat_s}.
 
 One lock for the whole store or one per shard, a create lock that serialises creation, pid
-liveness (`pid_alive`), and the takeover of a stale lock whose holder is provably dead.
-`try_lock` offers the same lock to others (a sweep locks each run directory with it).
+liveness (`pid_alive`), and the takeover of a stale lock whose holder is dead: provably, by its
+pid, on the same host; on another host (or in another container), when it has stopped renewing
+the lock. `try_lock` offers the same lock to others (a sweep locks each run directory with it).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -24,6 +27,13 @@ ALL_LOCK = "all"
 CREATE_LOCK = "create"
 CREATE_WAIT_S = 600  # how long a creator waits for another live creator before giving up
 BREAKER_STALE_S = 30  # a stale-lock breaker older than this was killed mid-way (it takes ms)
+# A holder touches its lock file this often, from a thread, while it holds it. Another host cannot
+# see whether the holder's pid lives, so a lock untouched for SILENT_AFTER_S (by the file system's
+# clock, not the hosts', which may differ) is a dead holder's, and is taken over: a node lost with
+# its job, or a process killed with SIGKILL in another container. Ten missed beats: a holder
+# merely slow (a loaded host, a long step) is never taken for dead.
+HEARTBEAT_S = 60.0
+SILENT_AFTER_S = 600.0
 
 
 def _pid_start(pid: int) -> str | None:
@@ -60,18 +70,43 @@ def _pid_namespace() -> str | None:
         return None
 
 
-def _holder_alive(holder: dict) -> bool:
-    """False only when the holder is provably dead: same host and pid namespace, and its pid gone
-    or reused."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    if holder.get("pid_ns") is not None and holder.get("pid_ns") != _pid_namespace():
-        return True
+def _holder_alive(holder: dict, lock_path: Path) -> bool:
+    """False only when the holder is dead: on the same host and pid namespace, its pid gone or
+    reused; elsewhere, its lock silent for SILENT_AFTER_S (a lock written by a w2vcache without
+    heartbeats is trusted, as that w2vcache did)."""
+    if holder.get("host") != socket.gethostname() or (
+            holder.get("pid_ns") is not None and holder.get("pid_ns") != _pid_namespace()):
+        return not _silent(holder, lock_path)
     pid = holder.get("pid")
     if not isinstance(pid, int) or not pid_alive(pid):
         return False
     started = holder.get("pid_start")
     return started is None or started == _pid_start(pid)
+
+
+def _silent(holder: dict, lock_path: Path) -> bool:
+    """Whether a beating holder has not touched its lock for SILENT_AFTER_S (and ten of its beats)."""
+    beat = holder.get("heartbeat_s")
+    if not isinstance(beat, (int, float)) or beat <= 0:
+        return False
+    try:
+        age = _file_system_now(lock_path.parent) - lock_path.stat().st_mtime
+    except OSError:
+        return False  # gone already: the caller looks again
+    return age > max(SILENT_AFTER_S, 10 * beat)
+
+
+def _file_system_now(directory: Path) -> float:
+    """The time as the file system stamps it (a shared file system's server may disagree with
+    this host's clock): the modification time of a file made for the purpose."""
+    probe = directory / f".now.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"")
+        return probe.stat().st_mtime
+    except OSError:
+        return time.time()
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _shard_of_lock(name: str) -> tuple[int, int] | None:
@@ -97,12 +132,26 @@ def _lock_name(shard: tuple[int, int] | None) -> str:
 
 
 class _Lock:
-    """One held lock file; `release` removes it only if it is still ours."""
+    """One held lock file, touched every HEARTBEAT_S by a thread while held; `release` stops the
+    thread and removes the file only if it is still ours."""
 
     def __init__(self, path: Path, content: bytes):
         self.path, self.content = path, content
+        self._released = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="w2vcache-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._released.wait(HEARTBEAT_S):
+            try:
+                if self.path.read_bytes() != self.content:
+                    return  # taken over or removed: not ours to keep alive
+                os.utime(self.path)
+            except OSError:
+                return
 
     def release(self) -> None:
+        self._released.set()
         try:
             if self.path.read_bytes() == self.content:
                 self.path.unlink()
@@ -129,7 +178,8 @@ def _read_holder(path: Path) -> tuple[bytes, dict] | None:
 def _busy_message(label: str, holder: dict, lock_path: Path) -> str:
     return (f"store {label} is being written by pid {holder.get('pid')} on host "
             f"{holder.get('host')} since {holder.get('started')} (lock {lock_path.name}); wait "
-            f"for it to finish, or if that process is dead on another host delete {lock_path}")
+            f"for it to finish (a holder on another host that stops renewing the lock is taken for dead "
+            f"after {SILENT_AFTER_S / 60:.0f} minutes; or delete {lock_path})")
 
 
 def _break_stale(lock_path: Path, seen: bytes) -> None:
@@ -167,6 +217,7 @@ def _try_lock(root: Path, name: str, label: str) -> _Lock | dict:
             "pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "pid_start": _pid_start(os.getpid()), "pid_ns": _pid_namespace(), "lock": name,
+            "heartbeat_s": HEARTBEAT_S,
         }).encode()
         lock_dir.mkdir(parents=True, exist_ok=True)
         # Write the record first, then link it into place: the link is atomic and fails if the lock
@@ -186,7 +237,7 @@ def _try_lock(root: Path, name: str, label: str) -> _Lock | dict:
         if found is None:
             continue
         raw, holder = found
-        if _holder_alive(holder):
+        if _holder_alive(holder, lock_path):
             return holder
         _break_stale(lock_path, raw)
 
@@ -195,8 +246,9 @@ Lock = _Lock  # public name for holders outside the store (run directories: w2vc
 
 
 def try_lock(root, name: str) -> _Lock | dict:
-    """Take lock `name` in `root`/.locks, taking over a stale one (its holder provably dead, as
-    after kill -9); returns the held `Lock`, or the record of the live process holding it."""
+    """Take lock `name` in `root`/.locks, taking over a stale one (its holder dead, as after kill -9
+    here, or silent for SILENT_AFTER_S elsewhere); returns the held `Lock`, or the record of the live
+    process holding it."""
     return _try_lock(Path(root), name, name)
 
 
@@ -210,7 +262,7 @@ def _acquire_writer_lock(root: Path, shard: tuple[int, int] | None, label: str) 
         if other_name in (name, CREATE_LOCK) or not _locks_conflict(name, other_name):
             continue
         found = _read_holder(other)
-        if found is not None and _holder_alive(found[1]):
+        if found is not None and _holder_alive(found[1], other):
             got.release()
             raise W2VCacheError(_busy_message(label, found[1], other))
     return got
