@@ -265,3 +265,13 @@ def test_a_reader_of_format_1_refuses_an_int8_store(stores, monkeypatch):
     open_store(stores["float16"]).close()
     with pytest.raises(W2VCacheError, match="format version 2; .* up to 1: upgrade w2vcache"):
         open_store(stores["int8"])
+
+
+def test_a_channel_of_negative_zeros_scales_by_positive_zero():
+    from w2vcache.store.layout import quantise
+
+    x = np.ones((8, 3), dtype=np.float16)
+    x[:, 1] = -0.0
+    q, scales = quantise(x, 4)
+    assert (scales[:, 1] == 0).all() and not np.signbit(scales).any()
+    assert (q[:, 1] == 0).all() and (q[:, 0] == 127).all()

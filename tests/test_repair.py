@@ -235,6 +235,25 @@ def test_an_int8_copy_is_repaired_from_its_float16_source(reference, tmp_path):
     assert verify(path).ok and open_store(path).dtype == "int8"
 
 
+def test_a_float_store_is_never_rewritten_from_an_int8_copy_of_it(reference, tmp_path):
+    """An int8 copy records its source's provenance (float16 features), so only the dtypes tell
+    that its quantised values must not become a float16 store's."""
+    plain = tmp_path / "plain.zarr"
+    copy_store(reference, plain, layers="1-2", splits=["dev"], progress=False)
+    small = tmp_path / "int8.zarr"
+    copy_store(reference, small, layers="1-2", splits=["dev"], dtype="int8", progress=False)
+    damage(plain, "dev", 1, "layer01")
+    before = layer_files(plain)
+    result = run_cli("verify", "--repair", plain, "--source", small)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: cannot repair {plain} from {small}: its dtype is int8; float16 features made from float16 "
+        "ones are to be rewritten; nothing was written")
+    assert layer_files(plain) == before
+    assert run_cli("verify", "--repair", plain).exit_code == 0  # from its recorded source, the reference
+    assert verify(plain).ok
+
+
 def test_an_int8_copy_refuses_a_source_of_another_float_dtype(reference, tmp_path):
     """The int8 copy was quantised from float16 features; float32 ones (of the same model and audio,
     extracted again) would give other bytes."""

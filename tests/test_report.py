@@ -691,3 +691,14 @@ def test_without_matplotlib_the_tables_are_written_and_the_figures_asked_for_say
     assert SIMILARITY_HEADING in markdown_tables(written["md"].read_text())
     with pytest.raises(W2VCacheError, match="w2vcache\\[plots\\]"):
         write_report(runs, tmp_path / "figures")
+
+
+def test_a_probe_record_without_a_probe_kind_is_a_bilstm():
+    """Records from before linear probes, or hand-edited to null: the BiLSTM they were."""
+    from w2vcache.runs import upgrade_record
+
+    for record in ({"kind": "probe", "layer": 3}, {"kind": "probe", "layer": 3, "probe": None, "weighted": None}):
+        upgraded = upgrade_record(record)
+        assert upgraded["probe"] == "bilstm" and upgraded["weighted"] is False and upgraded["layer"] == 3
+    assert upgrade_record({"kind": "probe", "probe": "linear"})["probe"] == "linear"
+    assert "probe" not in upgrade_record({"kind": "finetune", "reinit": [12]})

@@ -186,3 +186,21 @@ def test_resuming_a_run_of_an_earlier_version_rewrites_its_metrics_in_percent(tm
     for again, first in zip(rewritten, written):
         assert again == pytest.approx(first)
     assert result["dev"]["wer_percent"] == pytest.approx(written[0]["dev_wer_percent"])
+
+
+def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatch):
+    from w2vcache.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.ones(2))]
+    assert make_optimizer(params, 0.1).defaults["fused"] is True
+    real = torch.optim.Adam
+
+    def adam_without_cpu_kernels(parameters, lr, fused=None):  # torch before 2.4 on a CPU
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                               "supported devices: ['cuda', 'xpu', 'privateuseone']")
+        return real(parameters, lr=lr)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_cpu_kernels)
+    plain = make_optimizer((p for p in params), 0.1)  # a generator, as model.parameters() is
+    assert not plain.defaults.get("fused") and plain.param_groups[0]["params"] == params

@@ -253,13 +253,17 @@ def _check_source(store: FeatureStore, source: FeatureStore, blocks: list[Block]
     def refuse(why: str) -> None:
         raise W2VCacheError(f"cannot repair {store.path} from {source.path}: {why}; nothing was written")
 
-    # The provenance names the features' dtype (a converted copy's: its source's, which it is
-    # converted from again), the model, the audio and when they were extracted.
     own = {k: v for k, v in store.provenance.items() if k != SUBSET_KEY}
     theirs = {k: v for k, v in source.provenance.items() if k != SUBSET_KEY}
     if own != theirs:
         keys = sorted(k for k in set(own) | set(theirs) if own.get(k) != theirs.get(k))
         refuse(f"it holds other features than the copy was made from (provenance {', '.join(keys)} differs)")
+    # The provenance names the features' dtype before any conversion: an int8 copy of a float16
+    # store says float16 too, so the stores' own dtypes are compared as well. A converted copy is
+    # written again by converting its float source, as `copy` did; anything else takes its own dtype.
+    made_from = ((store.provenance.get(SUBSET_KEY) or {}).get("converted") or {}).get("from", store.dtype)
+    if source.dtype != made_from:
+        refuse(f"its dtype is {source.dtype}; {store.dtype} features made from {made_from} ones are to be rewritten")
     for layer, dim in store.layers.items():
         if source.layers.get(layer) != dim:
             refuse(f"it has no layer {layer} of dim {dim}")

@@ -85,7 +85,9 @@ _PROBE_DEFAULTS = {"probe": "bilstm", "weighted": False}
 def upgrade_record(obj: dict) -> dict:
     """config.json or result.json as this version writes it: a probe recorded before the record
     said which probe it was is a BiLSTM on one layer (reading runs back, and resuming them)."""
-    return {**_PROBE_DEFAULTS, **obj} if obj.get("kind") == "probe" else obj
+    if obj.get("kind") != "probe":
+        return obj
+    return {**obj, **{k: v for k, v in _PROBE_DEFAULTS.items() if obj.get(k) is None}}
 
 
 @dataclass

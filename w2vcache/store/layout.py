@@ -189,7 +189,7 @@ def quantise(x: np.ndarray, chunk_frames: int) -> tuple[np.ndarray, np.ndarray]:
     chunks = x.reshape(rows // chunk_frames, chunk_frames, dim)
     # max |x| as max(max x, -min x), and the rounding in place: no full-size temporary but q (the
     # writer's hot path; the values are the same as abs().max() and rint()'s).
-    peaks = np.maximum(chunks.max(axis=1), -chunks.min(axis=1))
+    peaks = np.abs(np.maximum(chunks.max(axis=1), -chunks.min(axis=1)))  # abs: a column of -0.0 scales by 0.0
     scales = (peaks.astype(np.float32) / np.float32(INT8_MAX)).astype(np.float32)
     divisor = np.where(scales > 0, scales, np.float32(1))[:, None, :]
     q = np.divide(chunks, divisor, dtype=np.float32)

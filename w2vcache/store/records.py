@@ -39,6 +39,8 @@ def run_records(store, kind: str | None = None) -> dict[str, dict] | None:
         runs = store._root[RUNS_GROUP]
     except KeyError:
         return {}
+    except Exception:  # a remote store refusing the lookup (403 without list rights, 5xx, no network)
+        return None
     try:
         return {name: group.attrs.asdict() for name, group in runs.groups()
                 if kind is None or name.startswith(f"{kind}-")}
