@@ -235,6 +235,15 @@ def test_an_int8_copy_is_repaired_from_its_float16_source(reference, tmp_path):
     assert verify(path).ok and open_store(path).dtype == "int8"
 
 
+def refused_repair(path, source) -> str:
+    """`verify --repair PATH --source SOURCE`, which must refuse, one line and nothing written: its error."""
+    before = layer_files(path)
+    result = run_cli("verify", "--repair", path, "--source", source)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert layer_files(path) == before
+    return result.output.splitlines()[-1]
+
+
 def test_a_float_store_is_never_rewritten_from_an_int8_copy_of_it(reference, tmp_path):
     """An int8 copy records its source's provenance (float16 features), so only the dtypes tell
     that its quantised values must not become a float16 store's."""
@@ -243,13 +252,9 @@ def test_a_float_store_is_never_rewritten_from_an_int8_copy_of_it(reference, tmp
     small = tmp_path / "int8.zarr"
     copy_store(reference, small, layers="1-2", splits=["dev"], dtype="int8", progress=False)
     damage(plain, "dev", 1, "layer01")
-    before = layer_files(plain)
-    result = run_cli("verify", "--repair", plain, "--source", small)
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.splitlines()[-1] == (
+    assert refused_repair(plain, small) == (
         f"Error: cannot repair {plain} from {small}: its dtype is int8; float16 features made from float16 "
         "ones are to be rewritten; nothing was written")
-    assert layer_files(plain) == before
     assert run_cli("verify", "--repair", plain).exit_code == 0  # from its recorded source, the reference
     assert verify(plain).ok
 
@@ -262,13 +267,9 @@ def test_an_int8_copy_refuses_a_source_of_another_float_dtype(reference, tmp_pat
     wide = tmp_path / "float32.zarr"
     extract(build_corpus(splits=SPLITS), ExtractConfig(store=str(wide), dtype="float32", **LAYOUT), progress=False)
     damage(path, "dev", 1, "layer01")
-    before = layer_files(path)
-    result = run_cli("verify", "--repair", path, "--source", wide)
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.splitlines()[-1] == (
+    assert refused_repair(path, wide) == (
         f"Error: cannot repair {path} from {wide}: it holds other features than the copy was made from "
         "(provenance created, dtype differs); nothing was written")
-    assert layer_files(path) == before
 
 
 @pytest.fixture
