@@ -108,7 +108,10 @@ def w2v_forward_flops(model: str, waves) -> tuple[float, int]:
     parametrisation of the positional convolution, which the counter cannot follow (the products
     are the same)."""
     backbone = load_backbone(model)
-    backbone.model.set_attn_implementation("eager")
+    if hasattr(backbone.model, "set_attn_implementation"):
+        backbone.model.set_attn_implementation("eager")
+    else:  # transformers before set_attn_implementation
+        backbone.model.config._attn_implementation = "eager"
     for module in backbone.model.modules():
         if parametrize.is_parametrized(module):
             for name in list(module.parametrizations):

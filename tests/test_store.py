@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -371,6 +372,29 @@ def test_killed_writer_leaves_a_stale_lock_that_is_taken_over(tmp_path):
     with create(path) as store:
         assert [b.index for b in store.pending_blocks("dev")][:2] == [1, 2]
         assert json.loads((path / ".locks" / "all.lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_writer_whose_lock_was_taken_over_stops_and_keeps_what_it_finished(tmp_path, monkeypatch):
+    """A writer stopped for longer than SILENT_AFTER_S (SIGSTOP, a suspended job) finds, when it
+    goes on, that another host took its lock: it refuses to write on, its done blocks kept."""
+    from w2vcache.store import locks
+
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.02)
+    path = tmp_path / "s.zarr"
+    store = create(path)
+    done = fill(store, "dev", only={0})
+    lock = path / ".locks" / "all.lock"
+    lock.write_text(json.dumps({"pid": 1, "host": "another-node", "started": "2026-01-01T00:00:00+00:00",
+                                "heartbeat_s": 60.0}))  # what the other host's takeover leaves
+    deadline = time.monotonic() + 5
+    while not store._lock.lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    block = store.pending_blocks("dev")[0]
+    with pytest.raises(W2VCacheError, match=r"lost its writer lock all\.lock .* another writer took it over"):
+        store.write_block(block, features_for(block))
+    store.close()
+    assert json.loads(lock.read_text())["host"] == "another-node"  # the new holder's lock is left alone
+    assert open_store(path).status("dev").blocks_done == len(done) == 1
 
 
 def test_shards_own_disjoint_blocks_covering_everything(tmp_path):

@@ -206,15 +206,26 @@ def test_a_lock_from_another_host_is_taken_over_once_it_stops_being_renewed(tmp_
 
 
 def test_a_held_lock_is_renewed_until_released(tmp_path, monkeypatch):
+    """Renewed every beat, through a passing file-system error (a network file system's EIO)."""
     monkeypatch.setattr(locks, "HEARTBEAT_S", 0.05)
+    real_utime, failures = os.utime, []
+
+    def utime_failing_once(path, *args):
+        if not failures and not args:  # the heartbeat's touch
+            failures.append(path)
+            raise OSError(5, "Input/output error")
+        return real_utime(path, *args)
+
+    monkeypatch.setattr(locks.os, "utime", utime_failing_once)
     held = try_lock(tmp_path, RUN_LOCK)
     assert json.loads(held.path.read_text())["heartbeat_s"] == 0.05
     long_ago = held.path.stat().st_mtime - 3600
-    os.utime(held.path, (long_ago, long_ago))
+    real_utime(held.path, (long_ago, long_ago))
     deadline = time.monotonic() + 5
     while held.path.stat().st_mtime == long_ago and time.monotonic() < deadline:
         time.sleep(0.02)
     assert held.path.stat().st_mtime > long_ago + 3000  # touched again by the holder's thread
+    assert failures and not held.lost
     held.release()
     held._beat.join(timeout=2)
     assert not held._beat.is_alive() and not held.path.exists()

@@ -89,24 +89,31 @@ def _silent(holder: dict, lock_path: Path) -> bool:
     beat = holder.get("heartbeat_s")
     if not isinstance(beat, (int, float)) or beat <= 0:
         return False
+    now = _file_system_now(lock_path.parent)
     try:
-        age = _file_system_now(lock_path.parent) - lock_path.stat().st_mtime
+        age = None if now is None else now - lock_path.stat().st_mtime
+    except FileNotFoundError:
+        return True  # released meanwhile: nothing is held, and the caller takes it
     except OSError:
-        return False  # gone already: the caller looks again
-    return age > max(SILENT_AFTER_S, 10 * beat)
+        return False
+    return age is not None and age > max(SILENT_AFTER_S, 10 * beat)
 
 
-def _file_system_now(directory: Path) -> float:
+def _file_system_now(directory: Path) -> float | None:
     """The time as the file system stamps it (a shared file system's server may disagree with
-    this host's clock): the modification time of a file made for the purpose."""
+    this host's clock): the modification time of a file made for the purpose; None if no file
+    can be made there (then nothing is judged by age)."""
     probe = directory / f".now.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}"
     try:
         probe.write_bytes(b"")
         return probe.stat().st_mtime
     except OSError:
-        return time.time()
+        return None
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _shard_of_lock(name: str) -> tuple[int, int] | None:
@@ -133,10 +140,13 @@ def _lock_name(shard: tuple[int, int] | None) -> str:
 
 class _Lock:
     """One held lock file, touched every HEARTBEAT_S by a thread while held; `release` stops the
-    thread and removes the file only if it is still ours."""
+    thread and removes the file only if it is still ours. `lost` turns true when the thread finds
+    the file gone or someone else's (taken over after this process was stopped or cut off for
+    SILENT_AFTER_S): the holder must stop writing."""
 
     def __init__(self, path: Path, content: bytes):
         self.path, self.content = path, content
+        self.lost = False
         self._released = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name="w2vcache-lock-heartbeat", daemon=True)
         self._beat.start()
@@ -145,10 +155,14 @@ class _Lock:
         while not self._released.wait(HEARTBEAT_S):
             try:
                 if self.path.read_bytes() != self.content:
-                    return  # taken over or removed: not ours to keep alive
+                    self.lost = True
+                    return
                 os.utime(self.path)
-            except OSError:
+            except FileNotFoundError:
+                self.lost = not self._released.is_set()
                 return
+            except OSError:
+                pass  # a passing file-system error: tried again at the next beat
 
     def release(self) -> None:
         self._released.set()
@@ -192,8 +206,9 @@ def _break_stale(lock_path: Path, seen: bytes) -> None:
     try:
         fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        try:
-            if time.time() - breaker.stat().st_mtime > BREAKER_STALE_S:
+        try:  # by the file system's clock: breakers may run on other hosts
+            now = _file_system_now(breaker.parent)
+            if now is not None and now - breaker.stat().st_mtime > BREAKER_STALE_S:
                 breaker.unlink()
         except FileNotFoundError:
             pass
