@@ -231,6 +231,32 @@ def test_a_held_lock_is_renewed_until_released(tmp_path, monkeypatch):
     assert not held._beat.is_alive() and not held.path.exists()
 
 
+def test_a_run_whose_lock_was_taken_over_is_left_to_its_new_holder(bundled_store, tmp_path, monkeypatch):
+    """A trainer stopped for longer than SILENT_AFTER_S finds, when it goes on, that a job on
+    another host took its run: it stops before writing another epoch, leaving the run to it."""
+    import w2vcache.train
+
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.02)
+    run = tmp_path / "probe/layer00/seed0"
+    lock = run / LOCK_DIR / f"{RUN_LOCK}.lock"
+    other = {"pid": 1, "host": "another-node", "started": "2026-01-01T00:00:00+00:00", "heartbeat_s": 60.0}
+    save = w2vcache.train._save
+
+    def save_then_lose_the_lock(obj, path):
+        save(obj, path)
+        if path.name == "checkpoint.pt" and not lock.read_text().startswith('{"pid": 1,'):
+            lock.write_text(json.dumps(other))  # the other job's takeover, while this one was stopped
+            time.sleep(0.3)  # a few beats: the heartbeat finds the lock is no longer its own
+
+    monkeypatch.setattr(w2vcache.train, "_save", save_then_lose_the_lock)
+    with pytest.raises(W2VCacheError, match=r"lost the run's lock .* another job took the run over"):
+        probe(str(bundled_store), "0", "0", tmp_path, ProbeConfig(hidden=8, lstm_layers=1, batch_frames=2000),
+              TrainConfig(epochs=3), progress=False)
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (run / "result.json").exists()
+    assert json.loads(lock.read_text()) == other  # the new holder's lock stays
+
+
 def test_an_initialised_process_group_trains_each_run_together(bundled_store, tmp_path, monkeypatch):
     """A group the caller made (as fine-tuning's DDP does): its ranks do not split the runs, rank 0
     claims each and tells the others (here a group of one)."""

@@ -10,6 +10,8 @@ Where a process group *is* initialised (fine-tuning's DDP: every rank trains the
 ranks act as one: rank 0 alone looks at each run and locks it, and tells the others what to do.
 """
 
+import contextlib
+import contextvars
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,32 @@ class Claim:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+# The lock of the run this process is training (set by train.sweep around each run), so that the
+# training loop can tell whether it still holds it before it writes an epoch.
+_TRAINING_UNDER: contextvars.ContextVar = contextvars.ContextVar("w2vcache_run_lock", default=None)
+
+
+@contextlib.contextmanager
+def training_under(claim: Claim):
+    token = _TRAINING_UNDER.set(claim.lock)
+    try:
+        yield
+    finally:
+        _TRAINING_UNDER.reset(token)
+
+
+def check_still_held(directory) -> None:
+    """Refuse to write on in a run whose lock this process has lost: it went unrenewed for
+    SILENT_AFTER_S (this process stopped, or cut off from the file system, that long) and another
+    job, on another host, took the run over and is training it."""
+    lock = _TRAINING_UNDER.get()
+    if lock is not None and lock.lost:
+        raise W2VCacheError(
+            f"{directory}: this process lost the run's lock ({lock.path}): it went unrenewed for "
+            f"{SILENT_AFTER_S / 60:.0f} minutes and another job took the run over; this process stops "
+            "without writing to it again")
 
 
 def held_message(directory, holder: dict) -> str:

@@ -29,7 +29,7 @@ from . import record, threads
 from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates
 from .runs import BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, metrics_line, upgrade_record
-from .spread import FINISHED, HELD, Share, claim_run
+from .spread import FINISHED, HELD, Share, check_still_held, claim_run, training_under
 
 _END = object()  # end of an epoch's batches
 
@@ -224,7 +224,8 @@ def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
             result.held.append(str(directory))
             continue
         try:
-            start(directory)
+            with training_under(claim):
+                start(directory)
         finally:
             claim.release()  # a run that stopped, for whatever reason, is not held: the next job resumes it
         result.finished.append(str(directory))
@@ -350,6 +351,8 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         if progress and writer:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
                        f"dev WER {dev.wer_percent:.2f} %, CER {dev.cer_percent:.2f} % ({entry['seconds']:.1f} s)")
+        if not distributed:  # (under DDP rank 0 holds the lock; its host stopping stops every rank)
+            check_still_held(run_dir)
         rate = getattr(dev, config.select_by)
         if rate < best[selected] or best["epoch"] is None:
             best = {"epoch": epoch + 1, selected: rate}
@@ -384,6 +387,8 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         "this_session_s": time.perf_counter() - started,
     }
     result["finished"] = record.now()
+    if not distributed:
+        check_still_held(run_dir)
     if writer:
         record.write_json(run_dir / RESULT, result)
     if distributed:
