@@ -3,6 +3,7 @@ first, with the metrics it has when trained alone; live locks skipped, dead ones
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -249,7 +250,7 @@ def test_a_run_whose_lock_was_taken_over_is_left_to_its_new_holder(bundled_store
             time.sleep(0.3)  # a few beats: the heartbeat finds the lock is no longer its own
 
     monkeypatch.setattr(w2vcache.train, "_save", save_then_lose_the_lock)
-    with pytest.raises(W2VCacheError, match=r"lost the run's lock .* another job took the run over"):
+    with pytest.raises(W2VCacheError, match=rf"^{re.escape(str(run))}: this process lost its lock .*run\.lock .* another process took it over"):
         probe(str(bundled_store), "0", "0", tmp_path, ProbeConfig(hidden=8, lstm_layers=1, batch_frames=2000),
               TrainConfig(epochs=3), progress=False)
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -126,15 +126,11 @@ def training_under(claim: Claim):
 
 
 def check_still_held(directory) -> None:
-    """Refuse to write on in a run whose lock this process has lost: it went unrenewed for
-    SILENT_AFTER_S (this process stopped, or cut off from the file system, that long) and another
-    job, on another host, took the run over and is training it."""
+    """Refuse to write on in a run whose lock this process has lost (Lock.check_held): another job
+    took the run over and is training it."""
     lock = _TRAINING_UNDER.get()
-    if lock is not None and lock.lost:
-        raise W2VCacheError(
-            f"{directory}: this process lost the run's lock ({lock.path}): it went unrenewed for "
-            f"{SILENT_AFTER_S / 60:.0f} minutes and another job took the run over; this process stops "
-            "without writing to it again")
+    if lock is not None:
+        lock.check_held(str(directory))
 
 
 def held_message(directory, holder: dict) -> str:

@@ -44,7 +44,7 @@ from .layout import (
     feature_dtype,
     quantise,
 )
-from .locks import SILENT_AFTER_S, _acquire_create_lock, _acquire_writer_lock, _Lock, _lock_name
+from .locks import _acquire_create_lock, _acquire_writer_lock, _Lock, _lock_name
 from .location import _close_store, _open_group, _store_label, local_root
 
 # ----------------------------------------------------------------------------------------------
@@ -521,11 +521,7 @@ class FeatureStore:
         if self._lock is None:
             raise W2VCacheError(f"store {self.path} is open read-only (or closed); open it for "
                                 f"writing with FeatureStore.create")
-        if self._lock.lost:
-            raise W2VCacheError(
-                f"store {self.path}: this process lost its writer lock {self._lock.path.name} (it went "
-                f"unrenewed for {SILENT_AFTER_S / 60:.0f} minutes, as when a process is stopped, and "
-                "another writer took it over); it stops here, its finished blocks kept")
+        self._lock.check_held(f"store {self.path}")
 
     def owns(self, block_index: int) -> bool:
         return self.shard is None or block_index % self.shard[1] == self.shard[0]

@@ -164,6 +164,14 @@ class _Lock:
             except OSError:
                 pass  # a passing file-system error: tried again at the next beat
 
+    def check_held(self, what: str) -> None:
+        """Refuse to write on to `what` (the store or run this lock guards) once the lock is lost."""
+        if self.lost:
+            raise W2VCacheError(
+                f"{what}: this process lost its lock {self.path} (it went unrenewed for "
+                f"{SILENT_AFTER_S / 60:.0f} minutes, as when a process is stopped, and another process took "
+                "it over); it stops here without writing to it again, keeping what it finished")
+
     def release(self) -> None:
         self._released.set()
         try:
