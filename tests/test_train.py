@@ -204,3 +204,30 @@ def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_plain_where_not(m
     monkeypatch.setattr(torch.optim, "Adam", adam_without_cpu_kernels)
     plain = make_optimizer((p for p in params), 0.1)  # a generator, as model.parameters() is
     assert not plain.defaults.get("fused") and plain.param_groups[0]["params"] == params
+
+
+class CountedBatches:
+    """An epoch's batches that count how often they are iterated (a DataLoader starts its worker
+    processes each time)."""
+
+    def __init__(self, n):
+        self.n, self.iterations = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        self.iterations += 1
+        return iter([Frames()] * self.n)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_each_epochs_batches_are_iterated_once(tmp_path, progress):
+    from w2vcache.runs import RunRecord
+    from w2vcache.train import train
+
+    task, epochs = OneWeight(3), {}
+    task.train_batches = lambda epoch: epochs.setdefault(epoch, CountedBatches(3))
+    record = RunRecord(kind="probe", experiment="layer00", layer=0, reinit=[], seed=0, model={}, data={}, device="cpu")
+    train(task, TrainConfig(epochs=3, test_splits=()), tmp_path, record, progress=progress)
+    assert {e: b.iterations for e, b in epochs.items()} == {0: 1, 1: 1, 2: 1}

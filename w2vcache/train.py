@@ -305,10 +305,12 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         task.start_epoch(epoch)
         model.train()
         batches = task.train_batches(epoch)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        # The bar only counts: tqdm.auto iterates what it wraps once more on its own, which would
+        # build a DataLoader's workers twice and build the batches twice.
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         loss_sum, loss_n, frames, data_wait, skipped = 0.0, 0, 0, 0.0, 0
         optimizer.zero_grad(set_to_none=True)
-        iterator, step = iter(bar), 0
+        iterator, step = iter(batches), 0
         while True:
             t = time.perf_counter()
             batch = next(iterator, _END)
@@ -331,7 +333,9 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
                 optimizer.zero_grad(set_to_none=True)
             frames += batch.frames
             elapsed = time.perf_counter() - epoch_started
-            bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", fps=f"{frames / elapsed:.0f}")
+            bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", fps=f"{frames / elapsed:.0f}", refresh=False)
+            bar.update()
+        bar.close()
         train_seconds = time.perf_counter() - epoch_started
         dev = evaluate(task, config.dev_split)
         entry = {
