@@ -20,15 +20,17 @@ each side's achieved GFLOP/s, and the ratio the cache would give were both run a
 GFLOP/s: the floor of cached / on-the-fly for a probe that costs what it costs.
 
 --data-wait instead measures where a fast probe waits for its data: a linear probe and a small
-BiLSTM (1x128), each with batches assembled in the loop (prefetch 0) and ahead by a thread
-(prefetch 2), the training loop's own measure (the time spent in next() on the epoch's batches,
-as train.py counts data_wait_seconds) over --epochs epochs after a warm-up one. The bundled train
-split holds 5 minutes of speech, so its batches are cut smaller (--batch-frames 2000 unless given)
-to make more than a handful per epoch; each epoch's first batch is waited for whatever the
-prefetch (nothing was built before the epoch asked), so the share is also given without it.
+BiLSTM (1x128), each trained by the training loop itself (`w2vcache probe`'s) with batches
+assembled in the loop (prefetch 0) and ahead by a thread (prefetch 2), over --epochs epochs after
+a warm-up one; the share is the loop's own record (metrics.jsonl: data_wait_seconds, the time spent
+in next() on the epoch's batches, over train_seconds). The bundled train split holds 5 minutes of
+speech, so its batches are cut smaller (--batch-frames 2000 unless given) to make more than a
+handful per epoch. The first epoch's share is shown apart: nothing is built before it, while each
+later epoch's first batches are built during the dev evaluation before it.
 """
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +49,7 @@ from w2vcache.checkpoints import load_backbone
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract
 from w2vcache.layers import layer_name
-from w2vcache.probe import ProbeConfig, ProbeTask
+from w2vcache.probe import ProbeConfig, ProbeTask, probe as train_probes
 from w2vcache.store import open_store
 from w2vcache.train import TrainConfig, make_optimizer, seed_everything
 
@@ -156,44 +158,30 @@ def epoch(task: ProbeTask, model: nn.Module, order) -> dict:
     return parts
 
 
-def loop_epoch(task: ProbeTask, epoch_index: int) -> dict:
-    """train.py's epoch, its data wait measured the way train.py measures it: around next()."""
-    optimizer = make_optimizer(task.model.parameters(), 1e-4)
-    task.model.train()
-    waits, started = [], time.perf_counter()
-    iterator = iter(task.train_batches(epoch_index))
-    while True:
-        t = time.perf_counter()
-        batch = next(iterator, None)
-        waits.append(time.perf_counter() - t)
-        if batch is None:
-            break
-        task.loss(batch).backward()
-        torch.nn.utils.clip_grad_norm_(task.model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return dict(total=time.perf_counter() - started, wait=sum(waits), first=waits[0], batches=len(waits) - 1)
-
-
 def data_wait(store_path: Path, layer: str, args) -> None:
-    """The data-wait share of a linear probe and a small BiLSTM, without and with prefetch."""
+    """The data-wait share of a linear probe and a small BiLSTM, without and with prefetch: the
+    training loop's own figures (metrics.jsonl's data_wait_seconds over train_seconds)."""
     kinds = {"linear": dict(probe="linear"), "bilstm 1x128": dict(probe="bilstm", hidden=128, lstm_layers=1)}
     shares = {}
     print(f"\n{'probe':<14} {'threads':>7} {'prefetch':>8} {'batches':>8} {'epoch s':>8} {'data wait s':>11} "
-          f"{'share':>8} {'w/o 1st batch':>13}")
+          f"{'share':>8} {'1st epoch':>10}")
     for name, options in kinds.items():
         for prefetch in (0, 2):
             config = ProbeConfig(batch_frames=args.batch_frames, prefetch=prefetch, **options)
-            seed_everything(0)
-            task = ProbeTask(open_store(store_path), layer, config, TrainConfig(dev_split="train", test_splits=()))
-            used = threads.use(args.threads, task.model)
-            loop_epoch(task, 0)  # warm-up: oneDNN primitives, allocator, page cache
-            epochs = [loop_epoch(task, e) for e in range(1, args.epochs + 1)]
-            total, wait = sum(e["total"] for e in epochs), sum(e["wait"] for e in epochs)
-            first = sum(e["first"] for e in epochs)
-            shares[name, prefetch] = wait / total
-            print(f"{name:<14} {used:>7} {prefetch:>8} {epochs[0]['batches']:>8} {total / len(epochs):>8.3f} "
-                  f"{wait / len(epochs):>11.4f} {100 * wait / total:>7.2f} % {100 * (wait - first) / total:>11.2f} %")
+            # dev is evaluated on the train split: as long as an epoch, and as a real dev split
+            # does, it runs while the next epoch's first batches are built.
+            train_config = TrainConfig(epochs=args.epochs + 1, dev_split="train", test_splits=())
+            with tempfile.TemporaryDirectory() as out:
+                run = train_probes(str(store_path), layer, "0", out, config, train_config, progress=False,
+                            num_threads=args.threads).finished[0]
+                metrics = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+            first, epochs = metrics[0], metrics[1:]  # the first: warm-up (oneDNN, allocator, page cache)
+            train_s, wait = sum(e["train_seconds"] for e in epochs), sum(e["data_wait_seconds"] for e in epochs)
+            shares[name, prefetch] = wait / train_s
+            batches = len(ProbeTask(open_store(store_path), layer, config, train_config).train_batches(0))
+            print(f"{name:<14} {first['threads']:>7} {prefetch:>8} {batches:>8} {train_s / len(epochs):>8.3f} "
+                  f"{wait / len(epochs):>11.4f} {100 * wait / train_s:>7.2f} % "
+                  f"{100 * first['data_wait_seconds'] / first['train_seconds']:>8.2f} %")
     for name in kinds:
         print(f"{name}: data-wait share with prefetch / without: {shares[name, 2] / shares[name, 0]:.3f} "
               f"({100 * shares[name, 0]:.2f} % -> {100 * shares[name, 2]:.2f} %; target < 2 %)")

@@ -152,3 +152,43 @@ def test_a_loop_that_breaks_early_leaves_no_thread(bundled_store):
     batches.close()
     with pytest.raises(StopIteration):
         next(batches)
+
+
+def test_each_epoch_after_the_first_starts_with_batches_built_while_dev_was_evaluated(bundled_store, tmp_path, monkeypatch):
+    """The loop begins the next epoch's batches before evaluating dev, and uses those very batches:
+    every training batch of the run is built once, none twice."""
+    from w2vcache import train as train_module
+
+    probe_task = task(bundled_store, 2)
+    built, lock = [], threading.Lock()
+    assemble = probe_task._assemble
+
+    def counted(split, indices):
+        with lock:
+            built.append((split, tuple(indices)))
+        return assemble(split, indices)
+
+    probe_task._assemble = counted
+    per_epoch = len(probe_task.train_batches(0))
+    evaluate, during_dev = train_module.evaluate, []
+
+    def evaluate_once_begun(task_, split):
+        # Wait (a while, at most) for the next epoch's first batches: without the early start they never come.
+        deadline = time.monotonic() + 10
+        before = sum(s == "train" for s, _ in built)
+        while time.monotonic() < deadline and sum(s == "train" for s, _ in built) < before + 2:
+            time.sleep(0.01)
+        during_dev.append(sum(s == "train" for s, _ in built) - before)
+        return evaluate(task_, split)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_once_begun)
+    record = RunRecord(kind="probe", experiment="x", layer=2, reinit=[], seed=0, model={}, data={}, store="s",
+                       device="cpu", threads=1)
+    epochs = 3
+    train(probe_task, TrainConfig(epochs=epochs, test_splits=()), tmp_path / "run", record, progress=False, num_threads=1)
+    # After epochs 1 and 2 the next epoch's first two batches were built during dev; after the last, none.
+    assert during_dev[:epochs] == [2, 2, 0]
+    trained = [b for s, b in built if s == "train"]
+    assert len(trained) == epochs * per_epoch
+    assert trained == [tuple(make.args[1]) for e in range(epochs) for make in probe_task.train_batches(e).makers]
+    assert no_prefetch_thread_left()

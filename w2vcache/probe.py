@@ -365,11 +365,23 @@ class _Lazy:
 
     def __init__(self, makers, prefetch: int = 0, finish=lambda batch: batch):
         self.makers, self.prefetch, self.finish = makers, prefetch, finish
+        self._begun: _Prefetched | None = None
 
     def __len__(self):
         return len(self.makers)
 
+    def begin(self) -> None:
+        """Start building the first batches now, before anyone iterates (the training loop calls it
+        for the next epoch while dev is evaluated, so that epoch does not open with a wait); the
+        next iteration takes them. Without prefetch nothing is built ahead, here either."""
+        if self.prefetch > 0 and self._begun is None:
+            self._begun = _Prefetched(self.makers, self.prefetch, self.finish)
+            self._begun.begin()
+
     def __iter__(self):
+        if self._begun is not None:
+            begun, self._begun = self._begun, None
+            return begun
         if self.prefetch > 0:
             return _Prefetched(self.makers, self.prefetch, self.finish)
         return (self.finish(make()) for make in self.makers)
@@ -417,6 +429,11 @@ class _Prefetched:
 
     def __iter__(self):
         return self
+
+    def begin(self) -> None:
+        """Start the worker before the first batch is asked for."""
+        with self._cond:
+            self._wake()
 
     def __next__(self):
         if self._taken >= len(self._makers):

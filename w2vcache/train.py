@@ -76,7 +76,9 @@ class Task(Protocol):
     model: torch.nn.Module
 
     # The epoch's batches, deterministic given seed and epoch. Each has `.frames`, the real
-    # (unpadded) frames it holds, for the frames/s figures.
+    # (unpadded) frames it holds, for the frames/s figures. Batches with a `begin()` (probe
+    # batches) start being built for the next epoch while dev is evaluated; others (a DataLoader
+    # draws its seed from torch's RNG, which the checkpoint must save first) when the epoch starts.
     def train_batches(self, epoch: int) -> list: ...
 
     def eval_batches(self, split: str) -> Iterable: ...
@@ -299,14 +301,15 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         metrics = _read_metrics(run_dir, first_epoch)
         (run_dir / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
+    upcoming = None  # the next epoch's batches, begun while dev is evaluated
     for epoch in range(first_epoch, config.epochs):
         epoch_started = time.perf_counter()
         epoch_threads = threads.use(num_threads, model)
         task.start_epoch(epoch)
         model.train()
-        batches = task.train_batches(epoch)
+        batches = upcoming if upcoming is not None else task.train_batches(epoch)
         # The bar only counts: tqdm.auto iterates what it wraps once more on its own, which would
-        # build a DataLoader's workers twice and build the batches twice.
+        # build a DataLoader's workers twice and take the batches begun for this epoch.
         bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         loss_sum, loss_n, frames, data_wait, skipped = 0.0, 0, 0, 0.0, 0
         optimizer.zero_grad(set_to_none=True)
@@ -337,6 +340,9 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
             bar.update()
         bar.close()
         train_seconds = time.perf_counter() - epoch_started
+        upcoming = task.train_batches(epoch + 1) if epoch + 1 < config.epochs else None
+        if hasattr(upcoming, "begin"):
+            upcoming.begin()
         dev = evaluate(task, config.dev_split)
         entry = {
             "epoch": epoch + 1,
