@@ -232,10 +232,22 @@ def test_a_held_lock_is_renewed_until_released(tmp_path, monkeypatch):
     assert not held._beat.is_alive() and not held.path.exists()
 
 
-def test_a_run_whose_lock_was_taken_over_is_left_to_its_new_holder(bundled_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("group", [False, True], ids=["alone", "process-group"])
+def test_a_run_whose_lock_was_taken_over_is_left_to_its_new_holder(bundled_store, tmp_path, monkeypatch, group):
     """A trainer stopped for longer than SILENT_AFTER_S finds, when it goes on, that a job on
-    another host took its run: it stops before writing another epoch, leaving the run to it."""
+    another host took its run: it stops before writing another epoch, leaving the run to it. Under
+    a process group (DDP: rank 0 holds the lock for all ranks), rank 0 tells every rank (here a
+    group of one, which goes through the same collective)."""
     import w2vcache.train
+
+    if group:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+        broadcasts = []
+        broadcast = dist.broadcast_object_list
+        monkeypatch.setattr(dist, "broadcast_object_list", lambda objects, src: broadcasts.append(list(objects))
+                            or broadcast(objects, src=src))
 
     monkeypatch.setattr(locks, "HEARTBEAT_S", 0.02)
     run = tmp_path / "probe/layer00/seed0"
@@ -250,9 +262,15 @@ def test_a_run_whose_lock_was_taken_over_is_left_to_its_new_holder(bundled_store
             time.sleep(0.3)  # a few beats: the heartbeat finds the lock is no longer its own
 
     monkeypatch.setattr(w2vcache.train, "_save", save_then_lose_the_lock)
-    with pytest.raises(W2VCacheError, match=rf"^{re.escape(str(run))}: this process lost its lock .*run\.lock .* another process took it over"):
-        probe(str(bundled_store), "0", "0", tmp_path, ProbeConfig(hidden=8, lstm_layers=1, batch_frames=2000),
-              TrainConfig(epochs=3), progress=False)
+    try:
+        with pytest.raises(W2VCacheError, match=rf"^{re.escape(str(run))}: this process lost its lock .*run\.lock .* another process took it over"):
+            probe(str(bundled_store), "0", "0", tmp_path, ProbeConfig(hidden=8, lstm_layers=1, batch_frames=2000),
+                  TrainConfig(epochs=3), progress=False)
+    finally:
+        if group:
+            dist.destroy_process_group()
+    if group:  # the claim's answer, then "still held" after epoch 1, "lost" after epoch 2
+        assert [b[0] for b in broadcasts[1:]] == [False, True]
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
     assert not (run / "result.json").exists()
     assert json.loads(lock.read_text()) == other  # the new holder's lock stays

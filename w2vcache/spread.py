@@ -125,10 +125,24 @@ def training_under(claim: Claim):
         _TRAINING_UNDER.reset(token)
 
 
-def check_still_held(directory) -> None:
+def check_still_held(directory, together: bool = False) -> None:
     """Refuse to write on in a run whose lock this process has lost (Lock.check_held): another job
-    took the run over and is training it."""
+    took the run over and is training it. `together`: the ranks of the process group train the run
+    (DDP) and rank 0 alone holds its lock, so rank 0 tells every rank whether it still does (all
+    ranks must call this at the same point), and all stop together: none is left waiting for the
+    others at the next collective."""
     lock = _TRAINING_UNDER.get()
+    if together:
+        # Decided once, from rank 0's answer: `lost` only ever turns true, and a rank that went on
+        # while another stopped would wait for it for ever.
+        answer = [lock is not None and lock.lost] if dist.get_rank() == 0 else [None]
+        dist.broadcast_object_list(answer, src=0)
+        if not answer[0]:
+            return
+        if lock is not None:
+            lock.check_held(str(directory))
+        raise W2VCacheError(f"{directory}: rank 0 lost the run's lock (another process took it over); "
+                            "every rank stops here without writing to it again")
     if lock is not None:
         lock.check_held(str(directory))
 

@@ -361,8 +361,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         if progress and writer:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
                        f"dev WER {dev.wer_percent:.2f} %, CER {dev.cer_percent:.2f} % ({entry['seconds']:.1f} s)")
-        if not distributed:  # (under DDP rank 0 holds the lock; its host stopping stops every rank)
-            check_still_held(run_dir)
+        check_still_held(run_dir, together=distributed)
         rate = getattr(dev, config.select_by)
         if rate < best[selected] or best["epoch"] is None:
             best = {"epoch": epoch + 1, selected: rate}
@@ -397,8 +396,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         "this_session_s": time.perf_counter() - started,
     }
     result["finished"] = record.now()
-    if not distributed:
-        check_still_held(run_dir)
+    check_still_held(run_dir, together=distributed)
     if writer:
         record.write_json(run_dir / RESULT, result)
     if distributed:
