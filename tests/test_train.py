@@ -189,7 +189,7 @@ def test_resuming_a_run_of_an_earlier_version_rewrites_its_metrics_in_percent(tm
 
 
 def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatch):
-    from w2vcache.train import make_optimizer
+    from w2vcache.train import load_optimizer, make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.ones(2))]
     assert make_optimizer(params, 0.1).defaults["fused"] is True
@@ -201,9 +201,29 @@ def test_the_optimizer_is_fused_where_torch_has_the_kernel_and_plain_where_not(m
                                "supported devices: ['cuda', 'xpu', 'privateuseone']")
         return real(parameters, lr=lr)
 
+    fused = make_optimizer(params, 0.1)
+    params[0].grad, params[1].grad = torch.ones(3), torch.ones(2)
+    fused.step()
+    saved = fused.state_dict()
     monkeypatch.setattr(torch.optim, "Adam", adam_without_cpu_kernels)
     plain = make_optimizer((p for p in params), 0.1)  # a generator, as model.parameters() is
     assert not plain.defaults.get("fused") and plain.param_groups[0]["params"] == params
+    # A run saved fused, resumed here: its moments and steps restored, its step unfused.
+    load_optimizer(plain, saved)
+    assert [g["fused"] for g in plain.param_groups] == [False]
+    assert torch.equal(plain.state[params[0]]["exp_avg"], fused.state[params[0]]["exp_avg"])
+    plain.step()
+    assert float(plain.state[params[0]]["step"]) == 2
+
+
+def test_a_run_saved_unfused_resumes_unfused():
+    from w2vcache.train import load_optimizer, make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    old = torch.optim.Adam(params, lr=0.1)
+    resumed = make_optimizer(params, 0.1)
+    load_optimizer(resumed, old.state_dict())
+    assert not resumed.param_groups[0]["fused"]
 
 
 class CountedBatches:

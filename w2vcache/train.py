@@ -141,6 +141,16 @@ def make_optimizer(parameters, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(parameters, lr=lr)
 
 
+def load_optimizer(optimizer: torch.optim.Adam, state: dict) -> None:
+    """Restore a checkpoint's optimizer state into make_optimizer's Adam, which way it was fused
+    included; a run saved fused and resumed where torch has no fused kernel for the device (a CPU
+    before torch 2.4) goes on unfused, where the fused step would fail."""
+    optimizer.load_state_dict(state)
+    if not optimizer.defaults.get("fused"):
+        for group in optimizer.param_groups:
+            group["fused"] = False
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -291,7 +301,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
     if (run_dir / CHECKPOINT).exists():
         state = load_checkpoint(run_dir / CHECKPOINT)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
