@@ -28,7 +28,7 @@ from .audio import AudioError, audio_info, check_complete, check_format
 from .checkpoints import load_backbone
 from .errors import W2VCacheError
 from .extract import ExtractConfig, _device, fill_blocks
-from .share import SUBSET_KEY, _copy_blocks
+from .share import SUBSET_KEY, _copy_blocks, converted_from
 from .store import FeatureStore, VerifyReport, local_root, open_store, record_verification, verify
 from .store.layout import Block
 from .store.records import latest, run_records, write_run_record
@@ -261,7 +261,7 @@ def _check_source(store: FeatureStore, source: FeatureStore, blocks: list[Block]
     # The provenance names the features' dtype before any conversion: an int8 copy of a float16
     # store says float16 too, so the stores' own dtypes are compared as well. A converted copy is
     # written again by converting its float source, as `copy` did; anything else takes its own dtype.
-    made_from = ((store.provenance.get(SUBSET_KEY) or {}).get("converted") or {}).get("from", store.dtype)
+    made_from = converted_from(store)
     if source.dtype != made_from:
         refuse(f"its dtype is {source.dtype}; {store.dtype} features made from {made_from} ones are to be rewritten")
     for layer, dim in store.layers.items():

@@ -176,6 +176,12 @@ def _subset_record(store: FeatureStore, layers: list[str], splits: list[str]) ->
     return out
 
 
+def converted_from(store: FeatureStore) -> str:
+    """The dtype a copy's features were converted from (an int8 copy of a float16 store: float16);
+    for any other store, its own dtype."""
+    return ((store.provenance.get(SUBSET_KEY) or {}).get("converted") or {}).get("from", store.dtype)
+
+
 def _copy_runs(source: FeatureStore, destination: Path) -> int | None:
     """Copy the source's run records (_runs/<name> attributes) into a local store: how many, or
     None where the source cannot list them (a plain http server without an index page)."""
