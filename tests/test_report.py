@@ -622,16 +622,17 @@ def test_similarity_results_are_reported_with_their_diagonals_and_heatmaps(repor
     assert markdown_tables(result.stdout)[SIMILARITY_HEADING] == markdown_tables(text)[SIMILARITY_HEADING] == {
         "layer00": {"ft-vs-base": "0.950"}, "layer01": {"ft-vs-base": "-"},
         "layer02": {"ft-vs-base": "0.400"}, "layer03": {"ft-vs-base": "0.700"}}
-    assert "- base: within base, split dev, 500 frames, 4 x 4 layers" in text
-    assert "- ft-vs-base: tuned against base, split dev, 500 frames, 4 x 4 layers" in text
-    assert "Changed most in ft-vs-base: layer02 (CKA 0.400 with itself)." in text
+    assert "- base: linear CKA, within base, split dev, 500 frames, 4 x 4 layers" in text
+    assert "- ft-vs-base: linear CKA, tuned against base, split dev, 500 frames, 4 x 4 layers" in text
+    assert "Changed most in ft-vs-base: layer02 (linear CKA 0.400 with itself)." in text
     assert "(report-similarity.png)" in text and "(report.png)" in text
     assert f"figure: {out / 'report-similarity.png'}" in result.stderr.splitlines()
 
     report = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in report["similarity"]] == ["base", "ft-vs-base"]
     assert report["similarity"][0]["diagonal"] is None and report["similarity"][0]["changed_most"] is None
-    assert report["similarity"][1]["changed_most"] == {"layer": "layer02", "cka": 0.4}
+    assert report["similarity"][1]["changed_most"] == {"layer": "layer02", "value": 0.4, "cka": 0.4}
+    assert report["similarity"][1]["measure"] == "linear_cka"
     assert report["similarity"][1]["matrix"] == TUNED
     # Two heatmaps and one panel of diagonals, each 500 x 450 pixels.
     assert similarity_figure_size(find_similarities(runs)) == (1500, 450)

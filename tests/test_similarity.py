@@ -16,7 +16,7 @@ from w2vcache.errors import W2VCacheError
 from w2vcache.extract import ExtractConfig, extract
 from w2vcache.figure import similarity_figure_size
 from w2vcache.report import read_similarity
-from w2vcache.similarity import cka_from_moments, linear_cka, sample_frames, similarity
+from w2vcache.similarity import cca_similarity, cka_from_moments, from_moments, linear_cka, sample_frames, similarity
 from w2vcache.store import FeatureStore, open_store
 
 DIM = 8
@@ -176,6 +176,64 @@ def test_streamed_equals_in_memory_on_the_same_sampled_frames(stores, monkeypatc
     assert not np.array_equal(other_seed.matrix, r.matrix)
 
 
+# ---------------------------------------------------------------------------------------------
+# SVCCA and PWCCA
+
+
+def test_cca_measures_are_canonical_correlations_after_the_99_percent_truncation():
+    rng = np.random.default_rng(3)
+    # X: 6 strong directions and 4 of noise (well under 1 % of the variance); Y: 3 of X's strong
+    # directions plus 3 features of its own, as strong, both rotated.
+    strong, weak = rng.standard_normal((4000, 6)) * 10, rng.standard_normal((4000, 4)) * 0.05
+    x = np.hstack([strong, weak]) @ random_rotation(10, 1)
+    y = np.hstack([strong[:, :3], rng.standard_normal((4000, 3)) * 10]) @ random_rotation(6, 2)
+    # X keeps its 6 strong directions, Y all 6: canonical correlations 1, 1, 1 and three near 0
+    # (chance correlations of 4,000 frames).
+    assert cca_similarity(x, y, "mean") == pytest.approx(0.5, abs=0.03)
+    assert cca_similarity(x, x @ random_rotation(10, 5) * 3 + 1, "mean") == pytest.approx(1.0, abs=1e-9)
+    # The same strong directions with other noise: the noise is cut before it is compared (uncut,
+    # its 4 directions would add 4 correlations near 0: about 0.6).
+    renoised = np.hstack([strong, rng.standard_normal((4000, 4)) * 0.05]) @ random_rotation(10, 1)
+    assert cca_similarity(x, renoised, "mean") == pytest.approx(1.0, abs=1e-3)
+    assert cca_similarity(x, renoised, "mean", kept=1.0) == pytest.approx(0.6, abs=0.03)
+    assert cca_similarity(x, y, "mean") == pytest.approx(cca_similarity(y, x, "mean"), abs=1e-12)
+    # PWCCA weighs the first argument's side: Y's shared half carries half its variance, so Y
+    # against X weighs the correlations of 1 by about half; X against Y weighs by X's directions.
+    assert cca_similarity(y, x, "projection") == pytest.approx(0.5, abs=0.05)
+    assert cca_similarity(x, y, "projection") != pytest.approx(cca_similarity(y, x, "projection"), abs=1e-3)
+    assert np.isnan(cca_similarity(x, np.ones((4000, 3))))  # no variance: undefined
+
+
+@pytest.mark.parametrize("measure,weighting", [("svcca", "mean"), ("pwcca", "projection")])
+def test_cca_from_moments_equals_the_computation_on_the_frames(measure, weighting):
+    """Eigenvectors of the covariances (what streams) against SVDs of the centred frames."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 12)) @ rng.standard_normal((12, 12)) + 4
+    y = x[:, :5] @ rng.standard_normal((5, 9)) + 0.7 * rng.standard_normal((3000, 9))
+    moments = from_moments(measure, len(x), x.sum(0), y.sum(0), x.T @ y, x.T @ x, y.T @ y)
+    assert moments == pytest.approx(cca_similarity(x, y, weighting), abs=1e-10)
+
+
+@pytest.mark.parametrize("measure,weighting", [("svcca", "mean"), ("pwcca", "projection")])
+def test_streamed_cca_equals_in_memory_on_the_same_sampled_frames(stores, monkeypatch, measure, weighting):
+    monkeypatch.setattr(sim, "SAMPLED_ROWS", 150)
+    monkeypatch.setattr(sim, "READ_FRAMES", 400)
+    a = open_store(stores["tiny"])
+    lengths = np.array([u.length for u in a.utterances("dev")])
+    rows = sample_frames(lengths, a.usable("dev"), 1000, 4)
+    for other in ("tiny-ln", "tiny"):  # two stores, and one store against itself (PWCCA's mirror computed)
+        budget = 8 * a.layers["layer00"] * sum(a.layers.values())
+        r = similarity(stores["tiny"], None if other == "tiny" else stores[other], measure=measure, max_frames=1000,
+                       seed=4, memory_budget=budget, progress=False)
+        b = open_store(stores[other])
+        xs = [a.read_layer("dev", name)[0][rows] for name in a.layers]
+        ys = [b.read_layer("dev", name)[0][rows] for name in b.layers]
+        expected = np.array([[cca_similarity(x, y, weighting) for y in ys] for x in xs])
+        np.testing.assert_allclose(r.matrix, expected, rtol=0, atol=1e-8)
+        assert r.record["measure"] == measure and r.record["kept_variance"] == 0.99
+    np.testing.assert_allclose(np.diag(r.matrix), 1.0, atol=1e-9)
+
+
 def test_utterances_that_failed_to_decode_are_left_out(tmp_path):
     lengths = [11, 30, 7, 19, 25, 14, 9, 40]
     a = write_store(tmp_path / "a.zarr", lengths, failed={"utt-003"})
@@ -201,7 +259,7 @@ def test_stores_of_other_utterances_or_frame_counts_are_refused(stores, tmp_path
         similarity(a, split="test", progress=False)
     with pytest.raises(W2VCacheError, match="has no layer layer09"):
         similarity(a, layers="9", progress=False)
-    with pytest.raises(W2VCacheError, match="only cka"):
+    with pytest.raises(W2VCacheError, match="choose one of cka, svcca, pwcca"):
         similarity(a, measure="cca", progress=False)
 
 
@@ -228,6 +286,11 @@ def test_command_writes_json_csv_and_figure(stores, tmp_path):
     drawn = [read_similarity(out / "similarity.json", "sim")]
     assert drawn[0].diagonal is not None  # so the figure has the heatmap and the diagonal's curve
     assert png_size(out / "similarity.png") == similarity_figure_size(drawn)
+    pw = cli(stores["tiny"], stores["tiny-ln"], "--layers", "1-3", "--max-frames", 800, "--measure", "pwcca",
+             "--out", tmp_path / "pw")
+    assert pw.exit_code == 0, pw.output
+    assert "PWCCA of 3 x 3 layers" in pw.output
+    assert json.loads((tmp_path / "pw/similarity.json").read_text())["measure"] == "pwcca"
 
 
 def test_command_refuses_other_utterances_in_one_line(stores, tmp_path):

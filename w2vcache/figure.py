@@ -5,9 +5,9 @@ blocks (PNG).
 FIGURE_PANEL_INCHES per panel at FIGURE_DPI: 500 x 400 pixels with one panel (probes only or
 fine-tunes only), 1000 x 400 with two, 1500 x 400 with all three.
 
-The similarity figure (report-similarity.png): one linear-CKA heatmap per similarity result under
-RUNS/similarity/, and one panel with the diagonals (CKA of each layer with the same layer of the
-other store) of those that have one, each panel SIMILARITY_PANEL_INCHES.
+The similarity figure (report-similarity.png): one heatmap per similarity result under
+RUNS/similarity/ (linear CKA, SVCCA or PWCCA), and one panel with the diagonals (each layer against
+the same layer of the other store) of those that have one, each panel SIMILARITY_PANEL_INCHES.
 """
 
 import importlib.util
@@ -182,7 +182,8 @@ def _tick(name: str) -> str:
 
 
 def write_similarity_figure(similarities: list[Similarity], path) -> Path:
-    """Each result's linear-CKA heatmap (0 to 1), then the diagonals as curves by layer on one axes."""
+    """Each result's heatmap (0 to 1: linear CKA, SVCCA or PWCCA), then the diagonals as curves by
+    layer on one axes."""
     Figure, FigureCanvasAgg = _matplotlib()
 
     diagonals = [s for s in similarities if s.diagonal is not None]
@@ -204,7 +205,7 @@ def _heatmap(fig, ax, result: Similarity) -> None:
     """Store A's layers up, store B's across; undefined cells (no variance) left blank."""
     matrix = np.array([[np.nan if v is None else v for v in row] for row in result.matrix], dtype=float)
     image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-    fig.colorbar(image, ax=ax, label="linear CKA")
+    fig.colorbar(image, ax=ax, label=result.label)
     ax.set_xticks(range(len(result.layers_b)), [_tick(n) for n in result.layers_b])
     ax.set_yticks(range(len(result.layers_a)), [_tick(n) for n in result.layers_a])
     ax.set_xlabel(f"layer of {_short(result.model_b or result.model_a)}", fontsize="small")
@@ -225,7 +226,7 @@ def _short(model: str | None, parts: int = 3) -> str:
 
 
 def _diagonals(ax, diagonals: list[Similarity]) -> None:
-    """CKA of each layer with the same layer of the other store: how much each layer changed."""
+    """Each layer's similarity with the same layer of the other store: how much each layer changed."""
     layers = list(dict.fromkeys(layer for s in diagonals for layer in s.layers_a))
     for s in diagonals:
         points = [(layers.index(n), v) for n, v in zip(s.layers_a, s.diagonal) if v is not None]
@@ -236,7 +237,7 @@ def _diagonals(ax, diagonals: list[Similarity]) -> None:
     ax.set_xticks(range(len(layers)), [_tick(n) for n in layers])
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("layer")
-    ax.set_ylabel("linear CKA with the same layer")
+    ax.set_ylabel(f"{', '.join(dict.fromkeys(s.label for s in diagonals))} with the same layer")
     ax.set_title("How much each layer changed (1: not at all; *: most)", fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

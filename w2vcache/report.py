@@ -62,6 +62,8 @@ REPORT_NAME = "report"  # out_dir/report.md, report.csv, report.json, report.png
 SIMILARITY_FIGURE = f"{REPORT_NAME}-similarity.png"  # out_dir/report-similarity.png: heatmaps, diagonals
 # `w2vcache similarity ... --out RUNS/similarity/<name>` puts its results where the report finds them.
 SIMILARITY_DIR = "similarity"
+# How a similarity.json's measure is said (similarity.py computes them).
+SIMILARITY_LABELS = {"linear_cka": "linear CKA", "svcca": "SVCCA", "pwcca": "PWCCA"}
 SIMILARITY_FILE = "similarity.json"
 # Said once under the fine-tuning table: what the fine-tunes train, which the table alone does not show.
 FROZEN_CNN_NOTE = ("The fine-tunes train the transformer and the CTC head with the CNN feature encoder frozen, "
@@ -145,15 +147,20 @@ class Similarity:
     split: str
     layers_a: list[str]  # the matrix's rows
     layers_b: list[str]  # its columns
-    matrix: list[list[float | None]]  # linear CKA; None where a layer has no variance
-    diagonal: list[float | None] | None  # CKA(layer k of A, layer k of B); None within one store
+    matrix: list[list[float | None]]  # the measure; None where a layer has no variance
+    diagonal: list[float | None] | None  # measure(layer k of A, layer k of B); None within one store
     frames: int
     model_a: str | None
     model_b: str | None  # None: one store against itself
+    measure: str = "linear_cka"  # similarity.json's name: linear_cka, svcca, pwcca
+
+    @property
+    def label(self) -> str:
+        return SIMILARITY_LABELS.get(self.measure, self.measure)
 
     @property
     def changed_most(self) -> tuple[str, float] | None:
-        """The layer whose CKA with the same layer is lowest: the one fine-tuning changed most."""
+        """The layer least similar to the same layer of the other store: the one fine-tuning changed most."""
         scored = [(v, name) for name, v in zip(self.layers_a, self.diagonal or ()) if v is not None]
         return (min(scored)[1], min(scored)[0]) if scored else None
 
@@ -166,7 +173,9 @@ class Similarity:
         return {"name": self.name, "path": str(self.path), "split": self.split, "frames": self.frames,
                 "model_a": self.model_a, "model_b": self.model_b, "layers_a": self.layers_a,
                 "layers_b": self.layers_b, "matrix": self.matrix, "diagonal": self.diagonal,
-                "changed_most": None if most is None else {"layer": most[0], "cka": most[1]}}
+                "measure": self.measure,
+                "changed_most": None if most is None else {"layer": most[0], "value": most[1],
+                                                           **({"cka": most[1]} if self.measure == "linear_cka" else {})}}
 
 
 def find_similarities(runs_dir) -> list[Similarity]:
@@ -184,7 +193,7 @@ def similarity_of(data: dict, path: Path, name: str) -> Similarity:
         name=name, path=path, split=data["split"], layers_a=list(data["layers_a"]),
         layers_b=list(data["layers_b"]), matrix=data["matrix"], diagonal=data.get("diagonal"),
         frames=data["frames"], model_a=(data.get("store_a") or {}).get("model"),
-        model_b=(data.get("store_b") or {}).get("model"))
+        model_b=(data.get("store_b") or {}).get("model"), measure=data.get("measure", "linear_cka"))
 
 
 def read_similarity(path: Path, name: str) -> Similarity:
@@ -427,7 +436,7 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
     if figure:
         out += ["", f"![WER by layer and by re-initialised blocks]({figure})"]
     if similarity_figure:
-        out += ["", f"![Linear CKA between layers, and of each layer with itself]({similarity_figure})"]
+        out += ["", f"![Similarity between layers, and of each layer with itself]({similarity_figure})"]
     return "\n".join(out) + "\n"
 
 
@@ -445,8 +454,9 @@ def _similarity_section(similarities: list[Similarity]) -> list[str]:
     """Markdown lines: each similarity result in a line, and a table of the diagonals there are."""
     if not similarities:
         return []
-    out = ["", f"## Layer similarity (linear CKA, `w2vcache similarity`, under {SIMILARITY_DIR}/)", ""]
-    out += [f"- {s.name}: {s.against}, split {s.split}, {s.frames} frames, "
+    labels = ", ".join(dict.fromkeys(s.label for s in similarities))
+    out = ["", f"## Layer similarity ({labels}, `w2vcache similarity`, under {SIMILARITY_DIR}/)", ""]
+    out += [f"- {s.name}: {s.label}, {s.against}, split {s.split}, {s.frames} frames, "
             f"{len(s.layers_a)} x {len(s.layers_b)} layers" for s in similarities]
     diagonals = [s for s in similarities if s.diagonal is not None]
     if not diagonals:
@@ -454,13 +464,13 @@ def _similarity_section(similarities: list[Similarity]) -> list[str]:
     layers = list(dict.fromkeys(layer for s in diagonals for layer in s.layers_a))
     values = [dict(zip(s.layers_a, s.diagonal)) for s in diagonals]
     lines = [[layer, *("-" if v.get(layer) is None else f"{v[layer]:.3f}" for v in values)] for layer in layers]
-    out += ["", "CKA of each layer with the same layer of the other store (1: unchanged; lower: changed more):", ""]
+    out += ["", f"{labels} of each layer with the same layer of the other store (1: unchanged; lower: changed more):", ""]
     out += _markdown_table(["layer", *(s.name for s in diagonals)], ["---", *["---:"] * len(diagonals)], lines)
     out.append("")
     for s in diagonals:
         most = s.changed_most
         if most:
-            out.append(f"Changed most in {s.name}: {most[0]} (CKA {most[1]:.3f} with itself).")
+            out.append(f"Changed most in {s.name}: {most[0]} ({s.label} {most[1]:.3f} with itself).")
     return out
 
 

@@ -1,4 +1,5 @@
-"""Layer x layer similarity of stored features: linear CKA, within one store or between two.
+"""Layer x layer similarity of stored features, within one store or between two: linear CKA,
+SVCCA or PWCCA.
 
 Linear CKA (Kornblith et al. 2019) of X (n x p) and Y (n x q), the same n frames through two layers,
 columns centred:
@@ -9,6 +10,11 @@ It is 1 when Y is X up to a rotation, a uniform scale and a translation, and nea
 features. Between a fine-tuned model's store and its pre-trained model's store (the same
 utterances), the diagonal CKA(layer k, layer k) says how much fine-tuning changed each layer
 (Pasad et al. 2021); docs/ANALYSES.md says more.
+
+SVCCA (Raghu et al. 2017) cuts each layer to its principal directions holding 99 % of its variance
+and averages the canonical correlations of the two; PWCCA (Morcos et al. 2018) weighs each
+correlation by how much of the first layer's directions its canonical variate accounts for. Both
+come from the same moments as CKA (covariances, cross-covariance), so they stream alike.
 
 The computation streams: a seeded sample of frames is read utterance by utterance and only its
 float64 moments are kept (column sums, X^T X per layer, X^T Y per layer pair), centred at the end
@@ -30,10 +36,16 @@ from . import record
 from .errors import W2VCacheError
 from .figure import can_plot, write_similarity_figure
 from .layers import choose_layers
-from .report import similarity_of
+from .report import SIMILARITY_LABELS as LABELS, similarity_of
 from .store import FeatureStore, open_store
 
-MEASURES = ("cka",)
+MEASURES = ("cka", "svcca", "pwcca")
+# similarity.json's name of each measure, and how figures and reports say it.
+MEASURE_NAMES = {"cka": "linear_cka", "svcca": "svcca", "pwcca": "pwcca"}
+# SVCCA's truncation (Raghu et al. 2017): each layer keeps its leading principal directions that
+# explain this share of its variance before the CCA; the noise directions left out would otherwise
+# be matched by chance, the more so the closer the width comes to the number of frames.
+KEPT_VARIANCE = 0.99
 DEFAULT_MAX_FRAMES = 50_000
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of float64 products held at once
 READ_FRAMES = 65_536  # store frames read per step (one layer at a time), bounding the raw read
@@ -61,8 +73,7 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 def cka_from_moments(n: int, sum_x: np.ndarray, sum_y: np.ndarray, xty: np.ndarray, xtx: np.ndarray,
                      yty: np.ndarray) -> float:
     """Linear CKA from uncentred float64 moments over n rows: column sums, X^T Y, X^T X, Y^T Y."""
-    mu_x, mu_y = sum_x / n, sum_y / n
-    return _cka(xty - n * np.outer(mu_x, mu_y), xtx - n * np.outer(mu_x, mu_x), yty - n * np.outer(mu_y, mu_y))
+    return from_moments("cka", n, sum_x, sum_y, xty, xtx, yty)
 
 
 def _cka(cross: np.ndarray, gram_x: np.ndarray, gram_y: np.ndarray) -> float:
@@ -70,6 +81,84 @@ def _cka(cross: np.ndarray, gram_x: np.ndarray, gram_y: np.ndarray) -> float:
     if not denominator > 0:
         return float("nan")
     return float(np.linalg.norm(cross) ** 2 / denominator)
+
+
+# ----------------------------------------------------------------------------------------------
+# CCA: SVCCA and PWCCA
+
+
+def _principal(cov: np.ndarray, kept: float) -> tuple[np.ndarray, np.ndarray]:
+    """The leading eigenvectors (columns) and eigenvalues of a covariance matrix that explain
+    `kept` of its variance; none when it has no variance."""
+    values, vectors = np.linalg.eigh(cov)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    total = values.clip(min=0).sum()
+    if not total > 0:
+        return vectors[:, :0], values[:0]
+    k = int(np.searchsorted(np.cumsum(values) / total, kept - 1e-12)) + 1
+    k = min(k, int((values > values[0] * 1e-12).sum()))  # never a direction of (numerically) no variance
+    return vectors[:, :k], values[:k]
+
+
+def _cca(cross: np.ndarray, cov_x: np.ndarray, cov_y: np.ndarray, weighting: str,
+         kept: float = KEPT_VARIANCE) -> float:
+    """SVCCA ("mean": the mean canonical correlation) or PWCCA ("projection": the correlations
+    weighted by how much of X's own directions each canonical variate accounts for, Morcos et al.
+    2018) from the centred covariances, each side first cut to its principal directions.
+
+    In each side's whitened principal coordinates the canonical correlations are the singular
+    values of the cross-covariance; X's canonical variate i projects on X's kept directions by
+    sqrt(eigenvalue) times its singular vector's entries, and its PWCCA weight is the sum of the
+    absolute projections on X's columns. PWCCA weighs X's side: (X, Y) and (Y, X) differ."""
+    vx, lx = _principal(cov_x, kept)
+    vy, ly = _principal(cov_y, kept)
+    if not len(lx) or not len(ly):
+        return float("nan")
+    whitened = (vx.T @ cross @ vy) / np.sqrt(lx)[:, None] / np.sqrt(ly)[None, :]
+    u, rho, _ = np.linalg.svd(whitened, full_matrices=False)
+    rho = rho.clip(0.0, 1.0)
+    if weighting == "mean":
+        return float(rho.mean())
+    weights = np.abs(vx @ (np.sqrt(lx)[:, None] * u)).sum(axis=0)
+    return float((weights * rho).sum() / weights.sum())
+
+
+def cca_similarity(x: np.ndarray, y: np.ndarray, weighting: str = "mean", kept: float = KEPT_VARIANCE) -> float:
+    """SVCCA (weighting "mean") or PWCCA ("projection") of two feature matrices over the same n
+    rows, in float64, in memory: each side truncated by an SVD of its centred frames to the
+    leading directions explaining `kept` of its variance, then the canonical correlations of the
+    two orthonormal bases (the singular values of their product)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"cca_similarity needs two (n, dim) arrays of the same n, got {x.shape} and {y.shape}")
+    bases = []
+    for z in (x - x.mean(axis=0), y - y.mean(axis=0)):
+        u, sv, _ = np.linalg.svd(z, full_matrices=False)
+        power = sv**2
+        if not power.sum() > 0:
+            return float("nan")
+        k = int(np.searchsorted(np.cumsum(power) / power.sum(), kept - 1e-12)) + 1
+        k = min(k, int((power > power[0] * 1e-12).sum()))
+        bases.append(u[:, :k])
+    a, rho, _ = np.linalg.svd(bases[0].T @ bases[1], full_matrices=False)
+    rho = rho.clip(0.0, 1.0)
+    if weighting == "mean":
+        return float(rho.mean())
+    variates = bases[0] @ a  # X's canonical variates, orthonormal
+    weights = np.abs(variates.T @ (x - x.mean(axis=0))).sum(axis=1)
+    return float((weights * rho).sum() / weights.sum())
+
+
+def from_moments(measure: str, n: int, sum_x: np.ndarray, sum_y: np.ndarray, xty: np.ndarray, xtx: np.ndarray,
+                 yty: np.ndarray) -> float:
+    """`measure` (one of MEASURES) of X and Y from their uncentred float64 moments over n rows."""
+    mu_x, mu_y = sum_x / n, sum_y / n
+    cross, gram_x, gram_y = (xty - n * np.outer(mu_x, mu_y), xtx - n * np.outer(mu_x, mu_x),
+                             yty - n * np.outer(mu_y, mu_y))
+    if measure == "cka":
+        return _cka(cross, gram_x, gram_y)
+    return _cca(cross / n, gram_x / n, gram_y / n, "mean" if measure == "svcca" else "projection")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,8 +216,8 @@ class SimilarityResult:
 def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure: str = "cka",
                max_frames: int | None = DEFAULT_MAX_FRAMES, seed: int = 0, out=None, figure: bool = True,
                memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = True) -> SimilarityResult:
-    """Linear CKA between every layer of `store_a` and every layer of `store_b` (itself when None)
-    over a seeded sample of the split's frames. With `out`, writes similarity.json, .csv and .png
+    """`measure` (cka: linear CKA; svcca; pwcca) between every layer of `store_a` and every layer
+    of `store_b` (itself when None) over a seeded sample of the split's frames. With `out`, writes similarity.json, .csv and .png
     there (the figure only where matplotlib is installed: the 'plots' extra).
 
     Stores are paths, URLs or open FeatureStores; two stores must hold the same utterances of the
@@ -136,9 +225,9 @@ def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure:
     config = SimilarityConfig(split=split, layers=layers, measure=measure, max_frames=max_frames, seed=seed,
                               memory_budget=memory_budget)
     if measure not in MEASURES:
-        raise W2VCacheError(f"--measure {measure!r}: only {', '.join(MEASURES)} (linear CKA) is implemented")
+        raise W2VCacheError(f"--measure {measure!r}: choose one of {', '.join(MEASURES)}")
     if max_frames is not None and max_frames < 2:
-        raise W2VCacheError(f"--max-frames {max_frames}: CKA needs at least 2 frames")
+        raise W2VCacheError(f"--max-frames {max_frames}: {LABELS[MEASURE_NAMES[measure]]} needs at least 2 frames")
     if out is not None and Path(out).exists() and not Path(out).is_dir():  # say so before the work, not after
         raise W2VCacheError(f"{out}: exists and is not a directory")
     started = time.perf_counter()
@@ -152,14 +241,15 @@ def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure:
         lengths = np.array([u.length for u in a.utterances(split)], dtype=np.int64)
         rows = sample_frames(lengths, usable, max_frames, seed)
         if len(rows) < 2:
-            raise W2VCacheError(f"split {split} of store {a.path}: {len(rows)} usable frame(s); CKA needs at least 2")
-        matrix, n_utterances, passes = _stream_cka(a, b, split, names_a, names_b, lengths, rows, positions_b,
-                                                   memory_budget, progress)
+            raise W2VCacheError(f"split {split} of store {a.path}: {len(rows)} usable frame(s); "
+                                f"{LABELS[MEASURE_NAMES[measure]]} needs at least 2")
+        matrix, n_utterances, passes = _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b,
+                                               memory_budget, progress)
         same = b is a
         diagonal = [float(matrix[k, k]) for k in range(len(names_a))] if not same and names_a == names_b else None
         seconds = time.perf_counter() - started
         result = SimilarityResult(
-            measure="linear_cka", split=split, layers_a=names_a, layers_b=names_b, matrix=matrix,
+            measure=MEASURE_NAMES[measure], split=split, layers_a=names_a, layers_b=names_b, matrix=matrix,
             diagonal=diagonal, frames=len(rows), frames_available=int(lengths[usable].sum()),
             utterances=n_utterances, passes=passes, seconds=seconds, record={})
         result.record = _record(result, config, a, None if same else b)
@@ -249,8 +339,8 @@ def _groups(dims_a: list[int], dims_b: list[int], budget: int) -> list[list[int]
     return groups
 
 
-def _stream_cka(a, b, split, names_a, names_b, lengths, rows, positions_b, budget, progress):
-    """Accumulate the float64 moments of the sample step by step; CKA of every pair from them."""
+def _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b, budget, progress):
+    """Accumulate the float64 moments of the sample step by step; `measure` of every pair from them."""
     dims_a = [a.layers[n] for n in names_a]
     dims_b = [b.layers[n] for n in names_b]
     starts_b = np.concatenate([[0], np.cumsum(dims_b)])
@@ -295,9 +385,10 @@ def _stream_cka(a, b, split, names_a, names_b, lengths, rows, positions_b, budge
             for c, k in zip(cross, group):
                 for j in range(k if same else 0, len(names_b)):
                     block = c[:, starts_b[j] - first[k]:starts_b[j + 1] - first[k]]
-                    matrix[k, j] = cka_from_moments(n, sums_a[k], sums_b[j], block, grams_a[k], grams_b[j])
-                    if same:
-                        matrix[j, k] = matrix[k, j]
+                    matrix[k, j] = from_moments(measure, n, sums_a[k], sums_b[j], block, grams_a[k], grams_b[j])
+                    if same:  # PWCCA weighs its first layer's side: the mirror is computed, not copied
+                        matrix[j, k] = matrix[k, j] if measure != "pwcca" else from_moments(
+                            measure, n, sums_b[j], sums_a[k], block.T, grams_b[j], grams_a[k])
     finally:
         bar.close()
     return matrix, utterances, len(groups)
@@ -314,6 +405,7 @@ def _record(result: SimilarityResult, config: SimilarityConfig, a: FeatureStore,
 
     return {
         "measure": result.measure,
+        "kept_variance": None if result.measure == "linear_cka" else KEPT_VARIANCE,  # the CCAs' cut
         "split": result.split,
         "layers_a": result.layers_a,
         "layers_b": result.layers_b,
@@ -360,7 +452,7 @@ def write_files(result: SimilarityResult, out, figure: bool = True) -> dict[str,
 
 
 def render_csv(result: SimilarityResult) -> str:
-    """Rows: store A's layers; columns: store B's layers; empty where CKA is undefined."""
+    """Rows: store A's layers; columns: store B's layers; empty where the measure is undefined."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["layer", *result.layers_b])

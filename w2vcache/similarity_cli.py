@@ -1,4 +1,4 @@
-"""`w2vcache similarity STORE [STORE_B]`: layer x layer linear CKA (a thin layer over similarity.py).
+"""`w2vcache similarity STORE [STORE_B]`: layer x layer linear CKA, SVCCA or PWCCA (a thin layer over similarity.py).
 
 The main command group registers it with `main.add_command(similarity_command)`; it also runs on
 its own (a `W2VCacheError` becomes a one-line error either way).
@@ -8,7 +8,7 @@ import click
 
 from .cli_common import user_errors
 from .figure import NO_MATPLOTLIB
-from .similarity import DEFAULT_MAX_FRAMES, DEFAULT_MEMORY_BUDGET, MEASURES, similarity
+from .similarity import DEFAULT_MAX_FRAMES, DEFAULT_MEMORY_BUDGET, LABELS, MEASURES, similarity
 
 
 @click.command("similarity")
@@ -18,7 +18,8 @@ from .similarity import DEFAULT_MAX_FRAMES, DEFAULT_MEMORY_BUDGET, MEASURES, sim
 @click.option("--layers", default="all", show_default=True,
               help="Layers of each store: all, numbers and ranges (6-9, 0,8), or names (cnn,layer08).")
 @click.option("--measure", type=click.Choice(MEASURES), default="cka", show_default=True,
-              help="Linear CKA (the only measure implemented).")
+              help="Linear CKA; or SVCCA (mean canonical correlation) or PWCCA (projection-weighted, "
+                   "weighing STORE's side), each layer first cut to the directions holding 99 % of its variance.")
 @click.option("--max-frames", type=click.IntRange(min=0), default=DEFAULT_MAX_FRAMES, show_default=True,
               help="Frames in the seeded sample, drawn from the whole split; 0: every frame.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the frame sample.")
@@ -30,7 +31,7 @@ from .similarity import DEFAULT_MAX_FRAMES, DEFAULT_MEMORY_BUDGET, MEASURES, sim
 @click.option("--no-figure", is_flag=True, help="Do not draw similarity.png (drawing it needs matplotlib).")
 @user_errors
 def similarity_command(store, store_b, split, layers, measure, max_frames, seed, memory_budget, out, no_figure):
-    """Layer x layer linear CKA of STORE's features, or between STORE and STORE_B.
+    """Layer x layer similarity (linear CKA, SVCCA or PWCCA) of STORE's features, or between STORE and STORE_B.
 
     Two stores must hold the same utterances (say a fine-tuned model's and its pre-trained
     model's): every layer of STORE is compared with every layer of STORE_B, and the diagonal
@@ -42,7 +43,7 @@ def similarity_command(store, store_b, split, layers, measure, max_frames, seed,
                    max_frames=max_frames or None, seed=seed, out=out, figure=not no_figure,
                    memory_budget=int(memory_budget * 2**30))
     against = f"store {store} against {store_b}" if store_b else f"store {store}"
-    click.echo(f"linear CKA of {len(r.layers_a)} x {len(r.layers_b)} layers, {against}, split {split}: "
+    click.echo(f"{LABELS[r.measure]} of {len(r.layers_a)} x {len(r.layers_b)} layers, {against}, split {split}: "
                f"{r.frames} frames (of {r.frames_available}) from {r.utterances} utterances in {r.seconds:.1f} s")
     if r.diagonal is not None:
         click.echo("same layer: " + ", ".join(f"{name} {v:.3f}" for name, v in zip(r.layers_a, r.diagonal)))
