@@ -24,6 +24,7 @@ a temporary folder; name a folder on the disk you care about).
 """
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -38,7 +39,7 @@ from w2vcache.checkpoints import load_backbone
 from w2vcache.batching import length_batches
 from w2vcache.corpus import build_corpus
 import w2vcache.extract
-from w2vcache.extract import ExtractConfig, extract
+from w2vcache.extract import ExtractConfig, extract, plan_splits
 from w2vcache.store import info
 
 
@@ -88,6 +89,13 @@ def main():
         store = Path(tmp) / "bench.zarr"
         config = ExtractConfig(model=args.model, store=str(store), batch_seconds=args.batch_seconds, device=args.device,
                                threads=args.threads)
+        # Warm-up, both ways, on a few utterances: first-use costs (CUDA's pinned buffers, zarr's and
+        # the decoders' imports and pools) are paid by neither timed run.
+        warm = copy.copy(corpus)
+        warm.splits = {"bench": corpus.splits["bench"][:8]}
+        for stand_in_for in (backbone, None):
+            timed_extraction(warm, replace(config, store=str(Path(tmp) / f"warm-{stand_in_for is None}.zarr")),
+                             backbone, stand_in_for=stand_in_for)
         ceiling_s, _ = timed_extraction(corpus, replace(config, store=str(Path(tmp) / "stand-in.zarr")), backbone,
                                         stand_in_for=backbone)
         extract_s, written = timed_extraction(corpus, config, backbone)
@@ -118,7 +126,11 @@ def timed_extraction(corpus, config: ExtractConfig, backbone, stand_in_for=None)
     stand-in of that backbone's output shapes."""
     forward = w2vcache.extract.forward_layers
     if stand_in_for is not None:
-        w2vcache.extract.forward_layers = instant_forward(stand_in_for, config.batch_seconds)
+        # Room for the longest utterance too: one longer than a batch is a batch of its own.
+        longest = max(frames for plan in plan_splits(corpus, stand_in_for, progress=False).values()
+                      for _, _, _, frames in plan.utterances)
+        w2vcache.extract.forward_layers = instant_forward(stand_in_for, max(longest, config.batch_seconds
+                                                                             * stand_in_for.frame_rate))
     try:
         os.sync()
         t = time.perf_counter()
@@ -130,11 +142,13 @@ def timed_extraction(corpus, config: ExtractConfig, backbone, stand_in_for=None)
     return seconds, sum(f.stat().st_size for f in Path(config.store).rglob("*") if f.is_file())
 
 
-def instant_forward(backbone, batch_seconds: float):
+def instant_forward(backbone, max_frames: float):
     """forward_layers' stand-in: every layer a slice of one random float16 tensor made beforehand
-    (no compute, and no easier to compress than real features)."""
+    on the model's device (no compute, and no easier to compress than real features), so that the
+    device's path (its casts, copies to pinned memory and events) is the real one."""
     names = backbone.layer_names()
-    pool = torch.randn(int(batch_seconds * backbone.frame_rate) + 1, backbone.hidden_size).half()
+    device = next(backbone.model.parameters()).device
+    pool = torch.randn(int(max_frames) + 1, backbone.hidden_size, device=device).half()
 
     def forward(backbone, waves, include_cnn=False):
         lengths = [backbone.num_frames(len(w)) for w in waves]

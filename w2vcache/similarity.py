@@ -87,31 +87,36 @@ def _cka(cross: np.ndarray, gram_x: np.ndarray, gram_y: np.ndarray) -> float:
 # CCA: SVCCA and PWCCA
 
 
-def _principal(cov: np.ndarray, kept: float) -> tuple[np.ndarray, np.ndarray]:
+def _kept(variances: np.ndarray, kept: float) -> int:
+    """How many of the leading directions (variances in decreasing order) explain `kept` of the
+    variance; never one of (numerically) no variance, and none when there is no variance."""
+    total = variances.clip(min=0).sum()
+    if not total > 0:
+        return 0
+    k = int(np.searchsorted(np.cumsum(variances) / total, kept - 1e-12)) + 1
+    return min(k, int((variances > variances[0] * 1e-12).sum()))
+
+
+def principal_cut(cov: np.ndarray, kept: float = KEPT_VARIANCE) -> tuple[np.ndarray, np.ndarray]:
     """The leading eigenvectors (columns) and eigenvalues of a covariance matrix that explain
-    `kept` of its variance; none when it has no variance."""
+    `kept` of its variance (SVCCA's cut of one layer)."""
     values, vectors = np.linalg.eigh(cov)
     values, vectors = values[::-1], vectors[:, ::-1]
-    total = values.clip(min=0).sum()
-    if not total > 0:
-        return vectors[:, :0], values[:0]
-    k = int(np.searchsorted(np.cumsum(values) / total, kept - 1e-12)) + 1
-    k = min(k, int((values > values[0] * 1e-12).sum()))  # never a direction of (numerically) no variance
+    k = _kept(values, kept)
     return vectors[:, :k], values[:k]
 
 
-def _cca(cross: np.ndarray, cov_x: np.ndarray, cov_y: np.ndarray, weighting: str,
-         kept: float = KEPT_VARIANCE) -> float:
+def _cca(cross: np.ndarray, cut_x: tuple[np.ndarray, np.ndarray], cut_y: tuple[np.ndarray, np.ndarray],
+         weighting: str) -> float:
     """SVCCA ("mean": the mean canonical correlation) or PWCCA ("projection": the correlations
     weighted by how much of X's own directions each canonical variate accounts for, Morcos et al.
-    2018) from the centred covariances, each side first cut to its principal directions.
+    2018) from the centred cross-covariance and each side's principal cut.
 
     In each side's whitened principal coordinates the canonical correlations are the singular
     values of the cross-covariance; X's canonical variate i projects on X's kept directions by
     sqrt(eigenvalue) times its singular vector's entries, and its PWCCA weight is the sum of the
     absolute projections on X's columns. PWCCA weighs X's side: (X, Y) and (Y, X) differ."""
-    vx, lx = _principal(cov_x, kept)
-    vy, ly = _principal(cov_y, kept)
+    (vx, lx), (vy, ly) = cut_x, cut_y
     if not len(lx) or not len(ly):
         return float("nan")
     whitened = (vx.T @ cross @ vy) / np.sqrt(lx)[:, None] / np.sqrt(ly)[None, :]
@@ -135,11 +140,9 @@ def cca_similarity(x: np.ndarray, y: np.ndarray, weighting: str = "mean", kept: 
     bases = []
     for z in (x - x.mean(axis=0), y - y.mean(axis=0)):
         u, sv, _ = np.linalg.svd(z, full_matrices=False)
-        power = sv**2
-        if not power.sum() > 0:
+        k = _kept(sv**2, kept)
+        if not k:
             return float("nan")
-        k = int(np.searchsorted(np.cumsum(power) / power.sum(), kept - 1e-12)) + 1
-        k = min(k, int((power > power[0] * 1e-12).sum()))
         bases.append(u[:, :k])
     a, rho, _ = np.linalg.svd(bases[0].T @ bases[1], full_matrices=False)
     rho = rho.clip(0.0, 1.0)
@@ -151,14 +154,23 @@ def cca_similarity(x: np.ndarray, y: np.ndarray, weighting: str = "mean", kept: 
 
 
 def from_moments(measure: str, n: int, sum_x: np.ndarray, sum_y: np.ndarray, xty: np.ndarray, xtx: np.ndarray,
-                 yty: np.ndarray) -> float:
-    """`measure` (one of MEASURES) of X and Y from their uncentred float64 moments over n rows."""
+                 yty: np.ndarray, cuts=None) -> float:
+    """`measure` (one of MEASURES) of X and Y from their uncentred float64 moments over n rows.
+    `cuts`: for SVCCA and PWCCA, each side's principal_cut of its covariance when already known
+    (a layer's serves every pair it is in)."""
     mu_x, mu_y = sum_x / n, sum_y / n
-    cross, gram_x, gram_y = (xty - n * np.outer(mu_x, mu_y), xtx - n * np.outer(mu_x, mu_x),
-                             yty - n * np.outer(mu_y, mu_y))
+    cross = xty - n * np.outer(mu_x, mu_y)
     if measure == "cka":
-        return _cka(cross, gram_x, gram_y)
-    return _cca(cross / n, gram_x / n, gram_y / n, "mean" if measure == "svcca" else "projection")
+        return _cka(cross, centred_gram(n, sum_x, xtx), centred_gram(n, sum_y, yty))
+    if cuts is None:
+        cuts = principal_cut(centred_gram(n, sum_x, xtx) / n), principal_cut(centred_gram(n, sum_y, yty) / n)
+    return _cca(cross / n, *cuts, "mean" if measure == "svcca" else "projection")
+
+
+def centred_gram(n: int, sums: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """X^T X of the centred columns, from the uncentred one and the column sums over n rows."""
+    mu = sums / n
+    return gram - n * np.outer(mu, mu)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +367,16 @@ def _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b, 
     grams_b = grams_a if same else [np.zeros((p, p)) for p in dims_b]
     matrix = np.full((len(names_a), len(names_b)), np.nan)
     utterances = sum(len(u) for u, _ in steps)
+    made: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def cut(side: str, k: int):
+        """SVCCA/PWCCA: a layer's principal cut (an eigendecomposition), made once, not once per pair."""
+        side = "a" if same else side
+        if (side, k) not in made:
+            sums, grams = (sums_a, grams_a) if side == "a" else (sums_b, grams_b)
+            made[side, k] = principal_cut(centred_gram(n, sums[k], grams[k]) / n)
+        return made[side, k]
+
     bar = tqdm(total=utterances * len(groups), desc="similarity", unit="utt", disable=not progress)
     try:
         for g, group in enumerate(groups):
@@ -385,10 +407,11 @@ def _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b, 
             for c, k in zip(cross, group):
                 for j in range(k if same else 0, len(names_b)):
                     block = c[:, starts_b[j] - first[k]:starts_b[j + 1] - first[k]]
-                    matrix[k, j] = from_moments(measure, n, sums_a[k], sums_b[j], block, grams_a[k], grams_b[j])
+                    cuts = None if measure == "cka" else (cut("a", k), cut("b", j))
+                    matrix[k, j] = from_moments(measure, n, sums_a[k], sums_b[j], block, grams_a[k], grams_b[j], cuts)
                     if same:  # PWCCA weighs its first layer's side: the mirror is computed, not copied
                         matrix[j, k] = matrix[k, j] if measure != "pwcca" else from_moments(
-                            measure, n, sums_b[j], sums_a[k], block.T, grams_b[j], grams_a[k])
+                            measure, n, sums_b[j], sums_a[k], block.T, grams_b[j], grams_a[k], cuts[::-1])
     finally:
         bar.close()
     return matrix, utterances, len(groups)
