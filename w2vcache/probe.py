@@ -266,7 +266,8 @@ class ProbeTask:
         # zero_infinity: an utterance whose transcript is longer than its frames (CTC has no path)
         # adds nothing, instead of making its whole batch's loss infinite.
         self.ctc = nn.CTCLoss(blank=text.BLANK_ID, zero_infinity=True)
-        self.unknown = {}
+        self.unknown = {}  # symbols of the transcripts outside the vocabulary, counted as batches are built
+        self._unknown_lock = threading.Lock()  # two builders may run at once: next epoch's and dev's
 
     def _batch(self, split: str, indices: list[int]) -> Batch:
         """One batch, assembled and on the device."""
@@ -295,9 +296,10 @@ class ProbeTask:
         if self.device.type == "cuda":
             features = features.pin_memory()  # so that the copy to the device does not block
         encoded = [text.encode(source.texts[i]) for i in indices]
-        for e in encoded:
-            for symbol, count in e.unknown.items():
-                self.unknown[symbol] = self.unknown.get(symbol, 0) + count
+        with self._unknown_lock:
+            for e in encoded:
+                for symbol, count in e.unknown.items():
+                    self.unknown[symbol] = self.unknown.get(symbol, 0) + count
         return Batch(
             features=features,
             lengths=torch.tensor([len(f) for f in feats]),
@@ -403,7 +405,7 @@ class _Prefetched:
 
     The batches are the makers' own, one worker calls them one at a time in order, so a run
     with prefetch sees exactly the batches and order of one without (and text.encode's unknown
-    symbols are counted in the same order).
+    symbols get the same counts).
 
     The worker never waits long on the consumer: when `depth` batches wait unclaimed for
     PREFETCH_LINGER it ends, and the next batch taken starts a new one. A loop that stops taking
