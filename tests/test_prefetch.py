@@ -170,12 +170,13 @@ def test_each_epoch_after_the_first_starts_with_batches_built_while_dev_was_eval
 
     probe_task._assemble = counted
     per_epoch = len(probe_task.train_batches(0))
-    evaluate, during_dev = train_module.evaluate, []
+    evaluate, during_dev, epochs = train_module.evaluate, [], 3
 
     def evaluate_once_begun(task_, split):
-        # Wait (a while, at most) for the next epoch's first batches: without the early start they never come.
-        deadline = time.monotonic() + 10
+        # After each epoch but the last, wait (a while, at most) for the next epoch's first batches:
+        # without the early start they never come.
         before = sum(s == "train" for s, _ in built)
+        deadline = time.monotonic() + (10 if len(during_dev) < epochs - 1 else 0.5)
         while time.monotonic() < deadline and sum(s == "train" for s, _ in built) < before + 2:
             time.sleep(0.01)
         during_dev.append(sum(s == "train" for s, _ in built) - before)
@@ -184,7 +185,6 @@ def test_each_epoch_after_the_first_starts_with_batches_built_while_dev_was_eval
     monkeypatch.setattr(train_module, "evaluate", evaluate_once_begun)
     record = RunRecord(kind="probe", experiment="x", layer=2, reinit=[], seed=0, model={}, data={}, store="s",
                        device="cpu", threads=1)
-    epochs = 3
     train(probe_task, TrainConfig(epochs=epochs, test_splits=()), tmp_path / "run", record, progress=False, num_threads=1)
     # After epochs 1 and 2 the next epoch's first two batches were built during dev; after the last, none.
     assert during_dev[:epochs] == [2, 2, 0]
