@@ -89,13 +89,8 @@ def main():
         store = Path(tmp) / "bench.zarr"
         config = ExtractConfig(model=args.model, store=str(store), batch_seconds=args.batch_seconds, device=args.device,
                                threads=args.threads)
-        # Warm-up, both ways, on a few utterances: first-use costs (CUDA's pinned buffers, zarr's and
-        # the decoders' imports and pools) are paid by neither timed run.
-        warm = copy.copy(corpus)
-        warm.splits = {"bench": corpus.splits["bench"][:8]}
         for stand_in_for in (backbone, None):
-            timed_extraction(warm, replace(config, store=str(Path(tmp) / f"warm-{stand_in_for is None}.zarr")),
-                             backbone, stand_in_for=stand_in_for)
+            warm_up(corpus, config, backbone, stand_in_for)
         ceiling_s, _ = timed_extraction(corpus, replace(config, store=str(Path(tmp) / "stand-in.zarr")), backbone,
                                         stand_in_for=backbone)
         extract_s, written = timed_extraction(corpus, config, backbone)
@@ -118,6 +113,15 @@ def main():
     print(f"bytes on disk per frame per layer: {steady:.1f} in full chunks "
           f"({steady * backbone.frame_rate * 3600 / 1e6:.1f} MB per hour of audio per layer); "
           f"{per_layer:.1f} in this small store, whose last chunk is mostly padding")
+
+
+def warm_up(corpus, config: ExtractConfig, backbone, stand_in_for=None) -> None:
+    """An extraction of a few utterances beside config.store, so that first-use costs (imports,
+    thread pools, CUDA's pinned buffers) fall on no timed run."""
+    warm = copy.copy(corpus)
+    warm.splits = {split: utterances[:8] for split, utterances in corpus.splits.items()}
+    where = Path(config.store).with_name(f"warm-up-{'stand-in' if stand_in_for else 'model'}.zarr")
+    timed_extraction(warm, replace(config, store=str(where)), backbone, stand_in_for=stand_in_for)
 
 
 def timed_extraction(corpus, config: ExtractConfig, backbone, stand_in_for=None) -> tuple[float, int]:
@@ -199,6 +203,7 @@ def stand_in(args):
         raw = raw_write_speed(tmp)
         config = ExtractConfig(model=args.model, store=str(tmp / "bench.zarr"), batch_seconds=args.batch_seconds,
                                threads=args.threads)
+        warm_up(corpus, config, backbone, stand_in_for=backbone)
         seconds, written = timed_extraction(corpus, config, backbone, stand_in_for=backbone)
     print(f"stand-in for {args.model}: {len(backbone.layer_names())} layers x {backbone.hidden_size}, "
           f"{len(corpus.splits['bench'])} utterances, {total:.1f} s of audio, {os.cpu_count()} CPUs")

@@ -303,6 +303,11 @@ def test_writer_refuses_bad_features(tmp_path):
         feats = features_for(block)
         with pytest.raises(W2VCacheError, match="beyond float16's range"):
             store.write_block(block, {**feats, "layer01": feats["layer01"] * 1e5})
+        for bad in (np.nan, np.inf, -np.inf):  # float16 features, checked by their exponent bits
+            half = feats["layer01"].astype(np.float16)
+            half[len(half) // 2, 1] = bad
+            with pytest.raises(W2VCacheError, match=r"layer01 features contain NaN or infinity"):
+                store.write_block(block, {**feats, "layer01": half})
         with pytest.raises(W2VCacheError, match=rf"utterance {block.ids[0]}: cnn features have shape"):
             store.write_block(block, {**feats, "cnn": feats["layer00"]})
         with pytest.raises(W2VCacheError, match="lack layers \\['cnn'\\]"):

@@ -279,7 +279,7 @@ def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
     On a GPU the copies go to pinned buffers without blocking, so the next batch's forward is
     queued at once; the writer thread waits on the returned event before touching the data.
     """
-    peaks = torch.stack([t.detach().abs().amax().float() for t in outputs.values()])
+    peaks = torch.stack([_peak(t) for t in outputs.values()])
     if peaks.device.type != "cuda":
         return {name: t.to(dtype).numpy() for name, t in outputs.items()}, None, peaks
     host = {}
@@ -291,6 +291,13 @@ def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
     ready = torch.cuda.Event()
     ready.record()
     return host, ready, host_peaks
+
+
+def _peak(t: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude in t (NaN if it holds one), as float32: max(-min, max), one pass and
+    no temporary (abs().amax() makes one: 10x slower on a CPU)."""
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(-lo, hi).float()
 
 
 def frame_errors(reduced: torch.Tensor, reference: torch.Tensor, frames: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -786,12 +786,21 @@ def _convert_features(x: Any, shape: tuple[int, int], dtype: str, what: str) -> 
         raise W2VCacheError(f"{what} have shape {x.shape}, expected {shape} (frames, dim)")
     with np.errstate(over="ignore"):  # overflow is detected below, with a better message
         y = x.astype(dtype, copy=False)
-    if not np.isfinite(y).all():
+    if not _all_finite(y):
         if not np.isfinite(x).all():
             raise W2VCacheError(f"{what} contain NaN or infinity")
         raise W2VCacheError(f"{what} reach {np.abs(x).max():.4g}, beyond {dtype}'s range; "
                             f"create the store with dtype float32")
     return y
+
+
+def _all_finite(y: np.ndarray) -> bool:
+    """No NaN or infinity in y. numpy emulates float16's isfinite (1.4 GB/s on one core, the
+    largest cost of writing a store); a float16 is finite unless all its exponent bits are set,
+    which integer operations check at 20 GB/s."""
+    if y.dtype == np.float16:
+        return not ((y.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    return bool(np.isfinite(y).all())
 
 
 def _find_bad_chunk(array: zarr.Array, selection: slice | int) -> int | None:
