@@ -2,7 +2,7 @@
 pipeline alone, on the same audio, in one run.
 
     python benchmarks/extract_overhead.py [--model builtin:base] [--seconds 120] [--device cpu] [--threads N] [--dir DIR]
-    python benchmarks/extract_overhead.py --stand-in [--seconds 3600] [--dir DIR]
+    python benchmarks/extract_overhead.py --stand-in [--seconds 3600] [--dir DIR] [--repeats 2]
 
 The audio is the bundled corpus, repeated under new ids where --seconds asks for more than it holds.
 
@@ -18,8 +18,9 @@ extraction / bare forward, and bytes on disk per frame per layer.
 stand-in with the same output shapes (every layer a slice of one random float16 tensor made
 beforehand: no compute, and no easier to compress than real features), so extraction is bound by
 decoding, copies, checksums and writes alone. Printed beside the raw write speed of the same file
-system (a file written in 64 MB pieces and fsync'ed, as dd with fdatasync), measured in the same
-run. Target: the pipeline writes at least 80 % of that speed. The store goes under --dir (default:
+system (a file as large as the store written in 64 MB pieces and fsync'ed, as dd with fdatasync),
+measured in the same run, alternated with it (--repeats times, each side's best compared: a shared
+disk's speed swings). Target: the pipeline writes at least 80 % of that speed. The store goes under --dir (default:
 a temporary folder; name a folder on the disk you care about).
 """
 
@@ -53,6 +54,8 @@ def main():
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: w2vcache's choice, for both sides)")
     parser.add_argument("--stand-in", action="store_true", help="an instant stand-in for the model: the pipeline's ceiling")
     parser.add_argument("--dir", help="where the store is written (default: a temporary folder)")
+    parser.add_argument("--repeats", type=int, default=2, help="--stand-in: alternated runs of the raw write and "
+                        "the pipeline, each side's best compared")
     args = parser.parse_args()
     if args.stand_in:
         return stand_in(args)
@@ -181,12 +184,15 @@ def bench_corpus(seconds: float):
 
 
 def raw_write_speed(folder: Path, nbytes: int = 2 * 2**30, piece: int = 64 * 2**20) -> float:
-    """Bytes per second of one file written in `piece`s and fsync'ed: the file system's pace."""
+    """Bytes per second of one file of about `nbytes` written in `piece`s and fsync'ed: the file
+    system's pace."""
     data = os.urandom(piece)
     path = folder / "raw-write.bin"
+    pieces = max(1, round(nbytes / piece))
+    nbytes = pieces * piece
     t = time.perf_counter()
     with open(path, "wb") as f:
-        for _ in range(nbytes // piece):
+        for _ in range(pieces):
             f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -198,20 +204,30 @@ def raw_write_speed(folder: Path, nbytes: int = 2 * 2**30, piece: int = 64 * 2**
 def stand_in(args):
     backbone = load_backbone(args.model)  # for its shapes and frame counts only
     corpus, total = bench_corpus(args.seconds or 3600.0)
+    raws, pipelines = [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
-        raw = raw_write_speed(tmp)
         config = ExtractConfig(model=args.model, store=str(tmp / "bench.zarr"), batch_seconds=args.batch_seconds,
                                threads=args.threads)
         warm_up(corpus, config, backbone, stand_in_for=backbone)
-        seconds, written = timed_extraction(corpus, config, backbone, stand_in_for=backbone)
+        # Alternated, each side's best kept: a shared disk's speed swings from one minute to the
+        # next. The stores stay until the end, so that each write goes where the last raw file was
+        # and onto fresh space alike (a virtual disk rewrites space it has allocated much faster).
+        # The raw file is as large as the store: a virtual disk's write cache flatters a shorter write.
+        for i in range(args.repeats):
+            store = replace(config, store=str(tmp / f"bench-{i}.zarr"))
+            seconds, written = timed_extraction(corpus, store, backbone, stand_in_for=backbone)
+            pipelines.append(written / seconds)
+            raws.append(raw_write_speed(tmp, nbytes=written))
+    raw, pipeline = max(raws), max(pipelines)
     print(f"stand-in for {args.model}: {len(backbone.layer_names())} layers x {backbone.hidden_size}, "
           f"{len(corpus.splits['bench'])} utterances, {total:.1f} s of audio, {os.cpu_count()} CPUs")
-    print(f"raw write speed of the file system   {raw / 1e6:8.1f} MB/s (2 GB, fsync'ed)")
-    print(f"pipeline with the stand-in model     {written / seconds / 1e6:8.1f} MB/s "
-          f"({written / 1e6:.0f} MB in {seconds:.1f} s = {total / seconds:.0f}x real time; decoding, checks "
-          f"and the store's metadata included, fsync'ed)")
-    print(f"ratio pipeline / raw write speed: {written / seconds / raw:.3f}  (target >= 0.80)")
+    print(f"raw write speed of the file system   {raw / 1e6:8.1f} MB/s (as many bytes as the store, fsync'ed; best of "
+          f"{', '.join(f'{r / 1e6:.0f}' for r in raws)})")
+    print(f"pipeline with the stand-in model     {pipeline / 1e6:8.1f} MB/s ({written / 1e6:.0f} MB = "
+          f"{pipeline / written * total:.0f}x real time; best of {', '.join(f'{p / 1e6:.0f}' for p in pipelines)}; "
+          f"decoding, checks and the store's metadata included, fsync'ed)")
+    print(f"ratio pipeline / raw write speed: {pipeline / raw:.3f}  (target >= 0.80)")
 
 
 if __name__ == "__main__":
