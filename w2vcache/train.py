@@ -320,35 +320,35 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         batches = upcoming if upcoming is not None else task.train_batches(epoch)
         # The bar only counts: tqdm.auto iterates what it wraps once more on its own, which would
         # build a DataLoader's workers twice and take the batches begun for this epoch.
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        loss_sum, loss_n, frames, data_wait, skipped = 0.0, 0, 0, 0.0, 0
-        optimizer.zero_grad(set_to_none=True)
-        iterator, step = iter(batches), 0
-        while True:
-            t = time.perf_counter()
-            batch = next(iterator, _END)
-            data_wait += time.perf_counter() - t
-            if batch is _END:
-                break
-            loss = task.loss(batch)
-            # The epoch's last group of batches may be short: average over the batches it has.
-            group = min(config.grad_accum, len(batches) - (step // config.grad_accum) * config.grad_accum)
-            if not torch.isfinite(loss):
-                skipped += 1  # a NaN or infinite loss: the batch is left out
-            else:
-                (loss / group).backward()
-                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            step += 1
-            if step % config.grad_accum == 0 or step == len(batches):
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-            frames += batch.frames
-            elapsed = time.perf_counter() - epoch_started
-            bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", fps=f"{frames / elapsed:.0f}", refresh=False)
-            bar.update()
-        bar.close()
+        with tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
+                  leave=False) as bar:
+            loss_sum, loss_n, frames, data_wait, skipped = 0.0, 0, 0, 0.0, 0
+            optimizer.zero_grad(set_to_none=True)
+            iterator, step = iter(batches), 0
+            while True:
+                t = time.perf_counter()
+                batch = next(iterator, _END)
+                data_wait += time.perf_counter() - t
+                if batch is _END:
+                    break
+                loss = task.loss(batch)
+                # The epoch's last group of batches may be short: average over the batches it has.
+                group = min(config.grad_accum, len(batches) - (step // config.grad_accum) * config.grad_accum)
+                if not torch.isfinite(loss):
+                    skipped += 1  # a NaN or infinite loss: the batch is left out
+                else:
+                    (loss / group).backward()
+                    loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+                step += 1
+                if step % config.grad_accum == 0 or step == len(batches):
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                frames += batch.frames
+                elapsed = time.perf_counter() - epoch_started
+                bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", fps=f"{frames / elapsed:.0f}", refresh=False)
+                bar.update()
         train_seconds = time.perf_counter() - epoch_started
         upcoming = task.train_batches(epoch + 1) if epoch + 1 < config.epochs else None
         if hasattr(upcoming, "begin"):
