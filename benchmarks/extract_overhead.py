@@ -20,7 +20,8 @@ beforehand: no compute, and no easier to compress than real features), so extrac
 decoding, copies, checksums and writes alone. Printed beside the raw write speed of the same file
 system (a file as large as the store written in 64 MB pieces and fsync'ed, as dd with fdatasync),
 measured in the same run, alternated with it (--repeats times, each side's best compared: a shared
-disk's speed swings). Target: the pipeline writes at least 80 % of that speed. The store goes under --dir (default:
+disk's speed swings). Target: the pipeline writes at least 80 % of that speed. The stores stay until
+the end: it needs (repeats + 1) times the store's size free (about 11 GB for 3600 s of W2V-Base). The store goes under --dir (default:
 a temporary folder; name a folder on the disk you care about).
 """
 
@@ -202,13 +203,17 @@ def raw_write_speed(folder: Path, nbytes: int = 2 * 2**30, piece: int = 64 * 2**
 
 
 def stand_in(args):
-    backbone = load_backbone(args.model)  # for its shapes and frame counts only
+    if args.repeats < 1:
+        raise SystemExit("--repeats: at least 1")
+    # For its shapes and frame counts only; on --device, so that the device's path (casts, copies
+    # to pinned memory, events) is taken as a real extraction there takes it.
+    backbone = load_backbone(args.model, device=args.device)
     corpus, total = bench_corpus(args.seconds or 3600.0)
     raws, pipelines = [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
         config = ExtractConfig(model=args.model, store=str(tmp / "bench.zarr"), batch_seconds=args.batch_seconds,
-                               threads=args.threads)
+                               threads=args.threads, device=args.device)
         warm_up(corpus, config, backbone, stand_in_for=backbone)
         # Alternated, each side's best kept: a shared disk's speed swings from one minute to the
         # next. The stores stay until the end, so that each write goes where the last raw file was

@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/on_gpu.sh [DIR]
 #
-# About 1.7 h of audio (the bundled corpus repeated) for the extraction figures; a few minutes on
-# an H100. The CPU-only benchmarks (shared_cpu.py, int8_store.py, probe_cost.py's profile) are not run.
+# About 1.7 h of audio (the bundled corpus repeated) for the extraction figures (about 20 GB free
+# under DIR while they run); a few minutes on an H100. The CPU-only benchmarks (shared_cpu.py, int8_store.py, probe_cost.py's profile) are not run.
 # Exits 1 if any benchmark failed, after running the others; the last lines name those that did.
 set -u -o pipefail
 dir=$(realpath -m "${1:-$(dirname "$0")/../benchmark-logs}")  # DIR as the caller named it
@@ -24,7 +24,7 @@ run() {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$dir/gpu.txt"
 python -c "import os, torch, transformers; print('cpus', os.cpu_count(), 'torch', torch.__version__, \
 'transformers', transformers.__version__)" | tee -a "$dir/gpu.txt"
-run stand-in extract_overhead.py --stand-in --seconds 6000 --dir "$dir"
+run stand-in extract_overhead.py --stand-in --device cuda --seconds 6000 --dir "$dir"
 run extract extract_overhead.py --device cuda --seconds 6000 --dir "$dir"
 run compute-dtype compute_dtype.py --device cuda
 run data-wait probe_cost.py --data-wait --device cuda

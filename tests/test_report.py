@@ -386,6 +386,15 @@ def test_probe_without_dev_picks_best_layer_by_test_clean(tmp_path):
     assert "Best layer: 8 (lowest mean test-clean WER, 20.00 %)." in text
 
 
+def test_a_best_layer_by_cer_that_differs_is_named_too(tmp_path):
+    """Near 100 % WER (a few minutes of speech, as in the demo) the layers differ by CER."""
+    root = tmp_path / "runs"
+    write_run(root, "probe", 0, (99.0, 99.0, 99.0, 60.0, 61.0, 62.0), layer=2)
+    write_run(root, "probe", 0, (97.0, 98.0, 99.0, 70.0, 71.0, 72.0), layer=3)
+    text = write_report(root)["md"].read_text()
+    assert "Best layer: 3 (lowest mean dev WER, 97.00 %). By dev CER: 2 (60.00 %)." in text
+
+
 def test_cnn_output_probe_comes_before_layer_0(tmp_path):
     # probe.py names the CNN-output experiment "cnn" and gives it no layer number.
     root = tmp_path / "runs"
@@ -587,15 +596,18 @@ def test_linear_and_weighted_probes_beside_the_bilstm(runs, tmp_path):
 # Similarity results under RUNS/similarity/ and the note on the frozen CNN
 
 
-def write_similarity(runs_dir, name, layers, matrix, model_a="tuned", model_b="base"):
+def write_similarity(runs_dir, name, layers, matrix, model_a="tuned", model_b="base", measure="linear_cka"):
     """similarity.json as `w2vcache similarity A [B] --out RUNS/similarity/<name>` writes it (the
-    fields the report reads): with `model_b`, two stores of the same layers and their diagonal."""
+    fields the report reads): with `model_b`, two stores of the same layers and their diagonal.
+    `measure` None: a file of a version that wrote none (linear CKA, the only measure then)."""
     directory = runs_dir / "similarity" / name
     directory.mkdir(parents=True)
     diagonal = [row[k] for k, row in enumerate(matrix)] if model_b else None
-    data = {"measure": "linear_cka", "split": "dev", "layers_a": layers, "layers_b": layers, "matrix": matrix,
+    data = {"measure": measure, "split": "dev", "layers_a": layers, "layers_b": layers, "matrix": matrix,
             "diagonal": diagonal, "frames": 500, "store_a": {"path": "a.zarr", "model": model_a},
             "store_b": {"path": "b.zarr", "model": model_b} if model_b else None}
+    if measure is None:
+        del data["measure"]
     (directory / "similarity.json").write_text(json.dumps(data))
     return directory
 
@@ -642,6 +654,18 @@ def test_similarity_results_are_reported_with_their_diagonals_and_heatmaps(repor
     result = report_cli(runs, "--out", runs / "bare", "--no-figure")
     assert result.exit_code == 0 and not list((runs / "bare").glob("*.png"))
     assert "Changed most in ft-vs-base" in (runs / "bare" / "report.md").read_text()
+
+
+def test_similarity_results_of_several_measures_say_which_is_which(tmp_path):
+    runs = tmp_path / "runs"
+    write_similarity(runs, "cka", LAYERS, TUNED, measure=None)  # written before there were measures
+    write_similarity(runs, "pwcca", LAYERS, WITHIN, measure="pwcca")
+    text = write_report(runs)["md"].read_text()
+    heading = "Layer similarity (linear CKA, PWCCA, `w2vcache similarity`, under similarity/)"
+    assert markdown_tables(text)[heading]["layer02"] == {"cka (linear CKA)": "0.400", "pwcca (PWCCA)": "1.000"}
+    assert "- pwcca: PWCCA, tuned against base, split dev, 500 frames, 4 x 4 layers" in text
+    assert "Changed most in cka: layer02 (linear CKA 0.400 with itself)." in text
+    assert "Changed most in pwcca: layer00 (PWCCA 1.000 with itself)." in text
 
 
 def test_similarity_results_alone_make_a_report(tmp_path):

@@ -231,7 +231,24 @@ def test_streamed_cca_equals_in_memory_on_the_same_sampled_frames(stores, monkey
         expected = np.array([[cca_similarity(x, y, weighting) for y in ys] for x in xs])
         np.testing.assert_allclose(r.matrix, expected, rtol=0, atol=1e-8)
         assert r.record["measure"] == measure and r.record["kept_variance"] == 0.99
+        for side, store in (("a", a), ("b", b)):  # each layer's cut, as the in-memory SVD makes it
+            frames = {name: store.read_layer("dev", name)[0][rows].astype(float) for name in store.layers}
+            power = {name: np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2 for name, x in frames.items()}
+            assert r.record["kept_directions"][side] == {
+                name: int(np.searchsorted(np.cumsum(p) / p.sum(), 0.99 - 1e-12)) + 1 for name, p in power.items()}
     np.testing.assert_allclose(np.diag(r.matrix), 1.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("measure", ["cka", "svcca", "pwcca"])
+def test_a_constant_layer_is_undefined_not_perfectly_similar(tmp_path, measure):
+    """Centred from streamed moments, a constant layer (0.1 and offsets: not exact in binary)
+    leaves rounding noise, which must not pass for variance."""
+    constant = (np.float32(0.1) + np.arange(DIM, dtype=np.float32) * np.float32(0.3))
+    path = write_store(tmp_path / "c.zarr", [40, 70, 55, 90],
+                       lambda name, x: np.broadcast_to(constant, x.shape) if name == "layer02" else x)
+    r = similarity(path, measure=measure, progress=False)
+    assert np.isnan(r.matrix[2]).all() and np.isnan(r.matrix[:, 2]).all()
+    assert np.isfinite(r.matrix[:2, :2]).all()
 
 
 def test_utterances_that_failed_to_decode_are_left_out(tmp_path):

@@ -400,7 +400,11 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
         if best:
             row, split = best
             which = "Best layer" if kind == "bilstm" else f"Best layer for the {PROBE_NAMES[kind]} probe"
-            out += ["", f"{which}: {row.label} (lowest mean {split} WER, {row.wer_percent[split].mean:.2f} %)."]
+            line = f"{which}: {row.label} (lowest mean {split} WER, {row.wer_percent[split].mean:.2f} %)."
+            by_cer = best_probe(rows, "cer", probe=kind)
+            if by_cer and by_cer[0] is not row:  # near 100 % WER (little speech) CER tells layers apart
+                line += f" By {by_cer[1]} CER: {by_cer[0].label} ({by_cer[0].cer_percent[by_cer[1]].mean:.2f} %)."
+            out += ["", line]
         if any(r.weighted for r in probes):
             where = " (its layer weights below)" if any(r.layer_weights for r in probes) else ""
             out += ["", f"weighted: the probe of a learnt softmax-weighted sum of every layer{where}."]
@@ -465,7 +469,9 @@ def _similarity_section(similarities: list[Similarity]) -> list[str]:
     values = [dict(zip(s.layers_a, s.diagonal)) for s in diagonals]
     lines = [[layer, *("-" if v.get(layer) is None else f"{v[layer]:.3f}" for v in values)] for layer in layers]
     out += ["", f"{labels} of each layer with the same layer of the other store (1: unchanged; lower: changed more):", ""]
-    out += _markdown_table(["layer", *(s.name for s in diagonals)], ["---", *["---:"] * len(diagonals)], lines)
+    mixed = len({s.measure for s in diagonals}) > 1  # then each column says its measure
+    columns = [f"{s.name} ({s.label})" if mixed else s.name for s in diagonals]
+    out += _markdown_table(["layer", *columns], ["---", *["---:"] * len(diagonals)], lines)
     out.append("")
     for s in diagonals:
         most = s.changed_most

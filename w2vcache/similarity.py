@@ -103,7 +103,7 @@ def principal_cut(cov: np.ndarray, kept: float = KEPT_VARIANCE) -> tuple[np.ndar
     values, vectors = np.linalg.eigh(cov)
     values, vectors = values[::-1], vectors[:, ::-1]
     k = _kept(values, kept)
-    return vectors[:, :k], values[:k]
+    return np.ascontiguousarray(vectors[:, :k]), values[:k].copy()  # not views keeping all p x p alive
 
 
 def _cca(cross: np.ndarray, cut_x: tuple[np.ndarray, np.ndarray], cut_y: tuple[np.ndarray, np.ndarray],
@@ -155,9 +155,11 @@ def cca_similarity(x: np.ndarray, y: np.ndarray, weighting: str = "mean", kept: 
 
 def from_moments(measure: str, n: int, sum_x: np.ndarray, sum_y: np.ndarray, xty: np.ndarray, xtx: np.ndarray,
                  yty: np.ndarray, cuts=None) -> float:
-    """`measure` (one of MEASURES) of X and Y from their uncentred float64 moments over n rows.
-    `cuts`: for SVCCA and PWCCA, each side's principal_cut of its covariance when already known
-    (a layer's serves every pair it is in)."""
+    """`measure` (one of MEASURES) of X and Y from their uncentred float64 moments over n rows;
+    NaN when either has no variance. `cuts`: for SVCCA and PWCCA, each side's principal_cut of its
+    covariance when already known (a layer's serves every pair it is in)."""
+    if not (varies(n, sum_x, xtx) and varies(n, sum_y, yty)):
+        return float("nan")
     mu_x, mu_y = sum_x / n, sum_y / n
     cross = xty - n * np.outer(mu_x, mu_y)
     if measure == "cka":
@@ -165,6 +167,14 @@ def from_moments(measure: str, n: int, sum_x: np.ndarray, sum_y: np.ndarray, xty
     if cuts is None:
         cuts = principal_cut(centred_gram(n, sum_x, xtx) / n), principal_cut(centred_gram(n, sum_y, yty) / n)
     return _cca(cross / n, *cuts, "mean" if measure == "svcca" else "projection")
+
+
+def varies(n: int, sums: np.ndarray, gram: np.ndarray) -> bool:
+    """Whether the columns vary at all. Centring uncentred moments leaves rounding noise where a
+    layer is constant (its values not exact in binary), which CKA would divide by and CCA whiten
+    into perfect correlations: variance below 1e-9 of the mean square is taken for none."""
+    total = float(np.trace(gram))
+    return total > 0 and float(np.trace(centred_gram(n, sums, gram))) > 1e-9 * total
 
 
 def centred_gram(n: int, sums: np.ndarray, gram: np.ndarray) -> np.ndarray:
@@ -223,14 +233,18 @@ class SimilarityResult:
     seconds: float
     record: dict = field(repr=False)  # what similarity.json holds
     files: dict[str, Path | None] = field(default_factory=dict)  # json, csv, png (None: not drawn)
+    # SVCCA, PWCCA: directions each layer kept after the cut, {"a": {layer: k}, "b": {...}}
+    # (None for CKA; a layer without variance keeps none).
+    kept_directions: dict | None = None
 
 
 def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure: str = "cka",
                max_frames: int | None = DEFAULT_MAX_FRAMES, seed: int = 0, out=None, figure: bool = True,
                memory_budget: int = DEFAULT_MEMORY_BUDGET, progress: bool = True) -> SimilarityResult:
     """`measure` (cka: linear CKA; svcca; pwcca) between every layer of `store_a` and every layer
-    of `store_b` (itself when None) over a seeded sample of the split's frames. With `out`, writes similarity.json, .csv and .png
-    there (the figure only where matplotlib is installed: the 'plots' extra).
+    of `store_b` (itself when None) over a seeded sample of the split's frames. With `out`, writes
+    similarity.json, .csv and .png there (the figure only where matplotlib is installed: the
+    'plots' extra).
 
     Stores are paths, URLs or open FeatureStores; two stores must hold the same utterances of the
     split with the same frame counts (a fine-tuned model's and its pre-trained model's)."""
@@ -255,7 +269,7 @@ def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure:
         if len(rows) < 2:
             raise W2VCacheError(f"split {split} of store {a.path}: {len(rows)} usable frame(s); "
                                 f"{LABELS[MEASURE_NAMES[measure]]} needs at least 2")
-        matrix, n_utterances, passes = _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b,
+        matrix, n_utterances, passes, kept = _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b,
                                                memory_budget, progress)
         same = b is a
         diagonal = [float(matrix[k, k]) for k in range(len(names_a))] if not same and names_a == names_b else None
@@ -263,7 +277,7 @@ def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure:
         result = SimilarityResult(
             measure=MEASURE_NAMES[measure], split=split, layers_a=names_a, layers_b=names_b, matrix=matrix,
             diagonal=diagonal, frames=len(rows), frames_available=int(lengths[usable].sum()),
-            utterances=n_utterances, passes=passes, seconds=seconds, record={})
+            utterances=n_utterances, passes=passes, seconds=seconds, record={}, kept_directions=kept)
         result.record = _record(result, config, a, None if same else b)
     finally:
         for store in opened:
@@ -414,7 +428,12 @@ def _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b, 
                             measure, n, sums_b[j], sums_a[k], block.T, grams_b[j], grams_a[k], cuts[::-1])
     finally:
         bar.close()
-    return matrix, utterances, len(groups)
+    kept = None
+    if measure != "cka":
+        kept = {side: {name: len(cut(side, k)[1]) if varies(n, sums[k], grams[k]) else 0
+                       for k, name in enumerate(names)}
+                for side, names, sums, grams in (("a", names_a, sums_a, grams_a), ("b", names_b, sums_b, grams_b))}
+    return matrix, utterances, len(groups), kept
 
 
 def _record(result: SimilarityResult, config: SimilarityConfig, a: FeatureStore, b: FeatureStore | None) -> dict:
@@ -429,6 +448,7 @@ def _record(result: SimilarityResult, config: SimilarityConfig, a: FeatureStore,
     return {
         "measure": result.measure,
         "kept_variance": None if result.measure == "linear_cka" else KEPT_VARIANCE,  # the CCAs' cut
+        "kept_directions": result.kept_directions,
         "split": result.split,
         "layers_a": result.layers_a,
         "layers_b": result.layers_b,
