@@ -296,7 +296,10 @@ def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
 def _peak(t: torch.Tensor) -> torch.Tensor:
     """The largest magnitude in t (NaN if it holds one), as float32: max(-min, max), one pass and
     no temporary (abs().amax() makes one: 10x slower on a CPU)."""
-    lo, hi = torch.aminmax(t.detach())
+    try:
+        lo, hi = torch.aminmax(t.detach())
+    except RuntimeError:  # a torch without aminmax for this dtype and device
+        return t.detach().abs().amax().float()
     return torch.maximum(-lo, hi).float()
 
 
