@@ -27,7 +27,9 @@ in next() on the epoch's batches, over train_seconds). The bundled train split h
 speech, so its batches are cut smaller (--batch-frames 2000 unless given) to make more than a
 handful per epoch. The first epoch's share is shown apart: nothing is built before it, while each
 later epoch's first batches are built during the dev evaluation before it. With --device cuda the
-probes train there, the paper's 3x1024 BiLSTM too.
+probes train there, the paper's 3x1024 BiLSTM too, and that probe's kernel (each direction of each
+layer one call on the padded batch: the CPU's fastest exact way) is timed against nn.LSTM on packed
+sequences (cuDNN's exact bidirectional kernel), which may be the faster one on a GPU.
 """
 
 import argparse
@@ -140,18 +142,24 @@ def epoch(task: ProbeTask, model: nn.Module, order) -> dict:
     optimizer = make_optimizer(model.parameters(), 1e-4)  # the training loop's
     parts = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
     model.train()
+    # On a GPU each phase is timed to its kernels' end, not their launch.
+    sync = torch.cuda.synchronize if task.device.type == "cuda" else (lambda: None)
     for indices in order:
         t0 = time.perf_counter()
         batch = task._batch("train", indices)
+        sync()
         t1 = time.perf_counter()
         log_probs = model(batch.features, batch.lengths)
         loss = task.ctc(log_probs.transpose(0, 1), batch.targets, batch.lengths, batch.target_lengths)
+        sync()
         t2 = time.perf_counter()
         loss.backward()
+        sync()
         t3 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync()
         t4 = time.perf_counter()
         for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             parts[name] += seconds
@@ -195,6 +203,28 @@ def data_wait(store_path: Path, layer: str, args) -> None:
     for name in kinds:
         print(f"{name}: data-wait share with prefetch / without: {shares[name, 2] / shares[name, 0]:.3f} "
               f"({100 * shares[name, 0]:.2f} % -> {100 * shares[name, 2]:.2f} %; target < 2 %)")
+    if args.device != "cpu":
+        lstm_kernels(store_path, layer, args)
+
+
+def lstm_kernels(store_path: Path, layer: str, args) -> None:
+    """On a GPU: the paper's probe with its kernel (each direction of each layer one call on the
+    padded batch, the CPU's fastest exact way) against nn.LSTM on packed sequences (cuDNN's exact
+    bidirectional kernel), the same batches, after a warm-up epoch each."""
+    config = ProbeConfig(batch_frames=16000)
+    seed_everything(0)
+    task = ProbeTask(open_store(store_path), layer, config, TrainConfig(dev_split="train", test_splits=()),
+                     device=args.device)
+    order = task.batches["train"]
+    frames = int(task.splits["train"].lengths.sum())
+    models = {"ours (directions)": task.model, "nn.LSTM packed": PackedLSTM(task.model)}
+    print(f"\n3x1024 BiLSTM on {args.device}, {len(order)} batches of <= 16000 padded frames, {frames} frames:")
+    seconds = {}
+    for name, model in models.items():
+        epoch(task, model, order)  # warm-up: cuDNN plans, allocator
+        seconds[name] = epoch(task, model, order)["total"]
+        print(f"  {name:<18} {seconds[name]:7.3f} s per epoch ({frames / seconds[name]:9.0f} frames/s)")
+    print(f"  ratio ours / packed: {seconds['ours (directions)'] / seconds['nn.LSTM packed']:.3f}")
 
 
 def main():
