@@ -269,8 +269,8 @@ def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure:
         if len(rows) < 2:
             raise W2VCacheError(f"split {split} of store {a.path}: {len(rows)} usable frame(s); "
                                 f"{LABELS[MEASURE_NAMES[measure]]} needs at least 2")
-        matrix, n_utterances, passes, kept = _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b,
-                                               memory_budget, progress)
+        matrix, n_utterances, passes, kept = _stream(measure, a, b, split, names_a, names_b, lengths, rows,
+                                                     positions_b, memory_budget, progress)
         same = b is a
         diagonal = [float(matrix[k, k]) for k in range(len(names_a))] if not same and names_a == names_b else None
         seconds = time.perf_counter() - started
