@@ -12,6 +12,7 @@ dir=$(realpath -m "${1:-$(dirname "$0")/../benchmark-logs}")  # DIR as the calle
 cd "$(dirname "$0")/.."
 mkdir -p "$dir"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's w2vcache, installed or not
 failed=()
 
 run() {
