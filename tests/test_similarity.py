@@ -251,6 +251,18 @@ def test_a_constant_layer_is_undefined_not_perfectly_similar(tmp_path, measure):
     assert np.isfinite(r.matrix[:2, :2]).all()
 
 
+@pytest.mark.parametrize("measure,weighting", [("cka", None), ("svcca", "mean"), ("pwcca", "projection")])
+def test_features_far_from_zero_keep_their_precision(tmp_path, measure, weighting):
+    """Moments are taken about a shift: features around 1e4 (W2V has such outlier dimensions)
+    give what the in-memory computation gives."""
+    path = write_store(tmp_path / "far.zarr", [40, 70, 55, 90], lambda name, x: x + 1e4 if name == "layer00" else x)
+    r = similarity(path, measure=measure, progress=False)
+    store = open_store(path)
+    xs = [store.read_layer("dev", name)[0].astype(float) for name in store.layers]
+    pair = (lambda x, y: linear_cka(x, y)) if measure == "cka" else (lambda x, y: cca_similarity(x, y, weighting))
+    np.testing.assert_allclose(r.matrix, [[pair(x, y) for y in xs] for x in xs], rtol=0, atol=1e-9)
+
+
 def test_utterances_that_failed_to_decode_are_left_out(tmp_path):
     lengths = [11, 30, 7, 19, 25, 14, 9, 40]
     a = write_store(tmp_path / "a.zarr", lengths, failed={"utt-003"})

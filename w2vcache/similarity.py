@@ -17,7 +17,8 @@ correlation by how much of the first layer's directions its canonical variate ac
 come from the same moments as CKA (covariances, cross-covariance), so they stream alike.
 
 The computation streams: a seeded sample of frames is read utterance by utterance and only its
-float64 moments are kept (column sums, X^T X per layer, X^T Y per layer pair), centred at the end
+float64 moments are kept (column sums, X^T X per layer, X^T Y per layer pair, each about a fixed
+shift per layer so that features far from 0 keep their precision), centred at the end
 (X^T Y - n mu_x mu_y^T). Memory is the size of those products, not of the split; when all pairs do
 not fit in `memory_budget`, the layers of store A are taken in groups, one pass over the sample
 each.
@@ -382,6 +383,17 @@ def _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b, 
     matrix = np.full((len(names_a), len(names_b)), np.nan)
     utterances = sum(len(u) for u, _ in steps)
     made: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    shifts: dict[tuple[str, int], np.ndarray] = {}
+
+    def sampled(side: str, store: FeatureStore, k: int, name: str, positions, local) -> np.ndarray:
+        """A layer's sampled frames less a fixed shift, its first step's mean: moments taken about
+        it keep their precision where features sit far from 0, and no measure here sees a shift."""
+        x = _sampled(store, split, name, positions, local)
+        key = ("a" if same else side, k)
+        if key not in shifts:
+            shifts[key] = x.mean(axis=0)
+        x -= shifts[key]
+        return x
 
     def cut(side: str, k: int):
         """SVCCA/PWCCA: a layer's principal cut (an eigendecomposition), made once, not once per pair."""
@@ -398,7 +410,7 @@ def _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b, 
             first = {k: int(starts_b[k]) if same else 0 for k in group}
             cross = [np.zeros((dims_a[k], starts_b[-1] - first[k])) for k in group]
             for positions, local in steps:
-                xs = {k: _sampled(a, split, names_a[k], positions, local)
+                xs = {k: sampled("a", a, k, names_a[k], positions, local)
                       for k in (range(len(names_a)) if g == 0 else group)}
                 # Store B's layers side by side, each a view: one product per layer of A with all of them.
                 y_all = np.empty((len(local), starts_b[-1]))
@@ -407,7 +419,7 @@ def _stream(measure, a, b, split, names_a, names_b, lengths, rows, positions_b, 
                 for j, y in enumerate(ys):
                     if same and j < group[0]:
                         continue  # within one store a pass needs B's layers from its own first layer on
-                    y[:] = xs[j] if same and j in xs else _sampled(b, split, names_b[j], bpos, local)
+                    y[:] = xs[j] if same and j in xs else sampled("b", b, j, names_b[j], bpos, local)
                 if g == 0:  # sums and Gram matrices of every layer, in the first pass only
                     for k, x in xs.items():
                         sums_a[k] += x.sum(axis=0)
