@@ -21,8 +21,8 @@ decoding, copies, checksums and writes alone. Printed beside the raw write speed
 system (a file as large as the store written in 64 MB pieces and fsync'ed, as dd with fdatasync),
 measured in the same run, alternated with it (--repeats times, each side's best compared: a shared
 disk's speed swings). Target: the pipeline writes at least 80 % of that speed. The stores stay until
-the end: it needs (repeats + 1) times the store's size free (about 11 GB for 3600 s of W2V-Base). The store goes under --dir (default:
-a temporary folder; name a folder on the disk you care about).
+the end: it needs (repeats + 1) times the store's size free (about 11 GB for 3600 s of W2V-Base).
+The stores go under --dir (default: a temporary folder; name a folder on the disk you care about).
 """
 
 import argparse
@@ -93,10 +93,11 @@ def main():
         store = Path(tmp) / "bench.zarr"
         config = ExtractConfig(model=args.model, store=str(store), batch_seconds=args.batch_seconds, device=args.device,
                                threads=args.threads)
-        for stand_in_for in (backbone, None):
-            warm_up(corpus, config, backbone, stand_in_for)
+        stand_in_forward = instant_forward(backbone, corpus, args.batch_seconds)
+        for forward in (stand_in_forward, None):
+            warm_up(corpus, config, backbone, forward)
         ceiling_s, _ = timed_extraction(corpus, replace(config, store=str(Path(tmp) / "stand-in.zarr")), backbone,
-                                        stand_in_for=backbone)
+                                        forward=stand_in_forward)
         extract_s, written = timed_extraction(corpus, config, backbone)
         about = info(store)
         frames = about["splits"]["bench"]["frames"]
@@ -119,26 +120,21 @@ def main():
           f"{per_layer:.1f} in this small store, whose last chunk is mostly padding")
 
 
-def warm_up(corpus, config: ExtractConfig, backbone, stand_in_for=None) -> None:
+def warm_up(corpus, config: ExtractConfig, backbone, forward=None) -> None:
     """An extraction of a few utterances beside config.store, so that first-use costs (imports,
     thread pools, CUDA's pinned buffers) fall on no timed run."""
     warm = copy.copy(corpus)
     warm.splits = {split: utterances[:8] for split, utterances in corpus.splits.items()}
-    where = Path(config.store).with_name(f"warm-up-{'stand-in' if stand_in_for else 'model'}.zarr")
-    timed_extraction(warm, replace(config, store=str(where)), backbone, stand_in_for=stand_in_for)
+    where = Path(config.store).with_name(f"warm-up-{'stand-in' if forward else 'model'}.zarr")
+    timed_extraction(warm, replace(config, store=str(where)), backbone, forward=forward)
 
 
-def timed_extraction(corpus, config: ExtractConfig, backbone, stand_in_for=None) -> tuple[float, int]:
+def timed_extraction(corpus, config: ExtractConfig, backbone, forward=None) -> tuple[float, int]:
     """Seconds to extract `corpus` into config.store, until it is on disk (the page cache would
-    flatter it), and the bytes written; with `stand_in_for`, the model replaced by an instant
-    stand-in of that backbone's output shapes."""
-    forward = w2vcache.extract.forward_layers
-    if stand_in_for is not None:
-        # Room for the longest utterance too: one longer than a batch is a batch of its own.
-        longest = max(frames for plan in plan_splits(corpus, stand_in_for, progress=False).values()
-                      for _, _, _, frames in plan.utterances)
-        w2vcache.extract.forward_layers = instant_forward(stand_in_for, max(longest, config.batch_seconds
-                                                                             * stand_in_for.frame_rate))
+    flatter it), and the bytes written; `forward` (instant_forward's) in place of the model's."""
+    model_forward = w2vcache.extract.forward_layers
+    if forward is not None:
+        w2vcache.extract.forward_layers = forward
     try:
         os.sync()
         t = time.perf_counter()
@@ -146,17 +142,21 @@ def timed_extraction(corpus, config: ExtractConfig, backbone, stand_in_for=None)
         os.sync()
         seconds = time.perf_counter() - t
     finally:
-        w2vcache.extract.forward_layers = forward
+        w2vcache.extract.forward_layers = model_forward
     return seconds, sum(f.stat().st_size for f in Path(config.store).rglob("*") if f.is_file())
 
 
-def instant_forward(backbone, max_frames: float):
-    """forward_layers' stand-in: every layer a slice of one random float16 tensor made beforehand
-    on the model's device (no compute, and no easier to compress than real features), so that the
-    device's path (its casts, copies to pinned memory and events) is the real one."""
+def instant_forward(backbone, corpus, batch_seconds: float):
+    """forward_layers' stand-in for `corpus`'s batches: every layer a slice of one random float16
+    tensor made beforehand on the model's device (no compute, and no easier to compress than real
+    features), so that the device's path (its casts, copies to pinned memory and events) is the real
+    one. It holds a batch, or the longest utterance (one longer than a batch is a batch of its own)."""
+    longest = max(frames for plan in plan_splits(corpus, backbone, progress=False).values()
+                  for _, _, _, frames in plan.utterances)
     names = backbone.layer_names()
     device = next(backbone.model.parameters()).device
-    pool = torch.randn(int(max_frames) + 1, backbone.hidden_size, device=device).half()
+    rows = int(max(longest, batch_seconds * backbone.frame_rate)) + 1
+    pool = torch.randn(rows, backbone.hidden_size, device=device).half()
 
     def forward(backbone, waves, include_cnn=False):
         lengths = [backbone.num_frames(len(w)) for w in waves]
@@ -214,14 +214,15 @@ def stand_in(args):
         tmp = Path(tmp)
         config = ExtractConfig(model=args.model, store=str(tmp / "bench.zarr"), batch_seconds=args.batch_seconds,
                                threads=args.threads, device=args.device)
-        warm_up(corpus, config, backbone, stand_in_for=backbone)
+        stand_in_forward = instant_forward(backbone, corpus, args.batch_seconds)
+        warm_up(corpus, config, backbone, stand_in_forward)
         # Alternated, each side's best kept: a shared disk's speed swings from one minute to the
         # next. The stores stay until the end, so that each write goes where the last raw file was
         # and onto fresh space alike (a virtual disk rewrites space it has allocated much faster).
         # The raw file is as large as the store: a virtual disk's write cache flatters a shorter write.
         for i in range(args.repeats):
             store = replace(config, store=str(tmp / f"bench-{i}.zarr"))
-            seconds, written = timed_extraction(corpus, store, backbone, stand_in_for=backbone)
+            seconds, written = timed_extraction(corpus, store, backbone, forward=stand_in_forward)
             pipelines.append(written / seconds)
             raws.append(raw_write_speed(tmp, nbytes=written))
     raw, pipeline = max(raws), max(pipelines)

@@ -52,7 +52,7 @@ from w2vcache.checkpoints import load_backbone
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract
 from w2vcache.layers import layer_name
-from w2vcache.probe import ProbeConfig, ProbeTask, batches_by_length, probe as train_probes
+from w2vcache.probe import ProbeConfig, ProbeTask, probe as train_probes
 from w2vcache.store import open_store
 from w2vcache.train import TrainConfig, make_optimizer, seed_everything
 
@@ -167,12 +167,6 @@ def epoch(task: ProbeTask, model: nn.Module, order) -> dict:
     return parts
 
 
-def train_batch_count(store_path: Path, batch_frames: int) -> int:
-    """How many batches the probe makes of the train split (every utterance of it is usable here)."""
-    with open_store(store_path) as store:
-        return len(batches_by_length(np.array([u.length for u in store.utterances("train")]), batch_frames))
-
-
 def data_wait(store_path: Path, layer: str, args) -> None:
     """The data-wait share of a linear probe and a small BiLSTM, without and with prefetch: the
     training loop's own figures (metrics.jsonl's data_wait_seconds over train_seconds)."""
@@ -195,7 +189,7 @@ def data_wait(store_path: Path, layer: str, args) -> None:
             first, epochs = metrics[0], metrics[1:]  # the first: warm-up (oneDNN, allocator, page cache)
             train_s, wait = sum(e["train_seconds"] for e in epochs), sum(e["data_wait_seconds"] for e in epochs)
             shares[name, prefetch] = wait / train_s
-            batches = train_batch_count(store_path, config.batch_frames)
+            batches = epochs[0]["updates"] - first["updates"]  # one update a batch (grad_accum 1)
             fps = sum(e["frames_per_second"] * e["train_seconds"] for e in epochs) / train_s
             print(f"{name:<14} {first['threads']:>7} {prefetch:>8} {batches:>8} {train_s / len(epochs):>8.3f} "
                   f"{fps:>9.0f} {wait / len(epochs):>11.4f} {100 * wait / train_s:>7.2f} % "
