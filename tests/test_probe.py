@@ -33,9 +33,10 @@ def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_probe_equals_a_packed_bidirectional_lstm_and_ignores_padding():
-    """The probe runs each direction on the padded batch; outputs and gradients must equal nn.LSTM
-    on packed sequences (which never sees padding), whatever the padding holds."""
+def test_probe_kernels_equal_a_packed_bidirectional_lstm_and_ignore_padding():
+    """The CPU's kernel runs each direction on the padded batch, CUDA's nn.LSTM on packed sequences:
+    outputs and gradients of both must equal nn.LSTM on packed sequences of the real frames alone
+    (which never sees padding), whatever the padding holds."""
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     torch.manual_seed(0)
@@ -45,14 +46,16 @@ def test_probe_equals_a_packed_bidirectional_lstm_and_ignores_padding():
     garbage = x.clone()
     for b, n in enumerate(lengths):
         garbage[b, n:] = 1e3
-    ours = model(garbage, lengths)
-    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    reference = model.output(pad_packed_sequence(model.lstm(packed)[0], batch_first=True)[0]).log_softmax(-1)
     mask = torch.arange(11)[None, :] < lengths[:, None]
-    torch.testing.assert_close(ours[mask], reference[mask])
-    (grad_ours,) = torch.autograd.grad(ours[mask].sum(), model.lstm.weight_hh_l0_reverse)
-    (grad_reference,) = torch.autograd.grad(reference[mask].sum(), model.lstm.weight_hh_l0_reverse)
-    torch.testing.assert_close(grad_ours, grad_reference)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    reference = pad_packed_sequence(model.lstm(packed)[0], batch_first=True)[0][mask]
+    (grad_reference,) = torch.autograd.grad(reference.sum(), model.lstm.weight_hh_l0_reverse)
+    for kernel in (model.directions, model.packed):
+        ours = kernel(garbage, lengths)[mask]
+        torch.testing.assert_close(ours, reference)
+        (grad_ours,) = torch.autograd.grad(ours.sum(), model.lstm.weight_hh_l0_reverse)
+        torch.testing.assert_close(grad_ours, grad_reference)
+    torch.testing.assert_close(model(garbage, lengths)[mask], model.output(reference).log_softmax(-1))
     assert set(model.state_dict()) == {f"lstm.{k}" for k in model.lstm.state_dict()} | {"output.weight", "output.bias"}
 
 
@@ -163,15 +166,28 @@ def test_killed_run_resumes_to_the_same_result(store, tmp_path):
     assert metrics.read_text().startswith(first_epoch)  # epoch 1 kept as the killed run wrote it (timings too)
 
 
-def test_sweep_over_layers_and_seeds_skips_finished_runs(store, tmp_path):
-    args = ["probe", "--store", store, "--layer", "0-1", "--seeds", "0,1", "--epochs", "1", *SMALL, "--out", tmp_path]
-    first = cli(*args)
+def test_sweep_over_layers_and_seeds_skips_finished_runs(store, tmp_path, monkeypatch):
+    """Also: the seeds of one layer share the features read for the first, so each split of each
+    layer is read once, and a seed trained in the sweep ends as it does trained alone."""
+    from w2vcache.store import FeatureStore
+
+    reads, read_layer = [], FeatureStore.read_layer
+    monkeypatch.setattr(FeatureStore, "read_layer",
+                        lambda self, split, layer: reads.append((layer, split)) or read_layer(self, split, layer))
+    args = ["probe", "--store", store, "--layer", "0-1", "--seeds", "0,1", "--epochs", "1", *SMALL]
+    first = cli(*args, "--out", tmp_path)
     assert first.exit_code == 0, first.output
     assert "4 run(s) trained, 0 already finished" in first.output
     runs = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("probe/*/*"))
     assert runs == ["probe/layer00/seed0", "probe/layer00/seed1", "probe/layer01/seed0", "probe/layer01/seed1"]
-    again = cli(*args)
+    splits = ["train", "dev", "test-clean", "test-other"]
+    assert sorted(reads) == sorted((layer, split) for layer in ("layer00", "layer01") for split in splits)
+    again = cli(*args, "--out", tmp_path)
     assert "0 run(s) trained, 4 already finished" in again.output
+    alone = cli(*args[:3], "--layer", "1", "--seeds", "1", *args[7:], "--out", tmp_path / "alone")
+    assert alone.exit_code == 0, alone.output
+    a, b = (torch.load(where / "probe/layer01/seed1/best.pt") for where in (tmp_path, tmp_path / "alone"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_select_by_cer_keeps_the_epoch_of_lowest_dev_cer(store, tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import text
 from .batching import length_batches
@@ -70,12 +71,16 @@ class ProbeConfig:
 class Probe(nn.Module):
     """Bidirectional LSTM over one layer's frames, a linear layer to the 30 symbols.
 
-    The weights are an `nn.LSTM`'s (so checkpoints are plain LSTM state dicts), but the forward runs
-    each direction of each layer as one call on the padded batch, which takes torch's oneDNN LSTM
-    kernel on CPU: 5-7x faster than the packed-sequence kernel (`benchmarks/probe_cost.py` times
-    both). Padding never reaches a real frame: the forward direction meets it only after an
-    utterance's last frame, and the backward direction runs forward over each utterance reversed
-    within its own length, so its padding also comes last.
+    The weights are an `nn.LSTM`'s (so checkpoints are plain LSTM state dicts), run by one of two
+    exact kernels, which give the same outputs and gradients:
+    - on CPU, `directions`: each direction of each layer one call on the padded batch, which takes
+      torch's oneDNN LSTM kernel, 5-7x faster there than the packed-sequence kernel
+      (`benchmarks/probe_cost.py` times both). Padding never reaches a real frame: the forward
+      direction meets it only after an utterance's last frame, and the backward direction runs
+      forward over each utterance reversed within its own length, so its padding also comes last.
+    - on CUDA, `packed`: the `nn.LSTM` itself on packed sequences. cuDNN runs a layer's two
+      directions at once, where `directions` runs them one after the other, and a step of this
+      probe (a few dozen utterances by 1024) is too small to fill a GPU alone.
     """
 
     def __init__(self, input_dim: int, config: ProbeConfig):
@@ -87,6 +92,11 @@ class Probe(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(batch, frames, dim) padded features -> (batch, frames, symbols) log-probabilities."""
+        x = self.packed(x, lengths) if x.is_cuda else self.directions(x, lengths)
+        return self.output(self.dropout(x)).log_softmax(-1)
+
+    def directions(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The LSTM's outputs (batch, frames, 2 hidden), each direction of each layer one call."""
         reverse = _reversal(lengths.to(x.device), x.shape[1])
         for layer in range(self.lstm.num_layers):
             if layer:
@@ -94,7 +104,12 @@ class Probe(nn.Module):
             forward = self._direction(x, layer, "")
             backward = _reverse(self._direction(_reverse(x, reverse), layer, "_reverse"), reverse)
             x = torch.cat([forward, backward], dim=-1)
-        return self.output(self.dropout(x)).log_softmax(-1)
+        return x
+
+    def packed(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The LSTM's outputs (batch, frames, 2 hidden) from nn.LSTM on packed sequences; 0 on padding."""
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        return pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])[0]
 
     def _direction(self, x: torch.Tensor, layer: int, suffix: str) -> torch.Tensor:
         """One direction of one layer, left to right over the padded batch."""
@@ -248,14 +263,14 @@ class ProbeTask:
     """The probe experiment as the training loop sees it. `layer`: a store layer, or "weighted"."""
 
     def __init__(self, store, layer: str, config: ProbeConfig, train_config: TrainConfig, train_split: str = "train",
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu"):
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu", features=None):
+        """`features`: a split's SplitFeatures of this layer by split name, for features already
+        read (a sweep's other seeds); None reads them from the store."""
         self.config, self.seed, self.device = config, train_config.seed, torch.device(device)
         self.weighted, self.layers = layer == WEIGHTED, probe_layers(store, layer)
         train_config = test_splits_for(train_config, store.splits)
-        self.splits = {
-            split: SplitFeatures(store, split, self.layers, memory_budget)
-            for split in (train_split, train_config.dev_split, *train_config.test_splits)
-        }
+        features = features or (lambda split: SplitFeatures(store, split, self.layers, memory_budget))
+        self.splits = {split: features(split) for split in (train_split, train_config.dev_split, *train_config.test_splits)}
         self.train_split = train_split
         self.batches = {name: batches_by_length(s.lengths, config.batch_frames) for name, s in self.splits.items()}
         dim = store.layers[self.layers[0]]
@@ -555,11 +570,22 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     if config.layer_norm and WEIGHTED not in chosen:
         raise W2VCacheError("--layer-norm normalises the layers of a weighted sum: it goes with --layer weighted")
     train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress else None)
+    # The features of the layer being probed, by split: its seeds' runs follow one another in the
+    # sweep's order, so each layer is read (and its checksums checked) once, not once per seed.
+    held: dict[tuple[str, str], SplitFeatures] = {}
+
+    def features(layer: str, split: str) -> SplitFeatures:
+        if (layer, split) not in held:
+            if any(source != layer for source, _ in held):
+                held.clear()  # the previous layer's, released before the next is read
+            held[layer, split] = SplitFeatures(store, split, probe_layers(store, layer), memory_budget)
+        return held[layer, split]
 
     def start(layer: str, seed: int, directory: Path) -> None:
         tc = TrainConfig(**{**asdict(train_config), "seed": seed})
         seed_everything(seed)
-        task = ProbeTask(store, layer, config, tc, train_split, memory_budget, device)
+        task = ProbeTask(store, layer, config, tc, train_split, memory_budget, device,
+                         features=functools.partial(features, layer))
         weighted = layer == WEIGHTED
         run_record = RunRecord(
             kind="probe", experiment=probe_experiment(layer, config.probe), layer=layer_index(layer), reinit=[],
