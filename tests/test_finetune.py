@@ -125,6 +125,27 @@ def test_two_gloo_processes_match_one_process(tmp_path, tiny):
     assert config["world_size"] == 2
 
 
+def test_two_gloo_processes_train_a_checkpoint_with_layerdrop_and_its_own_mask_vector(tmp_path, tiny):
+    """A checkpoint as the Hub's are: layerdrop on (each rank skips other blocks, whose parameters
+    get no gradient there) and a masked_spec_embed, unused with --mask-time-prob 0. DDP refuses a
+    step where a parameter it waits for gets no gradient: both ranks must still train to the end."""
+    from transformers import Wav2Vec2Model
+
+    from w2vcache.checkpoints import _tiny_config
+
+    torch.manual_seed(0)
+    Wav2Vec2Model(_tiny_config(layerdrop=0.5, mask_time_prob=0.05)).save_pretrained(tmp_path / "model")
+    args = ["finetune", "--model", str(tmp_path / "model"), *tiny, "--test-splits", "test-clean",
+            "--epochs", "2", "--freeze-epochs", "1", "--batch-seconds", "4", "--num-workers", "0",
+            "--mask-time-prob", "0", "--out", str(tmp_path / "runs")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "w2vcache", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    metrics = (tmp_path / "runs/finetune/reinit-none/seed0/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in metrics] == [1, 2]
+
+
 def test_killed_finetune_resumes_to_the_same_result(tmp_path, tiny):
     """SIGKILL right after the first epoch's checkpoint is saved, re-run: it resumes from there (the
     first epoch is not trained again) to the same weights and WER as an uninterrupted run, with

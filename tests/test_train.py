@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -251,3 +254,49 @@ def test_each_epochs_batches_are_iterated_once(tmp_path, progress):
     record = RunRecord(kind="probe", experiment="layer00", layer=0, reinit=[], seed=0, model={}, data={}, device="cpu")
     train(task, TrainConfig(epochs=3, test_splits=()), tmp_path, record, progress=progress)
     assert {e: b.iterations for e, b in epochs.items()} == {0: 1, 1: 1, 2: 1}
+
+
+NAN_ON_ONE_RANK = '''
+import sys, torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from w2vcache.runs import RunRecord
+from w2vcache.train import TrainConfig, train
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+class Batch:
+    def __init__(self, i):
+        self.i, self.frames = i, 10
+
+class Task:
+    def __init__(self):
+        torch.manual_seed(0)
+        self.model = nn.Linear(4, 1)
+        self.ddp = DistributedDataParallel(self.model)
+    def train_batches(self, epoch): return [Batch(i) for i in range(4)]
+    def eval_batches(self, split): return [Batch(0)]
+    def start_epoch(self, epoch): pass
+    def loss(self, batch):
+        out = self.ddp(torch.ones(2, 4)).sum()
+        return out * float("nan") if batch.i == 1 and rank == 1 else out
+    def decode(self, batch): return ["a"], ["a"]
+
+record = RunRecord(kind="finetune", experiment="x", layer=None, reinit=[], seed=0, model={}, data={}, device="cpu", threads=1)
+train(Task(), TrainConfig(epochs=1, test_splits=()), sys.argv[1], record, progress=False)
+'''
+
+
+def test_a_loss_not_finite_on_one_rank_is_left_out_on_every_rank(tmp_path):
+    """Two gloo ranks; batch 2 of 4 has a NaN loss on rank 1 only. Skipped there alone, rank 1 would
+    never join rank 0's gradient all-reduce and both would wait for ever: every rank skips it."""
+    script = tmp_path / "nan_on_one_rank.py"
+    script.write_text(NAN_ON_ONE_RANK)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["batches_without_ctc_path"] == 1  # one global batch, once
+    assert metrics[0]["frames_per_second"] * metrics[0]["train_seconds"] == pytest.approx(2 * 4 * 10)  # both ranks' frames

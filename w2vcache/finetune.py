@@ -165,6 +165,10 @@ class FinetuneTask:
             p.requires_grad = not frozen
         if hasattr(self.model, "mask_embedding"):  # our own mask vector is part of the backbone's input
             self.model.mask_embedding.requires_grad = not frozen
+        if getattr(self.model.w2v, "masked_spec_embed", None) is not None and self.config.mask_time_prob == 0:
+            # The checkpoint's mask vector, unused without masking: no gradient would ever reach it,
+            # which DDP takes for a rank that stopped half-way.
+            self.model.w2v.masked_spec_embed.requires_grad = False
         extractor = self.model.w2v.feature_extractor
         if not self.config.train_feature_encoder:
             for p in extractor.parameters():
@@ -176,7 +180,11 @@ class FinetuneTask:
             extractor._requires_grad = False
         if frozen != self.frozen and self.world > 1:
             # DDP syncs the parameters that require grad when it is built: rebuild it when that set changes.
-            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # A checkpoint's own layerdrop (transformers' default is 0.1, and Hub configs keep theirs)
+            # skips random blocks in each step, a different draw on each rank: their parameters get no
+            # gradient there, which DDP must be told to expect.
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                               find_unused_parameters=getattr(self.model.w2v.config, "layerdrop", 0) > 0)
         self.frozen = frozen
 
     # -- batches ---------------------------------------------------------------------------------
@@ -246,11 +254,10 @@ def parse_reinit(spec: str) -> tuple[int, ...]:
 
 
 def init_distributed(device: str) -> str:
-    """Join torchrun's process group when launched by it; returns this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    """Join torchrun's process group when launched by it; returns this rank's device (rank_device's)."""
+    device = rank_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return device

@@ -305,7 +305,9 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            # As many GPUs' generators as this process sees: a run saved by a rank of 8 may go on on 1.
+            for index, rng in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(rng, index)
         first_epoch, best = state["epoch"], state["best"]
     if writer:  # drop lines of an epoch whose checkpoint a kill prevented
         metrics = _read_metrics(run_dir, first_epoch)
@@ -334,8 +336,9 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
                 loss = task.loss(batch)
                 # The epoch's last group of batches may be short: average over the batches it has.
                 group = min(config.grad_accum, len(batches) - (step // config.grad_accum) * config.grad_accum)
-                if not torch.isfinite(loss):
-                    skipped += 1  # a NaN or infinite loss: the batch is left out
+                if not _finite_everywhere(loss, distributed):
+                    skipped += 1  # a NaN or infinite loss: the batch is left out (on every rank)
+                    del loss  # its graph would otherwise live on through the next forward
                 else:
                     (loss / group).backward()
                     loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
@@ -350,6 +353,8 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
                 bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", fps=f"{frames / elapsed:.0f}", refresh=False)
                 bar.update()
         train_seconds = time.perf_counter() - epoch_started
+        if distributed:  # the run's figures, not rank 0's share of them (batches are skipped by all ranks at once)
+            loss_sum, loss_n, frames = _summed_over_ranks(model, loss_sum, loss_n, frames)
         upcoming = task.train_batches(epoch + 1) if epoch + 1 < config.epochs else None
         if hasattr(upcoming, "begin"):
             upcoming.begin()
@@ -412,6 +417,23 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
     if distributed:
         dist.barrier()  # nobody moves on to the next run before this one's result exists
     return result
+
+
+def _finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:
+    """Whether the batch's loss is finite on every rank. A rank that left its batch out alone
+    would never join the others' gradient all-reduce, and every rank would wait for it for ever."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def _summed_over_ranks(model, *values: float) -> list:
+    """Each value summed over the process group's ranks (on the model's device: NCCL's tensors
+    live on the GPU); the counts come back as ints."""
+    totals = torch.tensor(values, dtype=torch.float64, device=next(model.parameters()).device)
+    dist.all_reduce(totals)
+    return [type(v)(t) for v, t in zip(values, totals.tolist())]
 
 
 # Parts of the run record that may change between the start of a run and its resumption.
