@@ -6,7 +6,8 @@
 For each model, the same length-sorted batches of the bundled corpus (the first --seconds of audio)
 go through `forward_layers`, extraction's forward, in each compute dtype:
 - float32: the reference;
-- tf32: float32 with TF32 matmuls and convolutions (CUDA only: on a CPU it is skipped, and said so);
+- tf32: float32 with TF32 matmuls and convolutions, as `extract --compute-dtype tf32` runs it (CUDA only:
+  on a CPU it is skipped, and said so);
 - float16, bfloat16: autocast, as `extract --compute-dtype` runs them.
 Error: per layer, against float32 over the real frames (padding left out), "rms" = |error| / |float32|
 over all frames and "max" = the worst frame's |error| / |float32| (extract.relative_errors, the
@@ -131,7 +132,7 @@ def measure(model: str, args) -> dict:
     why = (f"{times['float32'] / times[best]:.2f}x float32's speed, worst layer {100 * max(figures[best].rms().values()):.2g} % "
            f"from float32" if best != "float32" else f"no reduced dtype within {100 * args.tolerance:g} % rms error runs {args.min_speedup:g}x "
                   f"float32's speed here")
-    print(f"recommended for {model} on {args.device}: --compute-dtype {best if best != 'tf32' else 'float32 (with TF32)'} ({why})")
+    print(f"recommended for {model} on {args.device}: --compute-dtype {best} ({why})")
     return {"times": times, "rms": {d: e.rms() for d, e in figures.items()}, "recommended": best}
 
 

@@ -41,7 +41,7 @@ from w2vcache.checkpoints import load_backbone
 from w2vcache.batching import length_batches
 from w2vcache.corpus import build_corpus
 import w2vcache.extract
-from w2vcache.extract import ExtractConfig, extract, plan_splits
+from w2vcache.extract import ExtractConfig, extract, plan_splits, tf32
 from w2vcache.store import info
 
 
@@ -73,7 +73,7 @@ def main():
     batches = length_batches([len(w) for w in waves], int(args.batch_seconds * SAMPLE_RATE))
 
     def bare():
-        with torch.inference_mode():
+        with torch.inference_mode(), tf32(False):  # float32 as extraction's is: no TF32 convolutions
             for b in batches:
                 group = waves[b]
                 x = torch.zeros(len(group), max(len(w) for w in group))

@@ -139,3 +139,42 @@ def test_relative_errors_leave_padding_out():
     errors = relative_errors(reduced, reference, [2, 1])
     assert errors["max"] == pytest.approx(0.1)
     assert errors["rms"] == pytest.approx(0.5 / np.sqrt(25 + 1 + 4))
+
+
+def test_float32_extraction_turns_tf32_off_and_tf32_is_refused_without_cuda(tmp_path, monkeypatch):
+    """cuDNN's convolutions run in TF32 by default on a GPU, so "float32" would not be float32 there:
+    the forward of a float32 extraction runs with TF32 off (the flags as the model sees them), and
+    the flags are as they were afterwards. --compute-dtype tf32 needs CUDA, and says so."""
+    import w2vcache.extract as extract_module
+
+    seen, forward = [], extract_module.forward_layers
+
+    def watched(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "forward_layers", watched)
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    result = run_cli("extract", "--store", tmp_path / "s.zarr", *SPLIT, *SMALL_BATCHES)
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {("ieee", "ieee")}
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+    refused = run_cli("extract", "--store", tmp_path / "t.zarr", *SPLIT, "--compute-dtype", "tf32")
+    assert refused.exit_code == 1
+    assert "--compute-dtype tf32: TF32 is a CUDA tensor-core format; on --device cpu choose float32 or bfloat16" in refused.output
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_tf32_switch_works_whichever_way_the_flags_were_set():
+    """Someone who set one backend's flag through torch's newer API makes reading the older
+    allow_tf32 flags raise; the switch uses the newer ones and restores exactly what it found."""
+    from w2vcache.extract import tf32
+
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "ieee"  # conv and rnn now differ: allow_tf32 raises
+        with tf32(True):
+            assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (before[0], "ieee")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before

@@ -115,9 +115,10 @@ def corpus_command(librispeech, librilight, splits, as_json):
 @click.option("--batch-seconds", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Padded audio per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--compute-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
-              show_default=True, help="Half-precision autocast (GPU, or a CPU with bf16 support); its error against "
-              "float32 is measured on the first batch and shown by info (benchmarks/compute_dtype.py).")
+@click.option("--compute-dtype", type=click.Choice(["float32", "tf32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="tf32: TF32 tensor cores (CUDA); float16, bfloat16: half-precision autocast (GPU, "
+              "or a CPU with bf16 support). Its error against float32 is measured on the first batch and shown by "
+              "info (benchmarks/compute_dtype.py).")
 @click.option("--shard", metavar="I/N", help="Fill only this worker's share of the store (torchrun ranks do this by themselves).")
 @click.option("--skip-bad", is_flag=True, help="Record unusable audio files in the store and go on.")
 @click.option("--dry-run", is_flag=True, help="Print the store's size from the audio headers and the free space; write nothing.")

@@ -36,7 +36,9 @@ from .store.layout import DTYPES, FAILED_REASON, float_dtype
 from .store.records import write_run_record
 
 DEFAULT_STORE = "features.zarr"
-COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# tf32: float32 tensors, with matmuls and convolutions on TF32 tensor cores (CUDA only). float32
+# means float32 on a GPU too: cuDNN's TF32 convolutions, on by default, are turned off for it.
+COMPUTE_DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREFETCH_BATCHES = 2  # batches decoded ahead of the model; more only costs memory
 # Files of a batch decoded at once, by threads (libsndfile releases the GIL: 2 threads decode the
 # bundled FLAC files 1.66x as fast as one on 2 cores). One thread decodes about 3,000x real time,
@@ -53,8 +55,8 @@ class ExtractConfig:
     dtype: str = "float16"  # how features are stored: float16, float32 or int8 (quantised from float16)
     batch_seconds: float = 64.0  # padded audio per forward pass
     device: str = "cpu"
-    # float16 / bfloat16 autocast (for GPUs; a CPU runs them too, mostly slower). Its error against
-    # float32 is measured on the run's first batch and recorded (ExtractResult.compute_error).
+    # tf32 (CUDA), float16 / bfloat16 autocast (for GPUs; a CPU runs these two too, mostly slower).
+    # Its error against float32 is measured on the run's first batch and recorded (ExtractResult.compute_error).
     compute_dtype: str = "float32"
     shard: str | None = None  # "I/N": this worker fills blocks b with b % N == I
     skip_bad: bool = False  # record unusable audio files in the store and go on
@@ -101,6 +103,9 @@ def _device(config: ExtractConfig) -> str:
         raise W2VCacheError(f"--device {config.device}: no CUDA GPU is available here")
     if config.compute_dtype not in COMPUTE_DTYPES:
         raise W2VCacheError(f"--compute-dtype {config.compute_dtype!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+    if config.compute_dtype == "tf32" and not device.startswith("cuda"):
+        raise W2VCacheError(f"--compute-dtype tf32: TF32 is a CUDA tensor-core format; on --device {device} "
+                            "choose float32 or bfloat16")
     return device
 
 
@@ -289,7 +294,7 @@ def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
     host_peaks = torch.empty(peaks.shape, pin_memory=True)
     host_peaks.copy_(peaks, non_blocking=True)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(peaks.device))  # the copies' stream: cuda:N's, not the current device's
     return host, ready, host_peaks
 
 
@@ -328,7 +333,20 @@ def relative_errors(reduced: torch.Tensor, reference: torch.Tensor, frames: list
 @contextlib.contextmanager
 def tf32(enabled: bool):
     """TF32 matmuls and cuDNN convolutions on or off inside the block (cuDNN's are on by default on
-    Ampere and later, so "float32" is not float32 there unless turned off)."""
+    Ampere and later, so "float32" is not float32 there unless turned off). Through the per-backend
+    precision flags where torch has them (2.9 and later): once anyone has set those, reading the
+    older allow_tf32 flags raises."""
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):
+        backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+        before = [b.fp32_precision for b in backends]
+        for b in backends:
+            b.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            for b, value in zip(backends, before):
+                b.fp32_precision = value
+        return
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
@@ -386,10 +404,11 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                 block, batch, waves, failures = item
                 if block is not current_block:  # a neighbour may have started or stopped since the last one
                     current_block, used_threads = block, threads.use(config.threads, backbone.model)
-                with torch.autocast(device.type, dtype=compute, enabled=compute is not torch.float32):
+                with tf32(config.compute_dtype == "tf32"), \
+                        torch.autocast(device.type, dtype=compute, enabled=compute is not torch.float32):
                     outputs, frames = forward_layers(backbone, waves, include_cnn=include_cnn)
                 kept = {layers[k]: outputs[i] for k, i in enumerate(keep)}
-                if measured is not None and compute is not torch.float32 and not measured:
+                if measured is not None and config.compute_dtype != "float32" and not measured:
                     measured.update(measure_compute_error(backbone, waves, kept, frames, include_cnn, config.compute_dtype,
                                                           {"split": block.split, "block": block.index,
                                                            "ids": list(block.ids[batch.start:batch.stop])}))
