@@ -56,3 +56,17 @@ def test_a_busy_neighbour_takes_a_core_from_large_models():
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_torchrun_ranks_share_the_cores_of_their_machine(monkeypatch):
+    """Each of torchrun's 4 local ranks on 16 cores takes 4 threads, whatever its siblings are doing
+    (sampled, they would read as busy neighbours); a small model keeps its one."""
+    monkeypatch.setattr(threads, "available_cores", lambda: 16)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 12)  # the 3 siblings' threads
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert threads.choose(None, parameters=10**8) == 4
+    assert threads.choose(None, parameters=threads.SMALL_MODEL - 1) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert threads.choose(None, parameters=10**8) == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert threads.choose(None, parameters=10**8) == 4  # outside torchrun: 16 cores, 12 busy

@@ -13,6 +13,9 @@ several times over: on 2 cores beside one busy process a demo-sized probe epoch 
   looked at again at every epoch and every extraction block, so a neighbour that starts or stops
   mid-run is followed.
 
+Under torchrun, the ranks on one machine share its cores evenly instead (each would otherwise
+take every idle core, and the others would read as busy neighbours).
+
 `--threads N` fixes the count instead.
 """
 
@@ -98,7 +101,18 @@ def choose(requested: int | None, parameters: int) -> int:
         return requested
     if parameters < SMALL_MODEL:
         return 1
+    siblings = _local_processes()
+    if siblings > 1:
+        return max(1, available_cores() // siblings)
     return max(1, available_cores() - busy_elsewhere())
+
+
+def _local_processes() -> int:
+    """torchrun's processes on this machine (LOCAL_WORLD_SIZE); 1 outside torchrun."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def use(requested: int | None, model: torch.nn.Module) -> int:
