@@ -191,3 +191,52 @@ def test_frozen_epochs_build_no_graph_through_the_backbone(tiny):
     assert not hidden.requires_grad
     task.start_epoch(3)
     assert "mask_embedding" in {n for n, p in task.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-ln"])
+def test_kept_cnn_outputs_give_the_same_run_as_computing_them_in_every_step(tmp_path, tiny, model, monkeypatch):
+    """The frozen CNN's outputs, kept per batch, are what it computes again: two runs of a sweep
+    (a re-init and a seed), masking and dropout on, the train split also the dev split (kept during
+    an evaluation, then trained on), end with the same weights and error rates as without the
+    cache, bit for bit; the CNN ran for each batch once. Both CNN kinds: GroupNorm (run per
+    utterance) and LayerNorm (one padded pass)."""
+    import w2vcache.finetune as finetune_module
+
+    corpus = build_corpus(splits=[s.split("=", 1)[1] for s in tiny])
+    calls, compute = [], finetune_module.cnn_features
+    for module in (finetune_module, __import__("w2vcache.backbone", fromlist=["encode"])):
+        monkeypatch.setattr(module, "cnn_features", lambda *a: calls.append(1) or compute(*a))
+    config = FinetuneConfig(freeze_epochs=1, mask_time_prob=0.2, **FAST)
+    tc = TrainConfig(epochs=2, lr=2e-3, dev_split="train", test_splits=("test-clean",))
+    runs = {}
+    for memory in (0, 2**30):
+        calls.clear()
+        finetune_module.finetune(corpus, model, [(), (4,)], [0], tmp_path / str(memory), config, tc,
+                                 progress=False, cnn_memory=memory)
+        runs[memory] = len(calls)
+    batches = len(FinetuneTask(load_backbone(model), corpus, config, tc).splits["train"].batches)
+    test_batches = len(FinetuneTask(load_backbone(model), corpus, config, tc).splits["test-clean"].batches)
+    assert runs[2**30] == batches + test_batches  # once each, for both runs and every epoch
+    assert runs[0] > 2 * runs[2**30]
+    for experiment in ("reinit-none", "reinit-4"):
+        a, b = (tmp_path / str(m) / "finetune" / experiment / "seed0" for m in (0, 2**30))
+        wa, wb = (torch.load(d / "checkpoint.pt", weights_only=False)["model"] for d in (a, b))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), experiment
+        ra, rb = (json.loads((d / "result.json").read_text()) for d in (a, b))
+        assert ra["train"] == rb["train"] and ra["test-clean"] == rb["test-clean"]
+
+
+def test_cnn_outputs_kept_during_an_evaluation_can_be_trained_on():
+    """Kept under inference mode (an evaluation of the split first), a batch's CNN outputs are
+    inference tensors, which autograd refuses to save: training on them gets a usable copy."""
+    from w2vcache.finetune import CNNCache
+
+    backbone, cache = load_backbone("builtin:tiny"), CNNCache()
+    waves = [torch.randn(8000), torch.randn(6000)]
+    with torch.inference_mode():
+        kept, _ = cache.features(backbone, waves, ("dev", "a", "b"))
+    again, lengths = cache.features(backbone, waves, ("dev", "a", "b"))
+    assert kept.is_inference() and not again.is_inference() and torch.equal(kept, again)
+    weight = torch.ones(again.shape[-1], requires_grad=True)
+    (again * weight).sum().backward()
+    assert lengths == [backbone.num_frames(8000), backbone.num_frames(6000)] and weight.grad is not None

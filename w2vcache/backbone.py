@@ -186,22 +186,30 @@ def forward_layers(
     return outputs, lengths
 
 
+def cnn_features(backbone: Backbone, waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The CNN feature encoder's output for a batch of waves, as `encode` computes it (input
+    normalised, exact batching): (B, T_max, C), and each utterance's frame count."""
+    lengths = [backbone.num_frames(w.shape[0]) for w in waves]
+    if backbone.normalize:
+        waves = [normalize_wave(w) for w in waves]
+    return _cnn_features(backbone.model, list(waves), lengths), lengths
+
+
 def encode(
     backbone: Backbone,
     waves: Sequence[torch.Tensor],
     mask_frames: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None,
+    cnn: tuple[torch.Tensor, list[int]] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """The last layer for training: like `forward_layers` (same exact batching, same input
     normalisation) but with gradients, and an optional `mask_frames(hidden, lengths)` applied
     to the transformer input (SpecAugment-style time masking) as W2V fine-tuning does.
+    `cnn`: the batch's `cnn_features`, when already computed (a frozen CNN's, kept).
 
     Returns (B, T_max, D) and each utterance's frame count.
     """
     model = backbone.model
-    lengths = [backbone.num_frames(w.shape[0]) for w in waves]
-    if backbone.normalize:
-        waves = [normalize_wave(w) for w in waves]
-    cnn = _cnn_features(model, list(waves), lengths)
+    cnn, lengths = cnn if cnn is not None else cnn_features(backbone, waves)
     projected = model.feature_projection(cnn)
     hidden = projected[0] if isinstance(projected, tuple) else projected
     if mask_frames is not None:

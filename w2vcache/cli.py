@@ -363,6 +363,9 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True, help="Audio-loading processes.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: mixed precision on GPU.")
+@click.option("--memory-budget", type=click.FloatRange(min=0), default=8.0, show_default=True,
+              help="GB of the frozen CNN's outputs to keep in memory, computed once per batch for the later "
+              "epochs, evaluations and runs (0: computed in every step). The results are the same either way.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (torchrun ranks take cuda:LOCAL_RANK).")
 @click.option("--shard", metavar="I/N",
               help="Train only this job's share of the (re-init, seed) runs, one process per run: torchrun's "
@@ -373,7 +376,8 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
 @user_errors
 def finetune_command(model, librispeech, librilight, splits, reinits, seeds, train_config, train_split,
                      freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length, final_dropout,
-                     batch_seconds, grad_accum, num_workers, precision, device, shard, revision, threads, out):
+                     batch_seconds, grad_accum, num_workers, precision, memory_budget, device, shard, revision,
+                     threads, out):
     """Fine-tune W2V with a CTC head, top blocks re-initialised first (torchrun for several GPUs)."""
     from .finetune import FinetuneConfig, finetune, parse_reinit
     from .probe import parse_seeds
@@ -386,6 +390,7 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, tra
                        batch_seconds=batch_seconds, num_workers=num_workers, precision=precision),
         dataclasses.replace(train_config, grad_accum=grad_accum),
         train_split=train_split, device=device, revision=revision, num_threads=threads, shard=shard,
+        cnn_memory=int(memory_budget * 2**30),
     )
     if shard is not None or int(os.environ.get("RANK", "0")) == 0:  # DDP ranks did one thing: say it once
         for line in result.summary(out, "finetune"):
