@@ -90,6 +90,17 @@ def test_short_run_lowers_loss_and_writes_a_complete_run(tmp_path, tiny):
         assert config["model"]["freeze_epochs"] == 1 and config["model"]["mask_time_prob"] == 0.05
         assert config["model"]["train_feature_encoder"] is False
     assert json.loads((out / "finetune/reinit-4/seed0/config.json").read_text())["reinit"] == [4]
+    # Finished: the same command skips both runs; other settings are another experiment, refused.
+    again = CliRunner().invoke(main, [
+        "finetune", *tiny, "--reinit", "none", "--reinit", "4", "--epochs", "3", "--freeze-epochs", "1",
+        "--lr", "3e-3", "--batch-seconds", "8", "--num-workers", "0", "--test-splits", "test-clean", "--out", str(out)])
+    assert again.exit_code == 0 and "0 run(s) trained, 2 already finished" in again.output, again.output
+    other = CliRunner().invoke(main, [
+        "finetune", *tiny, "--model", "builtin:tiny-ln", "--epochs", "3", "--freeze-epochs", "1",
+        "--lr", "3e-3", "--batch-seconds", "8", "--test-splits", "test-clean", "--out", str(out)])
+    assert other.exit_code == 1
+    assert f"{out / 'finetune/reinit-none/seed0'} holds a finished run with other settings (model.backbone.name: " \
+           "run has 'builtin:tiny', now 'builtin:tiny-ln'" in other.output
 
 
 def test_reinit_option_errors(tmp_path, tiny):

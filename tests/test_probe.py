@@ -184,6 +184,10 @@ def test_sweep_over_layers_and_seeds_skips_finished_runs(store, tmp_path, monkey
     assert sorted(reads) == sorted((layer, split) for layer in ("layer00", "layer01") for split in splits)
     again = cli(*args, "--out", tmp_path)
     assert "0 run(s) trained, 4 already finished" in again.output
+    changed = cli(*args, "--lr", "1e-2", "--out", tmp_path)  # a finished run of other settings is not done
+    assert changed.exit_code == 1
+    assert f"{tmp_path / 'probe/layer00/seed0'} holds a finished run with other settings (train.lr: run has 0.002, " \
+           "now 0.01)" in changed.output
     alone = cli(*args[:3], "--layer", "1", "--seeds", "1", *args[7:], "--out", tmp_path / "alone")
     assert alone.exit_code == 0, alone.output
     a, b = (torch.load(where / "probe/layer01/seed1/best.pt") for where in (tmp_path, tmp_path / "alone"))

@@ -29,7 +29,7 @@ from .corpus import Corpus
 from .errors import W2VCacheError
 from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
 from .spread import Share, rank_device, share_of
-from .train import TrainConfig, seed_everything, sweep, test_splits_for, train
+from .train import TrainConfig, run_settings, seed_everything, sweep, test_splits_for, train
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_CNN_MEMORY = 8 * 2**30  # bytes of the frozen CNN's outputs kept (CNNCache): W2V-Base's, 20 h of audio
@@ -334,22 +334,34 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     train_config = test_splits_for(train_config, corpus.splits, "the corpus" if progress and main_rank else None)
     cnn_cache = CNNCache(cnn_memory) if cnn_memory > 0 else None
 
-    def start(blocks: tuple[int, ...], seed: int, directory: Path) -> None:
-        tc = TrainConfig(**{**asdict(train_config), "seed": seed})
-        seed_everything(seed)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def backbone_for(blocks: tuple[int, ...], seed: int) -> Backbone:
         backbone = load_backbone(model, device=device, revision=revision)
         reinit_layers(backbone, list(blocks), seed)
-        task = FinetuneTask(backbone, corpus, config, tc, train_split, device, cnn_cache)
+        return backbone
+
+    def settings(blocks: tuple[int, ...], seed: int, backbone: Backbone) -> tuple[RunRecord, TrainConfig]:
         run_record = RunRecord(
             kind="finetune", experiment=finetune_experiment(blocks), layer=None, reinit=list(blocks), seed=seed,
             model=asdict(config) | {"backbone": {k: backbone.describe()[k] for k in ("name", "revision", "weight_hash")}},
             data={"train_split": train_split, "sources": corpus.sources},
-            device=device, threads=num_threads, world_size=task.world,
+            device=device, threads=num_threads, world_size=world,
         )
+        return run_record, TrainConfig(**{**asdict(train_config), "seed": seed})
+
+    def start(blocks: tuple[int, ...], seed: int, directory: Path) -> None:
+        seed_everything(seed)
+        backbone = backbone_for(blocks, seed)
+        run_record, tc = settings(blocks, seed, backbone)
+        task = FinetuneTask(backbone, corpus, config, tc, train_split, device, cnn_cache)
         if progress and main_rank:
             print(f"finetune {run_record.experiment} seed {seed} -> {directory}")
         train(task, tc, directory, run_record, progress=progress and main_rank, num_threads=num_threads)
 
-    runs = ((run_dir(out, "finetune", finetune_experiment(blocks), seed), functools.partial(start, blocks, seed))
+    # A finished run's settings are checked against the model as it is now (its weights' hash
+    # after the re-init), so the model is loaded for it: seconds, against a wrong table.
+    runs = ((run_dir(out, "finetune", finetune_experiment(blocks), seed), functools.partial(start, blocks, seed),
+             lambda blocks=blocks, seed=seed: run_settings(*settings(blocks, seed, backbone_for(blocks, seed))))
             for blocks in reinits for seed in seeds)
     return sweep(runs, share)

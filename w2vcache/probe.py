@@ -35,7 +35,7 @@ from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
 from .runs import LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, probe_experiment, run_dir
 from .spread import rank_device, share_of
 from .store import open_store
-from .train import TrainConfig, seed_everything, sweep, test_splits_for, train
+from .train import TrainConfig, run_settings, seed_everything, sweep, test_splits_for, train
 
 DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's features (all the layers read) kept in memory; more stream
 # The LSTM computes on every padded frame, so a batch is also cut where padding would pass this share.
@@ -581,11 +581,7 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
             held[layer, split] = SplitFeatures(store, split, probe_layers(store, layer), memory_budget)
         return held[layer, split]
 
-    def start(layer: str, seed: int, directory: Path) -> None:
-        tc = TrainConfig(**{**asdict(train_config), "seed": seed})
-        seed_everything(seed)
-        task = ProbeTask(store, layer, config, tc, train_split, memory_budget, device,
-                         features=functools.partial(features, layer))
+    def settings(layer: str, seed: int) -> tuple[RunRecord, TrainConfig]:
         weighted = layer == WEIGHTED
         run_record = RunRecord(
             kind="probe", experiment=probe_experiment(layer, config.probe), layer=layer_index(layer), reinit=[],
@@ -594,16 +590,24 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
             data={
                 "train_split": train_split,
                 "layer": layer,
-                **({"layers": task.layers} if weighted else {}),
+                **({"layers": probe_layers(store, layer)} if weighted else {}),
                 "model": {k: store.provenance.get("model", {}).get(k) for k in ("name", "revision", "weight_hash")},
                 "dtype": store.dtype,
                 "frame_rate": store.provenance.get("frame_rate"),
             },
         )
+        return run_record, TrainConfig(**{**asdict(train_config), "seed": seed})
+
+    def start(layer: str, seed: int, directory: Path) -> None:
+        run_record, tc = settings(layer, seed)
+        seed_everything(seed)
+        task = ProbeTask(store, layer, config, tc, train_split, memory_budget, device,
+                         features=functools.partial(features, layer))
         if progress:
             print(f"probe {probe_experiment(layer, config.probe)} seed {seed} -> {directory}")
         train(task, tc, directory, run_record, progress=progress, num_threads=num_threads)
 
-    runs = ((run_dir(out, "probe", probe_experiment(layer, config.probe), seed), functools.partial(start, layer, seed))
+    runs = ((run_dir(out, "probe", probe_experiment(layer, config.probe), seed), functools.partial(start, layer, seed),
+             lambda layer=layer, seed=seed: run_settings(*settings(layer, seed)))
             for layer in chosen for seed in seed_list)
     return sweep(runs, share)

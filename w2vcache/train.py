@@ -206,8 +206,9 @@ def evaluate(task: Task, split: str) -> ErrorRates:
 
 def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepResult:
     """Train this process's share of a sweep's runs that are not finished yet. `runs` yields
-    (run directory, start) pairs in the sweep's order; start(directory) trains that run there,
-    resuming a killed one.
+    (run directory, start, settings) in the sweep's order; start(directory) trains that run there,
+    resuming a killed one; settings() gives the run's `run_settings`, which a finished run's must
+    equal to count as done (None: not checked).
 
     Each run is trained under its lock (spread.py), so jobs with overlapping shares never train
     one run at once: a run another live process holds is left to it with one line saying who,
@@ -222,12 +223,14 @@ def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepRe
 
 
 def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
-    for k, (directory, start) in enumerate(runs):
+    for k, (directory, start, settings) in enumerate(runs):
         if not share.takes(k):
             result.elsewhere += 1
             continue
         claim = claim_run(directory, together)
         if claim.state == FINISHED:
+            if settings is not None and (Path(directory) / CONFIG).exists():  # other settings: not this run
+                check_same_settings(Path(directory), settings(), finished=True)
             result.skipped.append(str(directory))
             continue
         if claim.state == HELD:
@@ -278,14 +281,10 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
     # Under torchrun every rank trains; rank 0 alone writes the run directory.
     distributed = dist.is_initialized()
     writer = not distributed or dist.get_rank() == 0
-    record_now = dict(run_record.to_json(), train=asdict(config))
+    record_now = run_settings(run_record, config)
     saved_config = run_dir / CONFIG
     if saved_config.exists() and (run_dir / CHECKPOINT).exists():
-        saved = upgrade_record(json.loads(saved_config.read_text()))
-        # Options added since the run started (select_by) took their defaults then.
-        defaults = json.loads(json.dumps(asdict(TrainConfig())))
-        saved["train"] = {**defaults, **saved.get("train", {})}
-        _check_same_run(saved, upgrade_record(json.loads(json.dumps(record_now, default=str))), run_dir)
+        check_same_settings(run_dir, record_now, finished=False)
     elif writer:
         record.write_json(saved_config, dict(record_now, versions=record.versions(),
                                              command=record.command_line(), started=record.now()))
@@ -438,25 +437,44 @@ def _summed_over_ranks(model, *values: float) -> list:
 
 # Parts of the run record that may change between the start of a run and its resumption.
 # The store may be read from another place (a copy, a URL) and the run continued on another device.
-_VOLATILE = ("versions", "command", "started", "store", "device", "threads")
+# (Paths into config.json; fine-tuning's audio-loading processes change nothing a run computes.)
+_VOLATILE = ("versions", "command", "started", "store", "device", "threads", "model.num_workers")
 
 
-def _check_same_run(saved: dict, now: dict, run_dir: Path) -> None:
-    """Resuming with other settings or other features would silently mix two experiments."""
+def run_settings(run_record: RunRecord, config: TrainConfig) -> dict:
+    """What config.json records of a run's settings (train() adds versions, command line, start)."""
+    return dict(run_record.to_json(), train=asdict(config))
+
+
+def check_same_settings(run_dir: Path, now: dict, finished: bool) -> None:
+    """The run in `run_dir` (its config.json) has the settings `now`, but for what may change
+    (_VOLATILE). Resuming with other settings or other features would silently mix two
+    experiments; counting a finished run of other settings as done would report the wrong one."""
+    saved = upgrade_record(json.loads((run_dir / CONFIG).read_text()))
+    # Options added since the run started (select_by) took their defaults then.
+    defaults = json.loads(json.dumps(asdict(TrainConfig())))
+    saved["train"] = {**defaults, **saved.get("train", {})}
+    _check_same_run(saved, upgrade_record(json.loads(json.dumps(now, default=str))), run_dir, finished)
+
+
+def _check_same_run(saved: dict, now: dict, run_dir: Path, finished: bool = False) -> None:
     diffs = []
+    # A finished run is done whatever number of ranks trained it; an unfinished one resumes with
+    # its own (each rank's share of a batch, and so its random draws, follow from it).
+    volatile = _VOLATILE + (("world_size",) if finished else ())
 
     def walk(a, b, where):
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                if not where and k in _VOLATILE:
-                    continue
-                walk(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+                path = f"{where}.{k}" if where else k
+                if path not in volatile:
+                    walk(a.get(k), b.get(k), path)
         elif a != b:
             diffs.append(f"{where}: run has {a!r}, now {b!r}")
 
     walk(saved, now, "")
     if diffs:
         raise W2VCacheError(
-            f"{run_dir} holds an unfinished run with other settings ({'; '.join(diffs[:5])}); "
-            "use another --out or delete that run directory to start afresh"
+            f"{run_dir} holds {'a finished' if finished else 'an unfinished'} run with other settings "
+            f"({'; '.join(diffs[:5])}); use another --out or delete that run directory to start afresh"
         )
