@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 from click.testing import CliRunner
 
@@ -308,8 +309,29 @@ def test_finetune_with_shard_under_torchrun_spreads_runs_instead_of_ddp(tmp_path
 
 
 def test_torchrun_ranks_take_their_own_gpu_and_a_named_one_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert (rank_device("cuda"), rank_device("cpu")) == ("cuda:1", "cpu")
     with pytest.raises(W2VCacheError, match=r"^--device cuda:0: under torchrun give --device cuda;"):
         rank_device("cuda:0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU where there is none")
+@pytest.mark.parametrize("command", ["probe", "finetune", "extract"])
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(command, bundled_store, tmp_path):
+    from click.testing import CliRunner
+
+    from w2vcache.cli import main
+
+    where = ["--store", str(bundled_store) if command == "probe" else str(tmp_path / "s.zarr")]
+    base = [command, *(where if command != "finetune" else []), "--out" if command != "extract" else "--layers",
+            str(tmp_path / "runs") if command != "extract" else "0"]
+    for device, message in [("cuda", "--device cuda: no CUDA GPU is available here"),
+                            ("cuda:1", "--device cuda:1: no CUDA GPU is available here"),
+                            ("mps", "--device mps: w2vcache runs on cpu or cuda (cuda:N)"),
+                            ("gpu", "--device 'gpu': expected cpu, cuda or cuda:N")]:
+        result = CliRunner().invoke(main, [*base, "--device", device])
+        assert result.exit_code == 1 and message in result.output, (device, result.output)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "s.zarr").exists()

@@ -325,8 +325,6 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     rank takes its share of the job's runs alone, on cuda:LOCAL_RANK with device "cuda"."""
     if config.precision not in PRECISIONS:
         raise W2VCacheError(f"--precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise W2VCacheError(f"--device {device}: no CUDA GPU is available here")
     # --shard spreads runs, one process each; without it torchrun's ranks share each run (DDP).
     share = share_of(shard) if shard is not None else Share()
     device = rank_device(device) if shard is not None else init_distributed(device)

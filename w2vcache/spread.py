@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from .errors import W2VCacheError
@@ -80,8 +81,10 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
 
 
 def rank_device(device: str) -> str:
-    """--device cuda under torchrun: this rank's GPU, cuda:LOCAL_RANK (one device per rank). A
-    named GPU (cuda:1) with several ranks would put them all on it, so it is refused."""
+    """--device checked (cpu, cuda or cuda:N of this machine) and, as cuda under torchrun, made
+    this rank's GPU, cuda:LOCAL_RANK (one device per rank). A named GPU (cuda:1) with several
+    ranks would put them all on it, so it is refused."""
+    check_device(device)
     if "LOCAL_RANK" not in os.environ:
         return device
     if device == "cuda":
@@ -90,6 +93,21 @@ def rank_device(device: str) -> str:
         raise W2VCacheError(f"--device {device}: under torchrun give --device cuda; each rank then takes "
                             "its own GPU, cuda:LOCAL_RANK")
     return device
+
+
+def check_device(device: str) -> None:
+    """A clear refusal of a device w2vcache cannot run on here, before anything is written."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise W2VCacheError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise W2VCacheError(f"--device {device}: w2vcache runs on cpu or cuda (cuda:N)")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise W2VCacheError(f"--device {device}: no CUDA GPU is available here")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise W2VCacheError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                            f"cuda:0-{torch.cuda.device_count() - 1}")
 
 
 # ---------------------------------------------------------------------------------------------
