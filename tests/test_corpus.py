@@ -179,3 +179,19 @@ def test_manifests_with_a_byte_order_mark_and_short_rows(tmp_path):
     short.write_text("id\taudio\ttext\nx\tx.wav\n")
     with pytest.raises(W2VCacheError, match=r"short\.tsv:2: expected"):
         read_manifest(short, "d")
+
+
+def test_a_manifest_that_is_not_utf8_is_named_with_what_it_is(tmp_path):
+    """A spreadsheet's UTF-16 export, a Latin-1 file and an audio file given as a manifest each
+    get one line saying so, not a UnicodeDecodeError."""
+    write_wave(tmp_path / "x.wav")
+    utf16 = tmp_path / "excel.tsv"
+    utf16.write_bytes("path\ttext\nx.wav\tHELLO\n".encode("utf-16"))
+    with pytest.raises(W2VCacheError, match=r"excel\.tsv: not UTF-8 text \(byte 0xff at offset 0\); it is UTF-16 .*; save it as UTF-8"):
+        read_manifest(utf16, "d")
+    latin1 = tmp_path / "latin1.tsv"
+    latin1.write_bytes("x.wav\tCAF\u00c9\n".encode("latin-1"))
+    with pytest.raises(W2VCacheError, match=r"latin1\.tsv: not UTF-8 text \(byte 0xc9 at offset 9\); save it as UTF-8"):
+        read_manifest(latin1, "d")
+    with pytest.raises(W2VCacheError, match=r"x\.wav is audio, not a manifest: --split NAME=SOURCE takes a manifest"):
+        read_manifest(tmp_path / "x.wav", "d")

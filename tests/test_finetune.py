@@ -107,6 +107,8 @@ def test_reinit_option_errors(tmp_path, tiny):
     assert parse_reinit("none") == () and parse_reinit("10-12") == (10, 11, 12) and parse_reinit("11,12") == (11, 12)
     with pytest.raises(W2VCacheError, match="'x' is not a block number"):
         parse_reinit("x")
+    with pytest.raises(W2VCacheError, match=r"--reinit '3-2': the range 3-2 is empty \(write it low-high: 2-3\)"):
+        parse_reinit("3-2")  # not the baseline, quietly
     result = CliRunner().invoke(main, ["finetune", *tiny, "--reinit", "9", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "layer 9 does not exist: the model has 4 transformer blocks" in result.output
 

@@ -14,6 +14,7 @@ and `build_corpus`, which assembles named splits from them the way the command l
 
 import csv
 import json
+import io
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,14 +158,31 @@ def read_librilight(root, subset: str, split: str, skipped: list | None = None) 
     return sorted(utterances, key=lambda u: u.id)
 
 
+def _manifest_text(path: Path) -> str:
+    """A manifest's text, UTF-8 (a byte-order mark allowed); anything else refused with what it
+    looks like instead."""
+    data = path.read_bytes()
+    if path.suffix.lower() in AUDIO_SUFFIXES or data[:4] in (b"fLaC", b"RIFF", b"OggS"):
+        raise W2VCacheError(f"{path} is audio, not a manifest: --split NAME=SOURCE takes a manifest "
+                            "(path<TAB>text per line) or a LibriSpeech-style folder")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise W2VCacheError(
+            f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+            + ("it is UTF-16 (a spreadsheet's 'Unicode text'); " if utf16 else "") + "save it as UTF-8") from None
+
+
 def read_manifest(path, split: str, skipped: list | None = None) -> list[Utterance]:
     """A TSV (`path<TAB>text[<TAB>id]`, optional header) or JSONL (`{"audio"|"path", "text", "id"?}`)
     manifest; relative audio paths are resolved against the manifest's folder. A line naming
     audio that does not exist is an error, or with a `skipped` list, left out and listed there."""
     path = Path(path)
     rows = []
+    content = _manifest_text(path)
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -177,8 +195,7 @@ def read_manifest(path, split: str, skipped: list | None = None) -> list[Utteran
                 raise W2VCacheError(f'{path}:{n}: needs "audio" (or "path") and "text" (or "transcript")')
             rows.append((n, str(audio), str(text), record.get("id")))
     else:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        lines = list(csv.reader(io.StringIO(content, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
         header = [c.strip().lower() for c in lines[0]] if lines else []
         columns = {"path": 0, "text": 1, "id": 2}
         if {"path", "audio"} & set(header) and {"text", "transcript"} & set(header):

@@ -296,6 +296,8 @@ def parse_reinit(spec: str) -> tuple[int, ...]:
             lo, hi = int(lo), int(hi or lo)
         except ValueError:
             raise W2VCacheError(f"--reinit {spec!r}: {part!r} is not a block number such as 12 or 11,12") from None
+        if hi < lo:
+            raise W2VCacheError(f"--reinit {spec!r}: the range {part.strip()} is empty (write it low-high: {hi}-{lo})")
         blocks += range(lo, hi + 1)
     return tuple(blocks)
 
