@@ -475,6 +475,24 @@ def test_verify_reports_a_missing_chunk_of_a_done_block(full_store):
     chunk = block.frame_offset // CHUNK_FRAMES
     chunk_file(path, "dev", "cnn", chunk).unlink()
     assert verify(path).problems == [f"dev/cnn chunk {chunk}: missing (its block is marked done)"]
+    # zarr reads a missing chunk as zeros; readers refuse it, naming it, and read the rest
+    store = open_store(path)
+    with pytest.raises(W2VCacheError, match=rf"dev/cnn chunk {chunk} is missing .*verify --repair"):
+        store.read_layer("dev", "cnn")
+    with pytest.raises(W2VCacheError, match=rf"dev/cnn chunk {chunk} is missing"):
+        store.read("dev", "cnn", block.start)
+    store.read_layer("dev", "layer00")
+
+
+def test_a_missing_chunk_of_the_index_is_named_by_readers_and_verify(full_store):
+    """A copy that stopped part-way lost the first chunk of dev's lengths: zeros would make every
+    utterance frameless. Opening the split says which chunk is gone; verify lists it, not its symptoms."""
+    path, _ = full_store
+    (Path(path) / "dev" / "lengths" / "c" / "0").unlink()
+    with pytest.raises(W2VCacheError, match=r"dev/lengths chunk 0 is missing .*the store's index is damaged"):
+        open_store(path).utterances("dev")
+    assert verify(path).problems == ["dev/lengths chunk 0: missing"]
+    open_store(path).utterances("test")  # other splits read as before
 
 
 def test_read_only_use_modifies_nothing(full_store):

@@ -6,6 +6,7 @@ Reading utterances and whole layers, handing out pending blocks, writing them (`
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
+from zarr.core.sync import sync
 
 from w2vcache.errors import W2VCacheError
 
@@ -80,6 +82,7 @@ class FeatureStore:
         self._lock = lock
         self._meta = self._check_meta(group, label)
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._present: dict[tuple[str, str], set[int]] = {}  # chunks seen to exist (_check_present)
         self._index: dict[str, _SplitIndex] = {}
         self._written: set[tuple[str, int]] = set()
         self._layers_written: dict[tuple[str, int], set[str]] = {}  # by write_layer
@@ -382,8 +385,11 @@ class FeatureStore:
 
     def _read(self, split: str, name: str, selection: slice | int = slice(None),
               out: np.ndarray | None = None) -> np.ndarray:
-        """array[selection] (into `out` if given), naming the chunk when a checksum fails."""
+        """array[selection] (into `out` if given), naming the chunk when a checksum fails or
+        when it is missing."""
         array = self._array(split, name)
+        if name != "done":  # a block's marker is absent until the block is done; every other chunk is written
+            self._check_present(split, name, array, selection)
         try:
             if out is None:
                 return array[selection]
@@ -402,6 +408,31 @@ class FeatureStore:
                       "the store's index is damaged: extract into a new store, or copy the store again")
             raise W2VCacheError(f"store {self.path}: {split}/{name} chunk {bad}: checksum "
                                 f"mismatch or unreadable chunk ({e}); {advice}") from None
+
+    def _check_present(self, split: str, name: str, array: zarr.Array, selection: slice | int) -> None:
+        """zarr reads a missing chunk as its fill value, zeros, which no checksum covers: a chunk
+        lost from a copy would train probes on silence. Each chunk is looked for once (one stat, or
+        one request on a remote store), the first time it is read."""
+        if array.shape[0] == 0:
+            return
+        step = array.chunks[0]
+        lo, hi, _ = (selection if isinstance(selection, slice) else slice(selection, selection + 1)).indices(array.shape[0])
+        if hi <= lo:
+            return
+        seen = self._present.setdefault((split, name), set())
+        wanted = [c for c in range(lo // step, (hi - 1) // step + 1) if c not in seen]
+        if not wanted:
+            return
+        extra = (0,) * (len(array.shape) - 1)
+        keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, *extra))}" for c in wanted]
+        for c, exists in zip(wanted, _keys_exist(array.store_path.store, keys)):
+            if not exists:
+                advice = (f"run `w2vcache verify --repair {self.path}` to rewrite the blocks at fault"
+                          if name not in INDEX_ARRAYS else
+                          "the store's index is damaged: extract into a new store, or copy the store again")
+                raise W2VCacheError(f"store {self.path}: {split}/{name} chunk {c} is missing (a copy that "
+                                    f"stopped part-way, or a deleted file); {advice}")
+            seen.add(c)
 
     def _read_features(self, split: str, layer: str, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows lo:hi of a layer as floats: as stored, or an int8 layer decoded with its scales."""
@@ -801,6 +832,23 @@ def _all_finite(y: np.ndarray) -> bool:
     if y.dtype == np.float16:
         return not ((y.view(np.uint16) & 0x7C00) == 0x7C00).any()
     return bool(np.isfinite(y).all())
+
+
+EXISTS_CONCURRENCY = 10  # chunk-existence checks in flight at once (as zarr's async.concurrency)
+
+
+def _keys_exist(store: Any, keys: list[str]) -> list[bool]:
+    """store.exists for each key, many at once: one request per key on a remote store."""
+    async def check_all() -> list[bool]:
+        limit = asyncio.Semaphore(EXISTS_CONCURRENCY)
+
+        async def check(key: str) -> bool:
+            async with limit:
+                return await store.exists(key)
+
+        return await asyncio.gather(*(check(key) for key in keys))
+
+    return sync(check_all())
 
 
 def _find_bad_chunk(array: zarr.Array, selection: slice | int) -> int | None:

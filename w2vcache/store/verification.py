@@ -8,7 +8,6 @@ them pending), removed by the first verification that finds none. `info` shows i
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,7 +21,7 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 from w2vcache.errors import W2VCacheError
 
-from .featurestore import FeatureStore, open_store
+from .featurestore import FeatureStore, _keys_exist, open_store
 from .layout import (
     DONE_WITH_FAILURES,
     FAILED_GROUP,
@@ -38,7 +37,6 @@ from .location import _store_label
 from .records import latest, run_records
 
 HTTP_PROTOCOLS = ("http", "https")  # read-only, and no listing: bytes on disk are unknown there
-EXISTS_CONCURRENCY = 10  # chunk-existence checks in flight at once (as zarr's async.concurrency)
 RECORDED_PROBLEMS = 20  # problems kept in the verification record: enough to see what broke
 
 
@@ -273,9 +271,19 @@ def _member(group: zarr.Group, split: str, name: str, problems: list[str]) -> za
 
 
 def _read_chunkwise(array: zarr.Array, name: str, report: VerifyReport) -> np.ndarray | None:
-    """The whole array, reporting each chunk that fails; None if any did."""
+    """The whole array, reporting each chunk that is missing or fails; None if any did. (A block's
+    done marker is absent until the block is done: "done" may lack chunks.)"""
     n_chunks = array.nchunks if array.ndim else 1
     report.chunks_checked += n_chunks
+    if array.ndim and array.shape[0] and not name.endswith("/done"):
+        extra = (0,) * (array.ndim - 1)
+        along = range(-(-array.shape[0] // array.chunks[0]))  # the index arrays are chunked along axis 0 only
+        keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, *extra))}" for c in along]
+        missing = [c for c, exists in zip(along, _keys_exist(array.store_path.store, keys)) if not exists]
+        for c in missing:
+            report.problems.append(f"{name} chunk {c}: missing")
+        if missing:
+            return None
     try:
         return array[...]
     except Exception:
@@ -325,20 +333,6 @@ def _read_chunks(array: zarr.Array, name: str, first: int, last: int, report: Ve
         except Exception as e:
             report.problems.append(f"{name} chunk {c}: checksum mismatch or unreadable ({e})")
     return None
-
-
-def _keys_exist(store: Any, keys: list[str]) -> list[bool]:
-    """store.exists for each key, many at once: one request per key on a remote store."""
-    async def check_all() -> list[bool]:
-        limit = asyncio.Semaphore(EXISTS_CONCURRENCY)
-
-        async def check(key: str) -> bool:
-            async with limit:
-                return await store.exists(key)
-
-        return await asyncio.gather(*(check(key) for key in keys))
-
-    return sync(check_all())
 
 
 def _key_sizes(store: Any) -> dict[str, int] | None:
