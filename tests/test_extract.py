@@ -213,6 +213,16 @@ def test_torchrun_ranks_are_shards(tmp_path, monkeypatch, reference):
     assert_same_store(path, reference)
 
 
+def test_a_store_named_by_a_file_url_is_written_whole(tmp_path, reference):
+    """file:///abs/path.zarr writes the same store as the plain path, its run record included
+    (zarr opens file:// through fsspec, which made no folders for the record)."""
+    path = tmp_path / "url.zarr"
+    result = run_cli("extract", "--store", f"file://{path}", *SPLITS, *LAYOUT)
+    assert result.exit_code == 0, result.output
+    assert_same_store(path, reference)
+    assert [p.name.split("-")[0] for p in (path / "_runs").iterdir() if p.is_dir()] == ["extract"]
+
+
 def test_second_writer_is_refused(tmp_path):
     path = tmp_path / "busy.zarr"
     corpus = small_corpus()

@@ -16,6 +16,8 @@ import zarr
 
 from w2vcache import record
 
+from .location import local_root
+
 RUNS_GROUP = "_runs"
 
 
@@ -28,7 +30,8 @@ def write_run_record(root: str | os.PathLike, kind: str, fields: dict) -> None:
     """Record a run in the local store at `root`: `fields`, with the command line, the versions
     and the time it finished."""
     attrs = {"command": record.command_line(), **fields, "versions": record.versions(), "finished": record.now()}
-    group = zarr.open_group(str(root), path=f"{RUNS_GROUP}/{run_name(kind)}", mode="a", zarr_format=3)
+    # A plain path: zarr opens file:// through fsspec, which does not make the record's folders.
+    group = zarr.open_group(str(local_root(root)), path=f"{RUNS_GROUP}/{run_name(kind)}", mode="a", zarr_format=3)
     group.attrs.put(json.loads(json.dumps(attrs, default=str)))
 
 
