@@ -276,3 +276,21 @@ def test_incomplete_split_is_refused(tmp_path):
     with pytest.raises(W2VCacheError, match=r"dev.*(incomplete|not extracted|missing)"):
         probe(config.store, "1", "0", tmp_path / "runs", ProbeConfig(hidden=8, lstm_layers=1),
               TrainConfig(epochs=1), progress=False)
+
+
+def test_utterances_ctc_cannot_align_are_counted_and_named(store, tmp_path, capsys):
+    """A transcript that needs more frames than its utterance has (one per symbol, a blank between
+    equal neighbours) has no CTC path: zero_infinity makes its loss 0, so it would pass unseen."""
+    from w2vcache.runs import RunRecord
+    from w2vcache.train import train
+
+    tc = TrainConfig(epochs=1, test_splits=())
+    task = ProbeTask(open_store(store), "layer01", ProbeConfig(hidden=32, lstm_layers=1, batch_frames=1500), tc)
+    features = task.splits["train"]
+    features.texts[0] = "ab" * int(features.lengths[0])  # twice its frames
+    record = RunRecord(kind="probe", experiment="x", layer=1, reinit=[], seed=0, model={}, data={}, store="s",
+                       device="cpu", threads=1)
+    train(task, tc, tmp_path, record, progress=False, num_threads=1)
+    metrics = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert metrics["utterances_without_ctc_path"] == 1 and metrics["batches_not_finite"] == 0
+    assert "note: 1 training utterance(s) have transcripts longer than their frames allow" in capsys.readouterr().out

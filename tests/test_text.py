@@ -55,3 +55,10 @@ def test_greedy_decode_known_answer():
     assert text.greedy_decode(logits) == ["hi yo", "hi"]
     # lengths cut each row before decoding
     assert text.greedy_decode(logits, lengths=[3, 10]) == ["hi", "hi"]
+
+
+def test_ctc_needs_a_frame_per_symbol_and_a_blank_between_equal_neighbours():
+    assert text.ctc_frames_needed(text.encode("ab").ids) == 2
+    assert text.ctc_frames_needed(text.encode("aab").ids) == 4  # a, blank, a, b
+    assert text.ctc_frames_needed(text.encode("see").ids) == 4
+    assert text.ctc_frames_needed([]) == 0

@@ -298,5 +298,5 @@ def test_a_loss_not_finite_on_one_rank_is_left_out_on_every_rank(tmp_path):
                            str(script), str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics[0]["batches_without_ctc_path"] == 1  # one global batch, once
+    assert metrics[0]["batches_not_finite"] == 1  # one global batch, once
     assert metrics[0]["frames_per_second"] * metrics[0]["train_seconds"] == pytest.approx(2 * 4 * 10)  # both ranks' frames

@@ -135,6 +135,7 @@ class AudioBatch:
     weight: float  # 0 for a stand-in utterance that must not count (see AudioBatches)
     frames: int  # W2V frames of this share (progress and metrics)
     key: tuple = ()  # (split, its audio files): the same batch in every epoch and run has the same key
+    without_ctc_path: int = 0  # utterances whose transcript needs more frames than they have
 
 
 @dataclass
@@ -166,8 +167,10 @@ class AudioBatches(torch.utils.data.Dataset):
             # so it runs one utterance with weight 0 and contributes nothing.
             mine, weight = members[:1], 0.0
         waves = [load_audio(self.utterances[j].path, self.min_samples) for j in mine]
-        return AudioBatch(waves, [self.utterances[j].text for j in mine], len(members), weight,
-                          sum(self.frames[j] for j in mine), (self.split, *(str(self.utterances[j].path) for j in mine)))
+        texts = [self.utterances[j].text for j in mine]
+        unreachable = sum(text.ctc_frames_needed(text.encode(t).ids) > self.frames[j] for t, j in zip(texts, mine))
+        return AudioBatch(waves, texts, len(members), weight, sum(self.frames[j] for j in mine),
+                          (self.split, *(str(self.utterances[j].path) for j in mine)), int(unreachable * weight))
 
 
 def _collate(item):

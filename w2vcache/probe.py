@@ -20,7 +20,7 @@ Kinds of probe:
 import functools
 import random
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +193,7 @@ class Batch:
     targets: torch.Tensor  # (sum of target lengths,)
     target_lengths: torch.Tensor
     references: list[str]
+    without_ctc_path: int = 0  # utterances whose transcript needs more frames than they have
 
     @property
     def frames(self) -> int:
@@ -321,6 +322,7 @@ class ProbeTask:
             targets=torch.tensor([i for e in encoded for i in e.ids], dtype=torch.long),
             target_lengths=torch.tensor([len(e.ids) for e in encoded]),
             references=[source.texts[i] for i in indices],
+            without_ctc_path=sum(text.ctc_frames_needed(e.ids) > len(f) for e, f in zip(encoded, feats)),
         )
 
     def _to_device(self, batch: Batch) -> Batch:
@@ -328,7 +330,7 @@ class ProbeTask:
         if self.device.type == "cpu":
             return batch
         features = batch.features.to(self.device, non_blocking=True).float()
-        return Batch(features, batch.lengths, batch.targets, batch.target_lengths, batch.references)
+        return replace(batch, features=features)
 
     def _batches(self, split: str, order: list[list[int]]) -> "_Lazy":
         makers = [functools.partial(self._assemble, split, indices) for indices in order]

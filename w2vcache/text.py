@@ -78,6 +78,12 @@ def encode(text: str) -> Encoded:
     return Encoded(ids, unknown)
 
 
+def ctc_frames_needed(ids) -> int:
+    """The fewest frames a CTC alignment of `ids` takes: one per symbol, and a blank between two
+    equal neighbours. An utterance with fewer frames has no CTC path (its loss is infinite)."""
+    return len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+
+
 def ids_to_text(ids) -> str:
     """Symbol ids (already collapsed) to words separated by single spaces."""
     chars = []

@@ -323,7 +323,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         # build a DataLoader's workers twice and take the batches begun for this epoch.
         with tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
                   leave=False) as bar:
-            loss_sum, loss_n, frames, data_wait, skipped = 0.0, 0, 0, 0.0, 0
+            loss_sum, loss_n, frames, data_wait, skipped, unreachable = 0.0, 0, 0, 0.0, 0, 0
             optimizer.zero_grad(set_to_none=True)
             iterator, step = iter(batches), 0
             while True:
@@ -348,12 +348,13 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
                 frames += batch.frames
+                unreachable += getattr(batch, "without_ctc_path", 0)
                 elapsed = time.perf_counter() - epoch_started
                 bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", fps=f"{frames / elapsed:.0f}", refresh=False)
                 bar.update()
         train_seconds = time.perf_counter() - epoch_started
         if distributed:  # the run's figures, not rank 0's share of them (batches are skipped by all ranks at once)
-            loss_sum, loss_n, frames = _summed_over_ranks(model, loss_sum, loss_n, frames)
+            loss_sum, loss_n, frames, unreachable = _summed_over_ranks(model, loss_sum, loss_n, frames, unreachable)
         upcoming = task.train_batches(epoch + 1) if epoch + 1 < config.epochs else None
         if hasattr(upcoming, "begin"):
             upcoming.begin()
@@ -369,9 +370,15 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
             "train_seconds": train_seconds,
             "data_wait_seconds": data_wait,
             "frames_per_second": frames / train_seconds if train_seconds else 0.0,
-            "batches_without_ctc_path": skipped,
+            # CTC finds no path through an utterance whose transcript needs more frames than it has:
+            # it adds nothing to the loss (zero_infinity). A NaN or infinite batch loss is left out.
+            "utterances_without_ctc_path": unreachable,
+            "batches_not_finite": skipped,
             "threads": epoch_threads,
         }
+        if unreachable and writer and epoch == first_epoch:
+            tqdm.write(f"note: {unreachable} training utterance(s) have transcripts longer than their frames allow "
+                       "(CTC has no path through them): they teach nothing (metrics.jsonl: utterances_without_ctc_path)")
         if progress and writer:
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
                        f"dev WER {dev.wer_percent:.2f} %, CER {dev.cer_percent:.2f} % ({entry['seconds']:.1f} s)")
