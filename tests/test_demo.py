@@ -58,9 +58,12 @@ def test_demo_runs_the_whole_workflow_end_to_end(tmp_path, capsys):
 
     # Re-running resumes: every step is already done, no run is trained again.
     trained = {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.jsonl")}
-    again = CliRunner().invoke(main, ["demo", "--out", str(out), "--threads", "1"])
-    assert again.exit_code == 0, again.output
+    demo(out, DemoConfig(probe_epochs=1, finetune_epochs=1, finetune_freeze_epochs=0), progress=True, num_threads=1)
+    again = capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("metrics.jsonl")} == trained
-    assert "-> " not in again.output  # "probe layer00 seed 0 -> ..." announces a run being trained
-    assert "random weights" in again.output and "reached: best probe layer" in again.output
-    assert "reached: fine-tuning changed" in again.output and "reached: weighted probe" in again.output
+    assert "-> " not in again  # "probe layer00 seed 0 -> ..." announces a run being trained
+    assert "random weights" in again and "reached: best probe layer" in again
+    assert "reached: fine-tuning changed" in again and "reached: weighted probe" in again
+    # The demo at its own size over those runs: they are not its runs, and it says which differs.
+    other = CliRunner().invoke(main, ["demo", "--out", str(out), "--threads", "1"])
+    assert other.exit_code == 1 and "holds a finished run with other settings (train.epochs: run has 1, now 22)" in other.output

@@ -427,6 +427,21 @@ def test_runs_at_any_depth_and_differing_configs_are_noted(tmp_path):
     assert {r.name for r in find_runs(root)} == {"alice/sweep/probe/layer08/seed0", "bob/probe/layer08/seed1"}
 
 
+def test_seeds_of_different_models_are_refused(tmp_path):
+    """Two seeds of one layer's probe read stores of different models: a mean over them would
+    mix two experiments, so the report refuses it and names each seed's model."""
+    root = tmp_path / "runs"
+    for seed, (name, weights) in enumerate([("facebook/wav2vec2-base", "a" * 64), ("facebook/hubert-base-ls960", "b" * 64)]):
+        run = write_run(root, "probe", seed, (10.0, 10.0, 20.0, 5.0, 5.0, 10.0), layer=8)
+        config = json.loads((run / "config.json").read_text())
+        config["data"]["model"] = {"name": name, "revision": None, "weight_hash": weights}
+        (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(W2VCacheError, match=r"probe layer08: its seeds were trained on different models \(seed 0: "
+                       r"facebook/wav2vec2-base \(weights aaaaaaaaaaaa\); seed 1: facebook/hubert-base-ls960 "
+                       r"\(weights bbbbbbbbbbbb\)\); a mean over them means nothing"):
+        write_report(root)
+
+
 def test_user_mistakes_name_the_path(tmp_path):
     empty = tmp_path / "empty"
     (empty / "probe" / "layer08").mkdir(parents=True)

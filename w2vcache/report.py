@@ -18,7 +18,8 @@ ones into experiments and averages over seeds, `write_report` writes the files.
 - Fine-tune rows carry, for each WER split, the change of the mean against the mean of the
   fine-tuning baseline (no block re-initialised); None where there is no baseline.
 - Failed and unfinished runs are listed, never averaged. Seeds averaged together whose
-  config.json differ in train/model/data settings are pointed out in a note.
+  config.json differ in train/model/data settings are pointed out in a note; seeds of different
+  models (the store's, or the one fine-tuned) are refused: their mean means nothing.
 - The best layer is the BiLSTM layer probe with the lowest mean dev WER (test-clean where there is
   no dev); the linear probes' best layer is named apart.
 - Weighted probes carry their softmax layer weights at the best epoch (layer_weights.json), mean
@@ -240,6 +241,17 @@ def _config_differences(runs: list[Run]) -> list[str]:
     return differing
 
 
+def _model_of(run: Run) -> str:
+    """The model a run's numbers come from: the store's (probes: its name and weights) or the one
+    fine-tuned (its name and revision; the weights differ by seed where blocks are re-initialised)."""
+    if run.kind == "probe":
+        model = (run.config.get("data") or {}).get("model") or {}
+        weights = model.get("weight_hash")
+        return f"{model.get('name')}" + (f" (weights {str(weights)[:12]})" if weights else "")
+    backbone = (run.config.get("model") or {}).get("backbone") or {}
+    return f"{backbone.get('name')}" + (f" @ {backbone['revision']}" if backbone.get("revision") else "")
+
+
 def summarize(runs: list[Run]) -> list[Row]:
     """Group finished runs into experiments and average each measure over seeds.
 
@@ -266,6 +278,12 @@ def summarize(runs: list[Run]) -> list[Row]:
                     f"{by_seed[run.seed].path}; move one of them out of the runs directory"
                 )
             by_seed[run.seed] = run
+        models = {r.seed: _model_of(r) for r in finished if r.config}
+        if len(set(models.values())) > 1:
+            raise W2VCacheError(
+                f"{finished[0].kind} {finished[0].experiment}: its seeds were trained on different models ("
+                + "; ".join(f"seed {seed}: {model}" for seed, model in sorted(models.items()))
+                + "); a mean over them means nothing: report each model's runs from a runs directory of their own")
         finished = [by_seed[s] for s in sorted(by_seed)]
         splits = split_order(s for r in finished for s in r.metrics)
         stats = {}
