@@ -97,3 +97,17 @@ def test_user_mistakes_are_one_line_errors():
     result = CliRunner().invoke(main, ["corpus", "--split", "dev=dev-clean", "--split", "dev=dev-other"])
     assert result.exit_code == 1
     assert result.output == "Error: split 'dev' is named twice (--split dev=...)\n"
+
+
+def test_ctrl_c_says_the_work_is_kept_and_how_to_go_on(monkeypatch):
+    """click alone prints a bare "Aborted!"."""
+    import w2vcache.corpus
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(w2vcache.corpus, "build_corpus", interrupted)
+    result = CliRunner().invoke(main, ["corpus"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: interrupted; what was finished is kept: run the same command again "
+                                     "to go on from there")

@@ -109,6 +109,13 @@ def test_reinit_option_errors(tmp_path, tiny):
         parse_reinit("x")
     with pytest.raises(W2VCacheError, match=r"--reinit '3-2': the range 3-2 is empty \(write it low-high: 2-3\)"):
         parse_reinit("3-2")  # not the baseline, quietly
+    assert parse_reinit("12,11") == parse_reinit("11-12") == parse_reinit("12,11,12") == (11, 12)  # one experiment
+    for args, message in [(["--reinit", "4", "--reinit", "4"], "--reinit 4 given more than once"),
+                          (["--precision", "bf16"], "--precision bf16: mixed precision runs on a GPU (--device cuda); "
+                                                    "on --device cpu use fp32")]:
+        refused = CliRunner().invoke(main, ["finetune", *tiny, *args, "--out", str(tmp_path)])
+        assert refused.exit_code == 1 and message in refused.output, refused.output
+    assert not (tmp_path / "finetune").exists()
     result = CliRunner().invoke(main, ["finetune", *tiny, "--reinit", "9", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "layer 9 does not exist: the model has 4 transformer blocks" in result.output
 

@@ -227,6 +227,12 @@ def test_refusals(store, tmp_path):
     assert missing_split.exit_code == 1 and "valid" in missing_split.output and "dev" in missing_split.output
     no_store = cli("probe", "--store", tmp_path / "nope.zarr", "--layer", "1", *out)
     assert no_store.exit_code == 1 and "nope.zarr" in no_store.output
+    for seeds, message in [("", "--seeds '': no seed given"), ("0,1,0", "--seeds '0,1,0': seed 0 given more than once")]:
+        refused = cli("probe", "--store", store, "--layer", "1", "--seeds", seeds, *out)
+        assert refused.exit_code == 1 and message in refused.output, refused.output
+    budget = cli("probe", "--store", store, "--layer", "1", "--memory-budget", "-1", *out)
+    assert budget.exit_code == 2 and "-1.0 is not in the range x>=0" in budget.output
+    assert not (tmp_path / "runs").exists()
 
     # another vocabulary
     other = tmp_path / "other.zarr"

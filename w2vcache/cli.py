@@ -310,7 +310,7 @@ def training_options(command):
               help="With --layer weighted: layer-normalise each layer (no affine parameters) before the sum.")
 @click.option("--batch-frames", type=click.IntRange(min=1), default=16000, show_default=True,
               help="Padded frames per batch.")
-@click.option("--memory-budget", type=float, default=8.0, show_default=True,
+@click.option("--memory-budget", type=click.FloatRange(min=0), default=8.0, show_default=True,
               help="GB of one split's features to hold in memory (every layer of it, for --layer weighted); "
               "more are read batch by batch. Batches built ahead (--prefetch) take about that many batches' "
               "worth more, plus two.")

@@ -18,5 +18,9 @@ def user_errors(command):
             return command(*args, **kwargs)
         except W2VCacheError as err:
             raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:
+            # click would print a bare "Aborted!": say that nothing finished is lost.
+            raise click.ClickException("interrupted; what was finished is kept: run the same command again "
+                                       "to go on from there") from None
 
     return wrapper

@@ -302,7 +302,7 @@ def parse_reinit(spec: str) -> tuple[int, ...]:
         if hi < lo:
             raise W2VCacheError(f"--reinit {spec!r}: the range {part.strip()} is empty (write it low-high: {hi}-{lo})")
         blocks += range(lo, hi + 1)
-    return tuple(blocks)
+    return tuple(sorted(set(blocks)))  # "12,11" is "11,12": one experiment, one run directory
 
 
 def init_distributed(device: str) -> str:
@@ -330,11 +330,23 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     rank takes its share of the job's runs alone, on cuda:LOCAL_RANK with device "cuda"."""
     if config.precision not in PRECISIONS:
         raise W2VCacheError(f"--precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    reinits = [tuple(blocks) for blocks in reinits]
+    twice = sorted({blocks for blocks in reinits if reinits.count(blocks) > 1})
+    if twice:
+        raise W2VCacheError(f"--reinit {', '.join(','.join(map(str, b)) or 'none' for b in twice)} given more than once")
+    if config.precision == "bf16" and not device.startswith("cuda"):
+        # It would be recorded as bf16 and run in float32.
+        raise W2VCacheError(f"--precision bf16: mixed precision runs on a GPU (--device cuda); on --device {device} "
+                            "use fp32")
     # --shard spreads runs, one process each; without it torchrun's ranks share each run (DDP).
     share = share_of(shard) if shard is not None else Share()
     device = rank_device(device) if shard is not None else init_distributed(device)
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     train_config = test_splits_for(train_config, corpus.splits, "the corpus" if progress and main_rank else None)
+    for option, split in (("--train-split", train_split), ("--dev-split", train_config.dev_split)):
+        if split not in corpus.splits:  # before any run directory is made
+            raise W2VCacheError(f"{option} {split}: the corpus has no split {split!r}; it has "
+                                f"{', '.join(corpus.splits)}: name one with {option}")
     cnn_cache = CNNCache(cnn_memory) if cnn_memory > 0 else None
 
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -531,9 +531,15 @@ class _Prefetched:
 
 def parse_seeds(spec: str) -> list[int]:
     try:
-        return [int(s) for s in str(spec).split(",") if s.strip()]
+        seeds = [int(s) for s in str(spec).split(",") if s.strip()]
     except ValueError:
         raise W2VCacheError(f"--seeds {spec!r}: expected integers such as 0,1,2") from None
+    if not seeds:
+        raise W2VCacheError(f"--seeds {spec!r}: no seed given; expected integers such as 0,1,2")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise W2VCacheError(f"--seeds {spec!r}: seed {', '.join(map(str, twice))} given more than once")
+    return seeds
 
 
 def check_store(store) -> None:
@@ -572,6 +578,10 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     if config.layer_norm and WEIGHTED not in chosen:
         raise W2VCacheError("--layer-norm normalises the layers of a weighted sum: it goes with --layer weighted")
     train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress else None)
+    for option, split in (("--train-split", train_split), ("--dev-split", train_config.dev_split)):
+        if split not in store.splits:  # before any run directory is made
+            raise W2VCacheError(f"{option} {split}: store {store_url} has no split {split!r}; it has "
+                                f"{', '.join(store.splits)}: name one with {option}")
     # The features of the layer being probed, by split: its seeds' runs follow one another in the
     # sweep's order, so each layer is read (and its checksums checked) once, not once per seed.
     held: dict[tuple[str, str], SplitFeatures] = {}

@@ -308,6 +308,8 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
             for index, rng in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(rng, index)
         first_epoch, best = state["epoch"], state["best"]
+        if progress and writer and first_epoch < config.epochs:
+            tqdm.write(f"resuming {run_dir} after epoch {first_epoch} of {config.epochs} (its checkpoint)")
     if writer:  # drop lines of an epoch whose checkpoint a kill prevented
         metrics = _read_metrics(run_dir, first_epoch)
         (run_dir / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
