@@ -195,3 +195,17 @@ def test_a_manifest_that_is_not_utf8_is_named_with_what_it_is(tmp_path):
         read_manifest(latin1, "d")
     with pytest.raises(W2VCacheError, match=r"x\.wav is audio, not a manifest: --split NAME=SOURCE takes a manifest"):
         read_manifest(tmp_path / "x.wav", "d")
+
+
+def test_corpus_command_takes_the_skip_bad_its_error_suggests_and_lists_what_it_left_out(librispeech):
+    from click.testing import CliRunner
+
+    from w2vcache.cli import main
+
+    write_wave(librispeech / "dev-clean/84/121/84-121-0009.flac")  # no transcript line
+    stopped = CliRunner().invoke(main, ["corpus", "--librispeech", str(librispeech)])
+    assert stopped.exit_code == 1 and "pass --skip-bad to leave them out" in stopped.output
+    listed = CliRunner().invoke(main, ["corpus", "--librispeech", str(librispeech), "--skip-bad"])
+    assert listed.exit_code == 0, listed.output
+    assert f"skipped      dev/84-121-0009: {(librispeech / 'dev-clean/84/121/84-121-0009.flac').resolve()}: " \
+           "no transcript line" in listed.output

@@ -71,6 +71,10 @@ def test_select_layers():
         select_layers("3-5", 4)
     with pytest.raises(W2VCacheError, match="'x' is neither a layer name nor a number or range"):
         select_layers("x", 4)
+    from w2vcache.layers import choose_layers
+    with pytest.raises(W2VCacheError, match=r"--layer: layers 'cnn': store s.zarr has no layer cnn \(the CNN encoder's "
+                       r"output is stored only by `extract --cnn`\); it has layer00, layer01"):
+        choose_layers("cnn", ["layer00", "layer01"], "--layer", "store s.zarr")  # probe --layer cnn
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-ln"])

@@ -601,8 +601,9 @@ def test_share_mistakes_are_one_line_errors(source, tmp_path, entry):
         (["copy", str(source), str(tmp_path / "x.zarr"), "--layers", "7-9"],
          "the store has no layer layer07; it has layer00, layer01, layer02, layer03, layer04"),
         (["copy", str(source), str(tmp_path / "x.zarr"), "--splits", "train"], "no split 'train'; it has dev, test"),
-        (["pack", str(source), str(existing)], "already exists"),
+        (["pack", str(source), str(existing)], "already exists; remove it, choose another name, or replace it with --overwrite"),
         (["pack", str(source), str(tmp_path / "x.tar")], "must end in .zip"),
+        (["copy", str(source), str(source / "inside.zarr")], "is inside the source store; choose a directory outside it"),
     ):
         if entry == "w2vcache group":
             result = CliRunner().invoke(main, args)
@@ -613,6 +614,7 @@ def test_share_mistakes_are_one_line_errors(source, tmp_path, entry):
         assert result.output.startswith("Error: ") and result.output.count("\n") == 1, (args, result.output)
         assert message in result.output, (args, result.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.zip"] and existing.read_bytes() == b"mine"
+    assert not (source / "inside.zarr").exists()
 
 
 def test_missing_source_store_in_a_real_process(tmp_path):
@@ -641,3 +643,21 @@ def test_short_probe_runs_on_a_store_served_over_http(source, http_base, tmp_pat
     assert result["status"] == "finished" and result["test"] == json.loads((local / "result.json").read_text())["test"]
     a, b = torch.load(remote / "best.pt"), torch.load(local / "best.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_verify_of_a_damaged_pack_points_at_the_store_it_came_from(source, tmp_path):
+    """A pack is read-only: verify must not suggest `verify --repair PACK`, which refuses."""
+    import zipfile
+
+    pack = tmp_path / "damaged.zip"
+    pack_store(source, pack, progress=False)
+    with zipfile.ZipFile(pack) as z:
+        member = z.getinfo("dev/layer01/c/1/0")
+    data = bytearray(pack.read_bytes())
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)  # the local header's size
+    data[start + 20] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["verify", str(pack)])
+    assert result.exit_code == 1 and "dev/layer01 chunk 1: checksum mismatch" in result.output
+    assert "repair the store it was packed from (`w2vcache verify --repair`), then pack it again" in result.output
+    assert "verify --repair " + str(pack) not in result.output

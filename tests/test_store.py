@@ -519,7 +519,7 @@ def test_plain_zarr_read_following_docs(full_store, tmp_path):
     doc = (REPO / "docs" / "STORE.md").read_text()
     snippet = re.search(r"## Reading it with plain zarr\s+```python\n(.*?)```", doc, re.S).group(1)
     utt = open_store(path).utterances("dev")[11].id
-    snippet = (snippet.replace('"features.zarr"', repr(str(path))).replace('"dev-clean"', '"dev"')
+    snippet = (snippet.replace('"features.zarr"', repr(str(path)))
                .replace('"layer08"', '"layer01"').replace('"1272-128104-0000"', repr(utt)))
     out = tmp_path / "x.npy"
     script = snippet + f"\nimport sys\nassert 'w2vcache' not in sys.modules\nnp.save({str(out)!r}, x)\n"

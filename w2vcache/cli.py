@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import os
+from pathlib import Path
 
 import click
 
@@ -79,15 +80,17 @@ def read_corpus(librispeech, librilight, splits, skip_bad=False):
 @main.command("corpus")
 @corpus_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--skip-bad", is_flag=True, help="Leave out utterances without audio or transcript (listed) instead of stopping.")
 @user_errors
-def corpus_command(librispeech, librilight, splits, as_json):
+def corpus_command(librispeech, librilight, splits, as_json, skip_bad):
     """List a corpus: splits, sources, utterances, speakers, hours.
 
     With no corpus named, the mini corpus bundled in data/.
     """
     from .corpus import summarize
 
-    rows = summarize(read_corpus(librispeech, librilight, splits))
+    corpus = read_corpus(librispeech, librilight, splits, skip_bad)
+    rows = summarize(corpus)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -99,6 +102,9 @@ def corpus_command(librispeech, librilight, splits, as_json):
     click.echo(
         f"{'total':<12} {sum(r['utterances'] for r in rows):>10} {'':>8} {sum(r['hours'] for r in rows):>8.3f}"
     )
+    for split, skipped in corpus.skipped.items():
+        for u in skipped:
+            click.echo(f"skipped      {split}/{u['id']}: {u['path']}: {u['reason']}")
 
 
 @main.command("extract")
@@ -246,7 +252,9 @@ def verify_command(store, repair, device, source, threads):
         for problem in report.problems:
             click.echo(f"FAIL {problem}")
     if not report.ok:
-        if report.damaged_blocks:
+        if report.damaged_blocks and Path(str(store)).is_file():  # a pack: read-only, one file
+            advice = "; repair the store it was packed from (`w2vcache verify --repair`), then pack it again"
+        elif report.damaged_blocks:
             advice = (f"; run `w2vcache verify --repair {store}` to rewrite the {report.n_damaged} "
                       f"damaged block(s)")
         elif report.damage and repair:

@@ -54,6 +54,9 @@ def choose_layers(spec: str | Sequence[str | int] | None, available: Sequence[st
                 if lo > hi:
                     raise W2VCacheError(f"{where}: layers {spec!r}: range {text} is empty")
                 names = [layer_name(i) for i in range(lo, hi + 1)]
+            elif text == "cnn":  # a name w2vcache knows, absent from this store
+                raise W2VCacheError(f"{where}: layers {spec!r}: {owner} has no layer cnn (the CNN encoder's "
+                                    f"output is stored only by `extract --cnn`); it has {', '.join(available)}")
             else:
                 raise W2VCacheError(f"{where}: layers {spec!r}: {text!r} is neither a layer name "
                                     f"nor a number or range like 6-9; {owner} has {', '.join(available)}")

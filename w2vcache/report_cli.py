@@ -21,7 +21,7 @@ from .report import FORMATS, REPORT_NAME, load_report, render_markdown, write_fi
               help="Do not draw report.png and report-similarity.png (drawing them needs matplotlib).")
 @user_errors
 def report_command(runs, out, formats, no_figure):
-    """The seed's table and WER figure from the runs under RUNS.
+    """The WER table and figure of the finished runs under RUNS (mean and spread over seeds).
 
     Writes report.md (WER/CER in %, mean ± sample std over seeds), report.csv and report.json
     (the same in %, unrounded) and report.png (WER by layer; WER by re-initialised blocks).

@@ -226,8 +226,13 @@ def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | in
     source = open_store(src)
     try:
         where = f"copy from {source.path}"
-        if url_protocol(source.path) is None and Path(source.path).absolute() == local_root(dst).absolute():
-            raise W2VCacheError(f"{where}: the destination is the source itself")
+        if url_protocol(source.path) in (None, "file"):
+            src_dir, dst_dir = local_root(source.path).resolve(), local_root(dst).resolve()
+            if dst_dir == src_dir:
+                raise W2VCacheError(f"{where}: the destination is the source itself")
+            if src_dir in dst_dir.parents:  # the copy would become part of the store it copies
+                raise W2VCacheError(f"{where}: the destination {dst_label} is inside the source store; "
+                                    "choose a directory outside it")
         keep_layers = choose_layers(layers, list(source.layers), where)
         keep_splits = choose_splits(splits, source.splits, where)
         dtype = _copy_dtype(source, dtype, where)
@@ -378,7 +383,7 @@ def _output_file(path: str | os.PathLike, suffixes: tuple[str, ...], what: str, 
     if not final.name.lower().endswith(suffixes):
         raise W2VCacheError(f"{what} {label}: the name must end in {' or '.join(suffixes)}")
     if final.exists() and not overwrite:
-        raise W2VCacheError(f"{what} {label} already exists; remove it, choose another name, or overwrite it")
+        raise W2VCacheError(f"{what} {label} already exists; remove it, choose another name, or replace it with --overwrite")
     if not final.parent.is_dir():
         raise W2VCacheError(f"{what} {label}: directory {final.parent} does not exist")
     _remove_dead_partials(final)
