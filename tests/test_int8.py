@@ -250,7 +250,7 @@ def test_plain_zarr_snippet_decodes_an_int8_store(stores, tmp_path):
     snippet = re.search(r"### Reading an int8 store with plain zarr.*?```python\n(.*?)```", doc, re.S).group(1)
     store = open_store(stores["int8"])
     utt = store.utterances("dev")[7].id
-    snippet = (snippet.replace('"features.zarr"', repr(str(stores["int8"]))).replace('"dev-clean"', '"dev"')
+    snippet = (snippet.replace('"features.zarr"', repr(str(stores["int8"])))
                .replace("layer08", "layer02").replace('"1272-128104-0000"', repr(utt)))
     out = tmp_path / "x.npy"
     script = snippet + f"\nimport sys\nassert 'w2vcache' not in sys.modules\nnp.save({str(out)!r}, x)\n"

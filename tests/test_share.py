@@ -440,7 +440,7 @@ def test_a_forked_worker_reads_a_store_opened_before_the_fork(source, pack, http
 @pytest.mark.parametrize("where", ["http", "zip"])
 def test_docs_plain_zarr_snippets_read_shared_stores(source, pack, http_base, tmp_path, where):
     utt = open_store(source).utterances("test")[7].id
-    common = {'"dev-clean"': '"test"', '"layer08"': '"layer01"', '"1272-128104-0000"': repr(utt)}
+    common = {'root["dev"]': 'root["test"]', '"layer08"': '"layer01"', '"1272-128104-0000"': repr(utt)}
     if where == "http":
         snippet = doc_snippet("### Reading a shared store with plain zarr")
         common['"https://example.org/features.zarr"'] = repr(f"{http_base}/features.zarr")
