@@ -156,14 +156,14 @@ def test_two_gloo_processes_train_a_checkpoint_with_layerdrop_and_its_own_mask_v
     torch.manual_seed(0)
     Wav2Vec2Model(_tiny_config(layerdrop=0.5, mask_time_prob=0.05)).save_pretrained(tmp_path / "model")
     args = ["finetune", "--model", str(tmp_path / "model"), *tiny, "--test-splits", "test-clean",
-            "--epochs", "2", "--freeze-epochs", "1", "--batch-seconds", "4", "--num-workers", "0",
+            "--epochs", "1", "--freeze-epochs", "0", "--batch-seconds", "4", "--num-workers", "0",
             "--mask-time-prob", "0", "--out", str(tmp_path / "runs")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "w2vcache", *args], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     metrics = (tmp_path / "runs/finetune/reinit-none/seed0/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in metrics] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in metrics] == [1] and json.loads(metrics[0])["updates"] >= 2
 
 
 def test_killed_finetune_resumes_to_the_same_result(tmp_path, tiny):
