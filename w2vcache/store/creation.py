@@ -38,6 +38,10 @@ from .locks import LOCK_DIR
 # Provenance keys that may differ between the runs that create and resume one store.
 VOLATILE_PROVENANCE = ("created", "package_versions", "versions", "host", "command")
 SHOWN_DIFFERENCES = 5  # how many differences a refusal lists, after their count
+# Provenance that restates what is compared (and named) on its own, the layers and splits, or that
+# is no setting (when a copy was made): left out of a refusal's differences.
+_RESTATED = ("layers", "subset_of.layers", "subset_of.left_out_layers", "subset_of.splits",
+             "subset_of.left_out_splits", "subset_of.copied")
 MODEL_IDENTITY = ("model.name", "model.revision", "model.weight_hash")  # provenance keys: which model
 
 
@@ -165,7 +169,8 @@ def _differences(meta: dict, read_split: Callable, asked: dict,
     config keys and layer dims that differ with it."""
     have_prov = {k: v for k, v in meta["provenance"].items() if k not in VOLATILE_PROVENANCE}
     want_prov = {k: v for k, v in asked["provenance"].items() if k not in VOLATILE_PROVENANCE}
-    prov_diffs = sorted(_dict_diff(have_prov, want_prov), key=lambda d: d[0].count("."))
+    prov_diffs = sorted((d for d in _dict_diff(have_prov, want_prov) if d[0].split(".")[0] not in _RESTATED
+                         and ".".join(d[0].split(".")[:2]) not in _RESTATED), key=lambda d: d[0].count("."))
     prov_diffs = [(key, f"provenance {key}: store has {have}, asked for {want}") for key, have, want in prov_diffs]
     diffs = [text for key, text in prov_diffs if key in MODEL_IDENTITY]
     for key in ("dtype", "compression", "chunk_frames", "block_chunks"):
