@@ -227,6 +227,19 @@ def test_a_store_named_by_a_file_url_is_written_whole(tmp_path, reference):
     assert [p.name.split("-")[0] for p in (path / "_runs").iterdir() if p.is_dir()] == ["extract"]
 
 
+def test_unlabelled_audio_is_extracted_and_read(tmp_path):
+    """Transcripts all empty (audio extracted for `similarity`): zarr writes no chunk of them, a
+    chunk readers and verify must not take for a lost one."""
+    from w2vcache.store import verify
+
+    manifest = tmp_path / "unlabelled.tsv"
+    manifest.write_text("".join(f"{u.path}\t\n" for u in small_corpus().splits["dev"][:4]))
+    path = tmp_path / "u.zarr"
+    result = run_cli("extract", "--store", str(path), "--split", f"dev={manifest}", "--layers", "0")
+    assert result.exit_code == 0, result.output
+    assert verify(path).ok and [u.text for u in open_store(path).utterances("dev")] == [""] * 4
+
+
 def test_second_writer_is_refused(tmp_path):
     path = tmp_path / "busy.zarr"
     corpus = small_corpus()

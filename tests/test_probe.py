@@ -184,6 +184,8 @@ def test_sweep_over_layers_and_seeds_skips_finished_runs(store, tmp_path, monkey
     assert sorted(reads) == sorted((layer, split) for layer in ("layer00", "layer01") for split in splits)
     again = cli(*args, "--out", tmp_path)
     assert "0 run(s) trained, 4 already finished" in again.output
+    narrower = cli(*args, "--test-splits", "test-clean", "--out", tmp_path)  # the runs tested that one too
+    assert "0 run(s) trained, 4 already finished" in narrower.output, narrower.output
     changed = cli(*args, "--lr", "1e-2", "--out", tmp_path)  # a finished run of other settings is not done
     assert changed.exit_code == 1
     assert f"{tmp_path / 'probe/layer00/seed0'} holds a finished run with other settings (train.lr: run has 0.002, " \

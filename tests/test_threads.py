@@ -60,13 +60,18 @@ def test_a_busy_neighbour_takes_a_core_from_large_models():
 
 def test_torchrun_ranks_share_the_cores_of_their_machine(monkeypatch):
     """Each of torchrun's 4 local ranks on 16 cores takes 4 threads, whatever its siblings are doing
-    (sampled, they would read as busy neighbours); a small model keeps its one."""
+    (sampled, they would read as busy neighbours); a small model keeps its one; a rank bound to
+    cores of its own takes those."""
     monkeypatch.setattr(threads, "available_cores", lambda: 16)
     monkeypatch.setattr(threads, "busy_elsewhere", lambda: 12)  # the 3 siblings' threads
+    monkeypatch.setattr(threads, "_pinned", lambda: False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert threads.choose(None, parameters=10**8) == 4
     assert threads.choose(None, parameters=threads.SMALL_MODEL - 1) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert threads.choose(None, parameters=10**8) == 1
+    monkeypatch.setattr(threads, "_pinned", lambda: True)  # the launcher bound it to its 16 cores
+    assert threads.choose(None, parameters=10**8) == 4  # its own cores, less what is busy on them
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(threads, "_pinned", lambda: False)
     assert threads.choose(None, parameters=10**8) == 4  # outside torchrun: 16 cores, 12 busy

@@ -372,8 +372,9 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: mixed precision on GPU.")
 @click.option("--memory-budget", type=click.FloatRange(min=0), default=8.0, show_default=True,
-              help="GB of the frozen CNN's outputs to keep in memory, computed once per batch for the later "
-              "epochs, evaluations and runs (0: computed in every step). The results are the same either way.")
+              help="GB of the frozen CNN's outputs to keep in memory on this machine (torchrun's ranks on it share "
+              "them), computed once per batch for the later epochs, evaluations and runs (0: computed in every "
+              "step). The results are the same either way.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (torchrun ranks take cuda:LOCAL_RANK).")
 @click.option("--shard", metavar="I/N",
               help="Train only this job's share of the (re-init, seed) runs, one process per run: torchrun's "

@@ -28,7 +28,7 @@ from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
-from .spread import Share, rank_device, share_of
+from .spread import Share, local_processes, rank_device, share_of
 from .train import TrainConfig, run_settings, seed_everything, sweep, test_splits_for, train
 
 PRECISIONS = ("fp32", "bf16")
@@ -323,8 +323,9 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     """Fine-tune `model` once per (re-init set, seed); finished runs are skipped, killed ones resume.
 
     `num_threads`: torch's CPU threads; None chooses them (threads.py).
-    `cnn_memory`: bytes of the frozen CNN's outputs kept for later epochs and runs (CNNCache); 0
-    computes them in every step. The results are the same either way.
+    `cnn_memory`: bytes of the frozen CNN's outputs kept for later epochs and runs (CNNCache), on
+    this machine (torchrun's ranks on it share them); 0 computes them in every step. The results
+    are the same either way.
     Under torchrun, without `shard`, the ranks train each run together (DDP). With `shard` ("I/N",
     this job's share of the runs; "0/1" for all), no process group is made: under torchrun each
     rank takes its share of the job's runs alone, on cuda:LOCAL_RANK with device "cuda"."""
@@ -347,7 +348,8 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
         if split not in corpus.splits:  # before any run directory is made
             raise W2VCacheError(f"{option} {split}: the corpus has no split {split!r}; it has "
                                 f"{', '.join(corpus.splits)}: name one with {option}")
-    cnn_cache = CNNCache(cnn_memory) if cnn_memory > 0 else None
+    # The budget is the machine's: torchrun's ranks on it each keep their part.
+    cnn_cache = CNNCache(cnn_memory // local_processes()) if cnn_memory > 0 else None
 
     world = dist.get_world_size() if dist.is_initialized() else 1
 
@@ -376,7 +378,11 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
 
     # A finished run's settings are checked against the model as it is now (its weights' hash
     # after the re-init), so the model is loaded for it: seconds, against a wrong table.
+    def settings_now(blocks: tuple[int, ...], seed: int) -> dict:
+        seed_everything(seed)  # the model as start() loads it (each run's start seeds anew)
+        return run_settings(*settings(blocks, seed, backbone_for(blocks, seed)))
+
     runs = ((run_dir(out, "finetune", finetune_experiment(blocks), seed), functools.partial(start, blocks, seed),
-             lambda blocks=blocks, seed=seed: run_settings(*settings(blocks, seed, backbone_for(blocks, seed))))
+             functools.partial(settings_now, blocks, seed))
             for blocks in reinits for seed in seeds)
     return sweep(runs, share)

@@ -241,15 +241,17 @@ def _config_differences(runs: list[Run]) -> list[str]:
     return differing
 
 
-def _model_of(run: Run) -> str:
-    """The model a run's numbers come from: the store's (probes: its name and weights) or the one
-    fine-tuned (its name and revision; the weights differ by seed where blocks are re-initialised)."""
+def _model_of(run: Run) -> tuple:
+    """The model a run's numbers come from: the store's (probes: its weights, which say it whatever
+    path or name it was loaded by) or the one fine-tuned (its name: the weights differ by seed
+    where blocks are re-initialised, and a revision may be recorded on one host and not another).
+    Returns (what is compared, how it is named)."""
     if run.kind == "probe":
         model = (run.config.get("data") or {}).get("model") or {}
         weights = model.get("weight_hash")
-        return f"{model.get('name')}" + (f" (weights {str(weights)[:12]})" if weights else "")
-    backbone = (run.config.get("model") or {}).get("backbone") or {}
-    return f"{backbone.get('name')}" + (f" @ {backbone['revision']}" if backbone.get("revision") else "")
+        return (weights, f"{model.get('name')} (weights {str(weights)[:12]})") if weights else (model.get("name"),) * 2
+    name = ((run.config.get("model") or {}).get("backbone") or {}).get("name")
+    return name, f"{name}"
 
 
 def summarize(runs: list[Run]) -> list[Row]:
@@ -279,10 +281,10 @@ def summarize(runs: list[Run]) -> list[Row]:
                 )
             by_seed[run.seed] = run
         models = {r.seed: _model_of(r) for r in finished if r.config}
-        if len(set(models.values())) > 1:
+        if len({key for key, _ in models.values()}) > 1:
             raise W2VCacheError(
                 f"{finished[0].kind} {finished[0].experiment}: its seeds were trained on different models ("
-                + "; ".join(f"seed {seed}: {model}" for seed, model in sorted(models.items()))
+                + "; ".join(f"seed {seed}: {label}" for seed, (_, label) in sorted(models.items()))
                 + "); a mean over them means nothing: report each model's runs from a runs directory of their own")
         finished = [by_seed[s] for s in sorted(by_seed)]
         splits = split_order(s for r in finished for s in r.metrics)

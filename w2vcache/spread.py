@@ -95,6 +95,14 @@ def rank_device(device: str) -> str:
     return device
 
 
+def local_processes() -> int:
+    """torchrun's processes on this machine (LOCAL_WORLD_SIZE); 1 outside torchrun."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def check_device(device: str) -> None:
     """A clear refusal of a device w2vcache cannot run on here, before anything is written."""
     try:

@@ -14,7 +14,8 @@ several times over: on 2 cores beside one busy process a demo-sized probe epoch 
   mid-run is followed.
 
 Under torchrun, the ranks on one machine share its cores evenly instead (each would otherwise
-take every idle core, and the others would read as busy neighbours).
+take every idle core, and the others would read as busy neighbours), unless the launcher bound
+each rank to cores of its own.
 
 `--threads N` fixes the count instead.
 """
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .spread import local_processes
 
 # Models below this many parameters get one thread: measured on 2 cores, a 1x128 BiLSTM probe
 # (0.2 M) and builtin:tiny (0.1 M) gain under 10 % from a second thread, W2V-Base (95 M) and the
@@ -101,18 +104,19 @@ def choose(requested: int | None, parameters: int) -> int:
         return requested
     if parameters < SMALL_MODEL:
         return 1
-    siblings = _local_processes()
-    if siblings > 1:
+    siblings = local_processes()
+    if siblings > 1 and not _pinned():
         return max(1, available_cores() // siblings)
     return max(1, available_cores() - busy_elsewhere())
 
 
-def _local_processes() -> int:
-    """torchrun's processes on this machine (LOCAL_WORLD_SIZE); 1 outside torchrun."""
+def _pinned() -> bool:
+    """Whether this process runs on a part of the machine's cores (a launcher bound each rank
+    to its own): its cores are then its share already."""
     try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+        return len(os.sched_getaffinity(0)) < (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return False
 
 
 def use(requested: int | None, model: torch.nn.Module) -> int:

@@ -450,6 +450,13 @@ def _summed_over_ranks(model, *values: float) -> list:
 _VOLATILE = ("versions", "command", "started", "store", "device", "threads", "model.num_workers")
 
 
+# What a finished run's result does not depend on, though a resumed run's would: the number of
+# ranks (each rank's share of a batch, and so its random draws, follow from it), the corpus's
+# sources as typed (a path given another way, a split added that the run does not read), the test
+# splits the data has now (the run tested those it had).
+_FINISHED_VOLATILE = ("world_size", "data.sources", "train.test_splits")
+
+
 def run_settings(run_record: RunRecord, config: TrainConfig) -> dict:
     """What config.json records of a run's settings (train() adds versions, command line, start)."""
     return dict(run_record.to_json(), train=asdict(config))
@@ -468,9 +475,7 @@ def check_same_settings(run_dir: Path, now: dict, finished: bool) -> None:
 
 def _check_same_run(saved: dict, now: dict, run_dir: Path, finished: bool = False) -> None:
     diffs = []
-    # A finished run is done whatever number of ranks trained it; an unfinished one resumes with
-    # its own (each rank's share of a batch, and so its random draws, follow from it).
-    volatile = _VOLATILE + (("world_size",) if finished else ())
+    volatile = _VOLATILE + (_FINISHED_VOLATILE if finished else ())
 
     def walk(a, b, where):
         if isinstance(a, dict) and isinstance(b, dict):

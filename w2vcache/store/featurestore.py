@@ -388,7 +388,7 @@ class FeatureStore:
         """array[selection] (into `out` if given), naming the chunk when a checksum fails or
         when it is missing."""
         array = self._array(split, name)
-        if name != "done":  # a block's marker is absent until the block is done; every other chunk is written
+        if name not in MAY_BE_ABSENT:
             self._check_present(split, name, array, selection)
         try:
             if out is None:
@@ -835,6 +835,9 @@ def _all_finite(y: np.ndarray) -> bool:
 
 
 EXISTS_CONCURRENCY = 10  # chunk-existence checks in flight at once (as zarr's async.concurrency)
+# Arrays a chunk of which may be absent in a sound store: a block's done marker until the block is
+# done, and a chunk of transcripts that are all empty (unlabelled audio), which zarr does not write.
+MAY_BE_ABSENT = ("done", "texts")
 
 
 def _keys_exist(store: Any, keys: list[str]) -> list[bool]:

@@ -21,7 +21,7 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 from w2vcache.errors import W2VCacheError
 
-from .featurestore import FeatureStore, _keys_exist, open_store
+from .featurestore import MAY_BE_ABSENT, FeatureStore, _keys_exist, open_store
 from .layout import (
     DONE_WITH_FAILURES,
     FAILED_GROUP,
@@ -271,11 +271,11 @@ def _member(group: zarr.Group, split: str, name: str, problems: list[str]) -> za
 
 
 def _read_chunkwise(array: zarr.Array, name: str, report: VerifyReport) -> np.ndarray | None:
-    """The whole array, reporting each chunk that is missing or fails; None if any did. (A block's
-    done marker is absent until the block is done: "done" may lack chunks.)"""
+    """The whole array, reporting each chunk that is missing or fails; None if any did (but for
+    the arrays whose chunks may be absent, MAY_BE_ABSENT)."""
     n_chunks = array.nchunks if array.ndim else 1
     report.chunks_checked += n_chunks
-    if array.ndim and array.shape[0] and not name.endswith("/done"):
+    if array.ndim and array.shape[0] and name.rsplit("/", 1)[-1] not in MAY_BE_ABSENT:
         extra = (0,) * (array.ndim - 1)
         along = range(-(-array.shape[0] // array.chunks[0]))  # the index arrays are chunked along axis 0 only
         keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, *extra))}" for c in along]
