@@ -209,3 +209,11 @@ def test_corpus_command_takes_the_skip_bad_its_error_suggests_and_lists_what_it_
     assert listed.exit_code == 0, listed.output
     assert f"skipped      dev/84-121-0009: {(librispeech / 'dev-clean/84/121/84-121-0009.flac').resolve()}: " \
            "no transcript line" in listed.output
+
+
+def test_a_split_folder_named_nearly_right_is_said_not_to_be_read(librispeech):
+    (librispeech / "test-clean").rename(librispeech / "test_clean")
+    corpus = build_corpus(librispeech=librispeech)
+    assert "test-clean" not in corpus.splits
+    assert corpus.notes[-1].endswith("(not there: Libri-light's 10 h train set (--librilight DIR), test-clean); "
+                                     "not read: test_clean (LibriSpeech's split folders are named like test-clean)")

@@ -300,3 +300,14 @@ def test_a_loss_not_finite_on_one_rank_is_left_out_on_every_rank(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["batches_not_finite"] == 1  # one global batch, once
     assert metrics[0]["frames_per_second"] * metrics[0]["train_seconds"] == pytest.approx(2 * 4 * 10)  # both ranks' frames
+
+
+def test_a_dev_split_that_is_also_tested_is_pointed_out(capsys):
+    from w2vcache.train import test_splits_for
+
+    splits = ["train", "dev", "test-clean", "test-other"]
+    assert test_splits_for(TrainConfig(dev_split="test-clean"), splits, "store s").test_splits == ("test-clean", "test-other")
+    assert "note: --dev-split test-clean is also tested: the best epoch is chosen on it" in capsys.readouterr().err
+    test_splits_for(TrainConfig(), splits, "store s")
+    test_splits_for(TrainConfig(dev_split="test-clean", test_splits=("test-other",)), splits, "store s")
+    assert capsys.readouterr().err == ""

@@ -47,6 +47,7 @@ LIBRILIGHT_SETS = {
 }
 _SHOWN = 5  # offending items listed in an error before "and N more"
 _SPLIT_DIR = re.compile(r"(dev|test|train)-(clean|other)(-\d+)?")  # LibriSpeech split folder names
+_LIKE_SPLIT_DIR = re.compile(r"(dev|test|train)\W?_?(clean|other)\W?_?\d*", re.IGNORECASE)  # renamed ones
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,19 @@ def recipe_plan(librispeech=None, librilight=None) -> tuple[dict[str, list[str]]
             "name the splits with --split NAME=SOURCE"
         )
     mapping = "; ".join(f"{name} = {' + '.join(sources)}" for name, sources in plan.items())
-    return plan, f"splits: {mapping}" + (f" (not there: {', '.join(missing)})" if missing else "")
+    renamed = _renamed_split_folders(librispeech) if librispeech is not None else []
+    return plan, (f"splits: {mapping}" + (f" (not there: {', '.join(missing)})" if missing else "")
+                  + (f"; not read: {', '.join(renamed)} (LibriSpeech's split folders are named like "
+                     "test-clean)" if renamed else ""))
+
+
+def _renamed_split_folders(root) -> list[str]:
+    """Folders under `root` (or `root/LibriSpeech`) named nearly as a split is (test_clean,
+    Dev-Clean), which the recipe does not take: said, so that a typo does not drop a split unseen."""
+    root = Path(root)
+    return [folder.name for parent in (root, root / "LibriSpeech") if parent.is_dir()
+            for folder in sorted(parent.iterdir())
+            if folder.is_dir() and _LIKE_SPLIT_DIR.fullmatch(folder.name) and not _SPLIT_DIR.fullmatch(folder.name)]
 
 
 def build_corpus(librispeech=None, librilight=None, splits: list[str] = (), skip_bad: bool = False) -> Corpus:

@@ -252,8 +252,11 @@ def probe_layers(store, layer: str) -> list[str]:
     if layer != WEIGHTED:
         return [layer]
     layers = weighted_layers(list(store.layers))
-    if not layers:
-        raise W2VCacheError(f"store {store.path} has no numbered layer to weigh; it has {', '.join(store.layers)}")
+    if len(layers) < 2:
+        raise W2VCacheError(f"store {store.path}: a weighted sum needs two numbered layers or more; it has "
+                            f"{', '.join(store.layers)} (--layer {layers[0][len('layer'):].lstrip('0') or '0'} probes "
+                            "that one)" if layers else
+                            f"store {store.path} has no numbered layer to weigh; it has {', '.join(store.layers)}")
     if len({store.layers[name] for name in layers}) > 1:
         raise W2VCacheError(f"store {store.path}: its layers differ in width "
                             f"({', '.join(f'{n} {store.layers[n]}' for n in layers)}); a weighted sum needs one")

@@ -60,6 +60,9 @@ def test_splits_for(config: TrainConfig, available, where: str | None = None) ->
     """`config` with its test splits decided: when none were named, the recipe's that `available`
     (the store's or corpus's splits) has. With `where` (what the data is, for a person), says
     on stderr which are tested when some of the recipe's are missing."""
+    if where and config.dev_split in (config.test_splits or RECIPE_TEST_SPLITS) and config.dev_split in available:
+        print(f"note: --dev-split {config.dev_split} is also tested: the best epoch is chosen on it, so its test "
+              "figures are not held out", file=sys.stderr)
     if config.test_splits is not None:
         return config
     present = tuple(s for s in RECIPE_TEST_SPLITS if s in available)
