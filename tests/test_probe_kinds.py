@@ -217,12 +217,12 @@ def test_report_shows_linear_and_weighted_probes_from_their_runs(store, tmp_path
     assert (found["probe/linear-layer02/seed0"].probe, found["probe/layer02/seed0"].probe) == ("linear", "bilstm")
 
 
-def test_a_weighted_sum_of_one_layer_is_refused(store, tmp_path):
-    from w2vcache.share import copy_store
+def test_a_weighted_sum_of_one_layer_is_refused():
+    from types import SimpleNamespace
 
-    one = tmp_path / "one.zarr"
-    copy_store(store, one, layers="2", progress=False)
-    result = CliRunner().invoke(main, ["probe", "--store", str(one), "--layer", "weighted", "--out", str(tmp_path / "runs")])
-    assert result.exit_code == 1
-    assert f"store {one}: a weighted sum needs two numbered layers or more; it has layer02 (--layer 2 probes that one)" \
-        in result.output
+    from w2vcache.probe import probe_layers
+
+    one = SimpleNamespace(path="one.zarr", layers={"cnn": 512, "layer02": 64})  # what probe_layers reads of a store
+    with pytest.raises(W2VCacheError, match=r"^store one.zarr: a weighted sum needs two numbered layers or more; it "
+                       r"has cnn, layer02 \(--layer 2 probes that one\)$"):
+        probe_layers(one, "weighted")
