@@ -122,9 +122,9 @@ def test_reinit_option_errors(tmp_path, tiny):
 
 def test_two_gloo_processes_match_one_process(tmp_path, tiny):
     """torchrun with two CPU ranks on gloo, dropout and masking off: the same weights as one process
-    with the same global batches."""
+    with the same global batches, two batches to an update (summed over ranks once, with the last)."""
     args = ["finetune", *tiny, "--test-splits", "test-clean",
-            "--epochs", "2", "--freeze-epochs", "1", "--lr", "1e-3", "--batch-seconds", "7",
+            "--epochs", "2", "--freeze-epochs", "1", "--lr", "1e-3", "--batch-seconds", "4", "--grad-accum", "2",
             "--num-workers", "0", "--final-dropout", "0", "--mask-time-prob", "0"]
     one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output

@@ -237,6 +237,10 @@ class FinetuneTask:
                                                find_unused_parameters=getattr(self.model.w2v.config, "layerdrop", 0) > 0)
         self.frozen = frozen
 
+    def no_sync(self):
+        """The batches of an update but its last: their gradients are summed over ranks with the last's."""
+        return self.ddp.no_sync() if self.ddp is not None else nullcontext()
+
     # -- batches ---------------------------------------------------------------------------------
 
     def _loader(self, split: str, batches: list[list[int]], rank: int, world: int):

@@ -92,6 +92,9 @@ class Task(Protocol):
 
     def start_epoch(self, epoch: int) -> None: ...  # which parameters train this epoch
 
+    # Optional: `no_sync()`, a context in which a batch's gradients are not yet summed over DDP's
+    # ranks (the batches of an update but its last, with --grad-accum).
+
     # Optional: what else the task records after each epoch, {file name: JSON object}. The loop
     # appends each object, with its "epoch", to a JSON list in that file of the run directory
     # (a weighted probe's layer_weights.json), rewritten atomically like a checkpoint.
@@ -337,15 +340,18 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
                 data_wait += time.perf_counter() - t
                 if batch is _END:
                     break
-                loss = task.loss(batch)
                 # The epoch's last group of batches may be short: average over the batches it has.
                 group = min(config.grad_accum, len(batches) - (step // config.grad_accum) * config.grad_accum)
-                if not _finite_everywhere(loss, distributed):
-                    skipped += 1  # a NaN or infinite loss: the batch is left out (on every rank)
-                    del loss  # its graph would otherwise live on through the next forward
-                else:
-                    (loss / group).backward()
-                    loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+                updates = (step + 1) % config.grad_accum == 0 or step + 1 == len(batches)
+                # Under DDP, gradients are summed over ranks once per update, not once per batch.
+                with contextlib.nullcontext() if updates else getattr(task, "no_sync", contextlib.nullcontext)():
+                    loss = task.loss(batch)
+                    if not _finite_everywhere(loss, distributed):
+                        skipped += 1  # a NaN or infinite loss: the batch is left out (on every rank)
+                        del loss  # its graph would otherwise live on through the next forward
+                    else:
+                        (loss / group).backward()
+                        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
                 step += 1
                 if step % config.grad_accum == 0 or step == len(batches):
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
