@@ -162,8 +162,9 @@ def read_librilight(root, subset: str, split: str, skipped: list | None = None) 
 def _manifest_text(path: Path) -> str:
     """A manifest's text, UTF-8 (a byte-order mark allowed); anything else refused with what it
     looks like instead."""
-    data = path.read_bytes()
-    if path.suffix.lower() in AUDIO_SUFFIXES or data[:4] in (b"fLaC", b"RIFF", b"OggS"):
+    # An audio file is known by its name before it is read (it may be large), else by its first bytes.
+    data = b"fLaC" if path.suffix.lower() in AUDIO_SUFFIXES else path.read_bytes()
+    if data[:4] in (b"fLaC", b"RIFF", b"OggS"):
         raise W2VCacheError(f"{path} is audio, not a manifest: --split NAME=SOURCE takes a manifest "
                             "(path<TAB>text per line) or a LibriSpeech-style folder")
     try:
@@ -283,15 +284,19 @@ def parse_split_spec(spec: str) -> tuple[str, list[str]]:
 def librispeech_folders(root) -> dict[str, str]:
     """LibriSpeech split folders under `root` (or `root/LibriSpeech`): folder name -> the recipe's
     name for it, so that Mini LibriSpeech's `dev-clean-2` stands in for `dev-clean`."""
-    root = Path(root)
     found = {}
-    for parent in (root, root / "LibriSpeech"):
-        if parent.is_dir():
-            for folder in sorted(parent.iterdir()):
-                match = _SPLIT_DIR.fullmatch(folder.name)
-                if folder.is_dir() and match:
-                    found.setdefault(folder.name, f"{match[1]}-{match[2]}")
+    for folder in _folders(root):
+        match = _SPLIT_DIR.fullmatch(folder.name)
+        if match:
+            found.setdefault(folder.name, f"{match[1]}-{match[2]}")
     return found
+
+
+def _folders(root) -> list[Path]:
+    """The folders under `root` and `root/LibriSpeech`, where a LibriSpeech download's splits lie."""
+    root = Path(root)
+    return [folder for parent in (root, root / "LibriSpeech") if parent.is_dir()
+            for folder in sorted(parent.iterdir()) if folder.is_dir()]
 
 
 def recipe_plan(librispeech=None, librilight=None) -> tuple[dict[str, list[str]], str]:
@@ -334,10 +339,8 @@ def recipe_plan(librispeech=None, librilight=None) -> tuple[dict[str, list[str]]
 def _renamed_split_folders(root) -> list[str]:
     """Folders under `root` (or `root/LibriSpeech`) named nearly as a split is (test_clean,
     Dev-Clean), which the recipe does not take: said, so that a typo does not drop a split unseen."""
-    root = Path(root)
-    return [folder.name for parent in (root, root / "LibriSpeech") if parent.is_dir()
-            for folder in sorted(parent.iterdir())
-            if folder.is_dir() and _LIKE_SPLIT_DIR.fullmatch(folder.name) and not _SPLIT_DIR.fullmatch(folder.name)]
+    return [folder.name for folder in _folders(root)
+            if _LIKE_SPLIT_DIR.fullmatch(folder.name) and not _SPLIT_DIR.fullmatch(folder.name)]
 
 
 def build_corpus(librispeech=None, librilight=None, splits: list[str] = (), skip_bad: bool = False) -> Corpus:

@@ -29,7 +29,7 @@ from .corpus import Corpus
 from .errors import W2VCacheError
 from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
 from .spread import Share, local_processes, rank_device, share_of
-from .train import TrainConfig, run_settings, seed_everything, sweep, test_splits_for, train
+from .train import TrainConfig, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_CNN_MEMORY = 8 * 2**30  # bytes of the frozen CNN's outputs kept (CNNCache): W2V-Base's, 20 h of audio
@@ -348,10 +348,7 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     device = rank_device(device) if shard is not None else init_distributed(device)
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     train_config = test_splits_for(train_config, corpus.splits, "the corpus" if progress and main_rank else None)
-    for option, split in (("--train-split", train_split), ("--dev-split", train_config.dev_split)):
-        if split not in corpus.splits:  # before any run directory is made
-            raise W2VCacheError(f"{option} {split}: the corpus has no split {split!r}; it has "
-                                f"{', '.join(corpus.splits)}: name one with {option}")
+    check_splits(corpus.splits, train_split, train_config.dev_split, "the corpus")
     # The budget is the machine's: torchrun's ranks on it each keep their part.
     cnn_cache = CNNCache(cnn_memory // local_processes()) if cnn_memory > 0 else None
 

@@ -35,7 +35,7 @@ from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
 from .runs import LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, probe_experiment, run_dir
 from .spread import rank_device, share_of
 from .store import open_store
-from .train import TrainConfig, run_settings, seed_everything, sweep, test_splits_for, train
+from .train import TrainConfig, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
 DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's features (all the layers read) kept in memory; more stream
 # The LSTM computes on every padded frame, so a batch is also cut where padding would pass this share.
@@ -252,11 +252,11 @@ def probe_layers(store, layer: str) -> list[str]:
     if layer != WEIGHTED:
         return [layer]
     layers = weighted_layers(list(store.layers))
-    if len(layers) < 2:
+    if not layers:
+        raise W2VCacheError(f"store {store.path} has no numbered layer to weigh; it has {', '.join(store.layers)}")
+    if len(layers) == 1:
         raise W2VCacheError(f"store {store.path}: a weighted sum needs two numbered layers or more; it has "
-                            f"{', '.join(store.layers)} (--layer {layers[0][len('layer'):].lstrip('0') or '0'} probes "
-                            "that one)" if layers else
-                            f"store {store.path} has no numbered layer to weigh; it has {', '.join(store.layers)}")
+                            f"{', '.join(store.layers)} (--layer {layer_index(layers[0])} probes that one)")
     if len({store.layers[name] for name in layers}) > 1:
         raise W2VCacheError(f"store {store.path}: its layers differ in width "
                             f"({', '.join(f'{n} {store.layers[n]}' for n in layers)}); a weighted sum needs one")
@@ -581,10 +581,7 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     if config.layer_norm and WEIGHTED not in chosen:
         raise W2VCacheError("--layer-norm normalises the layers of a weighted sum: it goes with --layer weighted")
     train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress else None)
-    for option, split in (("--train-split", train_split), ("--dev-split", train_config.dev_split)):
-        if split not in store.splits:  # before any run directory is made
-            raise W2VCacheError(f"{option} {split}: store {store_url} has no split {split!r}; it has "
-                                f"{', '.join(store.splits)}: name one with {option}")
+    check_splits(store.splits, train_split, train_config.dev_split, f"store {store_url}")
     # The features of the layer being probed, by split: its seeds' runs follow one another in the
     # sweep's order, so each layer is read (and its checksums checked) once, not once per seed.
     held: dict[tuple[str, str], SplitFeatures] = {}

@@ -73,6 +73,15 @@ def test_splits_for(config: TrainConfig, available, where: str | None = None) ->
     return replace(config, test_splits=present)
 
 
+def check_splits(available, train_split: str, dev_split: str, what: str) -> None:
+    """Refuse a train or dev split the data (`what`: "store X", "the corpus") lacks, naming the
+    option, before any run directory is made."""
+    for option, split in (("--train-split", train_split), ("--dev-split", dev_split)):
+        if split not in available:
+            raise W2VCacheError(f"{option} {split}: {what} has no split {split!r}; it has "
+                                f"{', '.join(available)}: name one with {option}")
+
+
 class Task(Protocol):
     """What the loop needs from an experiment; batches are opaque to it but for their `.frames`."""
 

@@ -169,8 +169,9 @@ def _differences(meta: dict, read_split: Callable, asked: dict,
     config keys and layer dims that differ with it."""
     have_prov = {k: v for k, v in meta["provenance"].items() if k not in VOLATILE_PROVENANCE}
     want_prov = {k: v for k, v in asked["provenance"].items() if k not in VOLATILE_PROVENANCE}
-    prov_diffs = sorted((d for d in _dict_diff(have_prov, want_prov) if d[0].split(".")[0] not in _RESTATED
-                         and ".".join(d[0].split(".")[:2]) not in _RESTATED), key=lambda d: d[0].count("."))
+    prov_diffs = sorted((d for d in _dict_diff(have_prov, want_prov)
+                         if not any(d[0] == k or d[0].startswith(k + ".") for k in _RESTATED)),
+                        key=lambda d: d[0].count("."))
     prov_diffs = [(key, f"provenance {key}: store has {have}, asked for {want}") for key, have, want in prov_diffs]
     diffs = [text for key, text in prov_diffs if key in MODEL_IDENTITY]
     for key in ("dtype", "compression", "chunk_frames", "block_chunks"):

@@ -401,13 +401,8 @@ class FeatureStore:
             bad = _find_bad_chunk(array, selection)
             if bad is None:
                 raise
-            # Layer chunks and done markers belong to one block, which repair writes again; the
-            # other index arrays (ids, offsets, ...) span every block and cannot be rebuilt so.
-            advice = (f"run `w2vcache verify --repair {self.path}` to rewrite the blocks at fault"
-                      if name not in INDEX_ARRAYS or name == "done" else
-                      "the store's index is damaged: extract into a new store, or copy the store again")
             raise W2VCacheError(f"store {self.path}: {split}/{name} chunk {bad}: checksum "
-                                f"mismatch or unreadable chunk ({e}); {advice}") from None
+                                f"mismatch or unreadable chunk ({e}); {self._advice(name)}") from None
 
     def _check_present(self, split: str, name: str, array: zarr.Array, selection: slice | int) -> None:
         """zarr reads a missing chunk as its fill value, zeros, which no checksum covers: a chunk
@@ -423,16 +418,19 @@ class FeatureStore:
         wanted = [c for c in range(lo // step, (hi - 1) // step + 1) if c not in seen]
         if not wanted:
             return
-        extra = (0,) * (len(array.shape) - 1)
-        keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, *extra))}" for c in wanted]
-        for c, exists in zip(wanted, _keys_exist(array.store_path.store, keys)):
-            if not exists:
-                advice = (f"run `w2vcache verify --repair {self.path}` to rewrite the blocks at fault"
-                          if name not in INDEX_ARRAYS else
-                          "the store's index is damaged: extract into a new store, or copy the store again")
-                raise W2VCacheError(f"store {self.path}: {split}/{name} chunk {c} is missing (a copy that "
-                                    f"stopped part-way, or a deleted file); {advice}")
-            seen.add(c)
+        missing = missing_chunks(array, wanted)
+        if missing:
+            raise W2VCacheError(f"store {self.path}: {split}/{name} chunk {missing[0]} is missing (a copy that "
+                                f"stopped part-way, or a deleted file); {self._advice(name)}")
+        seen.update(wanted)
+
+    def _advice(self, name: str) -> str:
+        """What to do about a damaged chunk of array `name`. Layer chunks and done markers belong
+        to one block, which repair writes again; the other index arrays (ids, offsets, ...) span
+        every block and cannot be rebuilt so."""
+        if name not in INDEX_ARRAYS or name == "done":
+            return f"run `w2vcache verify --repair {self.path}` to rewrite the blocks at fault"
+        return "the store's index is damaged: extract into a new store, or copy the store again"
 
     def _read_features(self, split: str, layer: str, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows lo:hi of a layer as floats: as stored, or an int8 layer decoded with its scales."""
@@ -838,6 +836,15 @@ EXISTS_CONCURRENCY = 10  # chunk-existence checks in flight at once (as zarr's a
 # Arrays a chunk of which may be absent in a sound store: a block's done marker until the block is
 # done, and a chunk of transcripts that are all empty (unlabelled audio), which zarr does not write.
 MAY_BE_ABSENT = ("done", "texts")
+
+
+def missing_chunks(array: zarr.Array, chunks) -> list[int]:
+    """Which of `chunks` (indices along the first axis; the arrays here are chunked along it only)
+    have no file in the store."""
+    chunks = list(chunks)
+    extra = (0,) * (array.ndim - 1)
+    keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, *extra))}" for c in chunks]
+    return [c for c, exists in zip(chunks, _keys_exist(array.store_path.store, keys)) if not exists]
 
 
 def _keys_exist(store: Any, keys: list[str]) -> list[bool]:

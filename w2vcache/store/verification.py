@@ -21,7 +21,7 @@ from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 from w2vcache.errors import W2VCacheError
 
-from .featurestore import MAY_BE_ABSENT, FeatureStore, _keys_exist, open_store
+from .featurestore import MAY_BE_ABSENT, FeatureStore, missing_chunks, open_store
 from .layout import (
     DONE_WITH_FAILURES,
     FAILED_GROUP,
@@ -276,10 +276,7 @@ def _read_chunkwise(array: zarr.Array, name: str, report: VerifyReport) -> np.nd
     n_chunks = array.nchunks if array.ndim else 1
     report.chunks_checked += n_chunks
     if array.ndim and array.shape[0] and name.rsplit("/", 1)[-1] not in MAY_BE_ABSENT:
-        extra = (0,) * (array.ndim - 1)
-        along = range(-(-array.shape[0] // array.chunks[0]))  # the index arrays are chunked along axis 0 only
-        keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, *extra))}" for c in along]
-        missing = [c for c, exists in zip(along, _keys_exist(array.store_path.store, keys)) if not exists]
+        missing = missing_chunks(array, range(-(-array.shape[0] // array.chunks[0])))
         for c in missing:
             report.problems.append(f"{name} chunk {c}: missing")
         if missing:
@@ -315,12 +312,10 @@ def _read_markers(array: zarr.Array, split: str, report: VerifyReport) -> np.nda
 def _read_chunks(array: zarr.Array, name: str, first: int, last: int, report: VerifyReport) -> np.ndarray | None:
     """Chunks first..last-1 (along frames), which must exist and decode; None (reported) if any does not."""
     step = array.chunks[0]
-    keys = [f"{array.store_path.path}/{array.metadata.encode_chunk_key((c, 0))}" for c in range(first, last)]
-    intact = True
-    for c, exists in zip(range(first, last), _keys_exist(array.store_path.store, keys)):
-        if not exists:
-            report.problems.append(f"{name} chunk {c}: missing (its block is marked done)")
-            intact = False
+    missing = missing_chunks(array, range(first, last))
+    for c in missing:
+        report.problems.append(f"{name} chunk {c}: missing (its block is marked done)")
+    intact = not missing
     report.chunks_checked += last - first
     try:
         values = array[first * step: last * step]
