@@ -151,6 +151,8 @@ def test_killed_run_resumes_to_the_same_result(store, tmp_path):
     first_epoch = metrics.read_text()
     assert [json.loads(line)["epoch"] for line in first_epoch.splitlines()] == [1]
     assert not (metrics.parent / "result.json").exists()
+    with open(metrics, "a") as f:  # as if killed while writing epoch 2's line too
+        f.write('{"epoch": 2, "train_lo')
     resumed = cli(*args, "--out", killed)
     assert resumed.exit_code == 0, resumed.output
     a = json.loads((tmp_path / "whole/probe/layer01/seed0/result.json").read_text())

@@ -283,17 +283,20 @@ def metrics_line(line: dict) -> dict:
             for k, v in line.items()}
 
 
-def _epochs_logged(path: Path) -> int:
-    """Finished epochs in metrics.jsonl; a torn last line (the run was killed mid-write) is skipped."""
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's epochs, in percent (metrics_line). A torn last line (the run was killed
+    mid-write) is skipped: that epoch's checkpoint was never saved, so a resume trains it again."""
     if not path.is_file():
-        return 0
-    count = 0
+        return []
+    epochs = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            count += isinstance(json.loads(line), dict)
+            entry = json.loads(line)
         except json.JSONDecodeError:
-            pass
-    return count
+            continue
+        if isinstance(entry, dict) and "epoch" in entry:
+            epochs.append(metrics_line(entry))
+    return epochs
 
 
 def _layer_weights(path: Path, epoch) -> dict[str, float] | None:
@@ -377,7 +380,7 @@ def read_run(directory, name: str | None = None) -> Run:
         metrics=metrics,
         best_epoch=best_epoch if _is_int(best_epoch) else None,
         error=error,
-        epochs_done=_epochs_logged(directory / METRICS),
+        epochs_done=len(read_metrics(directory / METRICS)),
         epochs=epochs if _is_int(epochs) else None,
         config=config,
         layer_weights=weights,

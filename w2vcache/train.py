@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from . import record, threads
 from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates
-from .runs import BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, metrics_line, upgrade_record
+from .runs import (BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, read_metrics,
+                   upgrade_record)
 from .spread import FINISHED, HELD, Share, check_still_held, claim_run, training_under
 
 _END = object()  # end of an epoch's batches
@@ -201,11 +202,7 @@ def _record_epoch(path: Path, entry: dict) -> None:
 
 
 def _read_metrics(run_dir: Path, upto_epoch: int) -> list[dict]:
-    path = run_dir / METRICS
-    if not path.exists():
-        return []
-    lines = [metrics_line(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-    return [m for m in lines if m["epoch"] <= upto_epoch]
+    return [m for m in read_metrics(run_dir / METRICS) if m["epoch"] <= upto_epoch]
 
 
 def evaluate(task: Task, split: str) -> ErrorRates:
