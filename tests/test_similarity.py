@@ -103,6 +103,8 @@ def test_cka_is_unchanged_by_rotation_uniform_scale_and_translation():
     # Not invariant to a non-uniform scale (what sets linear CKA apart from CCA).
     assert abs(linear_cka(x, y * np.arange(1, DIM + 1)) - base) > 1e-3
     assert np.isnan(linear_cka(x, np.ones((500, 3))))  # no variance: undefined
+    # 0.1 is not exact in binary: centring leaves rounding noise, which is no variance either
+    assert np.isnan(linear_cka(np.full((500, 5), 0.1), np.full((500, 3), 0.7)))
 
 
 def test_cka_from_moments_equals_the_centred_computation():
@@ -202,6 +204,8 @@ def test_cca_measures_are_canonical_correlations_after_the_99_percent_truncation
     assert cca_similarity(y, x, "projection") == pytest.approx(0.5, abs=0.05)
     assert cca_similarity(x, y, "projection") != pytest.approx(cca_similarity(y, x, "projection"), abs=1e-3)
     assert np.isnan(cca_similarity(x, np.ones((4000, 3))))  # no variance: undefined
+    for weighting in ("mean", "projection"):  # rounding noise left by centring is no variance either
+        assert np.isnan(cca_similarity(np.full((4000, 5), 0.1), np.full((4000, 3), 0.7), weighting))
 
 
 @pytest.mark.parametrize("measure,weighting", [("svcca", "mean"), ("pwcca", "projection")])

@@ -66,9 +66,10 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
         raise ValueError(f"linear_cka needs two (n, dim) arrays of the same n, got {x.shape} and {y.shape}")
-    x = x - x.mean(axis=0)
-    y = y - y.mean(axis=0)
-    return _cka(y.T @ x, x.T @ x, y.T @ y)
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    if not (_any_variance(x, xc) and _any_variance(y, yc)):
+        return float("nan")
+    return _cka(yc.T @ xc, xc.T @ xc, yc.T @ yc)
 
 
 def cka_from_moments(n: int, sum_x: np.ndarray, sum_y: np.ndarray, xty: np.ndarray, xtx: np.ndarray,
@@ -139,7 +140,10 @@ def cca_similarity(x: np.ndarray, y: np.ndarray, weighting: str = "mean", kept: 
     if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
         raise ValueError(f"cca_similarity needs two (n, dim) arrays of the same n, got {x.shape} and {y.shape}")
     bases = []
-    for z in (x - x.mean(axis=0), y - y.mean(axis=0)):
+    for raw in (x, y):
+        z = raw - raw.mean(axis=0)
+        if not _any_variance(raw, z):
+            return float("nan")
         u, sv, _ = np.linalg.svd(z, full_matrices=False)
         k = _kept(sv**2, kept)
         if not k:
@@ -174,8 +178,16 @@ def varies(n: int, sums: np.ndarray, gram: np.ndarray) -> bool:
     """Whether the columns vary at all. Centring uncentred moments leaves rounding noise where a
     layer is constant (its values not exact in binary), which CKA would divide by and CCA whiten
     into perfect correlations: variance below 1e-9 of the mean square is taken for none."""
-    total = float(np.trace(gram))
-    return total > 0 and float(np.trace(centred_gram(n, sums, gram))) > 1e-9 * total
+    return _enough_variance(float(np.trace(centred_gram(n, sums, gram))), float(np.trace(gram)))
+
+
+def _any_variance(raw: np.ndarray, centred: np.ndarray) -> bool:
+    """varies() for frames in memory: centring a constant layer leaves the same rounding noise."""
+    return _enough_variance(float(np.square(centred).sum()), float(np.square(raw).sum()))
+
+
+def _enough_variance(centred: float, total: float) -> bool:
+    return total > 0 and centred > 1e-9 * total
 
 
 def centred_gram(n: int, sums: np.ndarray, gram: np.ndarray) -> np.ndarray:
