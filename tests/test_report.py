@@ -440,6 +440,15 @@ def test_seeds_of_different_models_are_refused(tmp_path):
                        r"facebook/wav2vec2-base \(weights aaaaaaaaaaaa\); seed 1: facebook/hubert-base-ls960 "
                        r"\(weights bbbbbbbbbbbb\)\); a mean over them means nothing"):
         write_report(root)
+    # Two models' sweeps in one tree share their seeds' names: the models are named, not a copy.
+    both = tmp_path / "both"
+    for prefix, weights in (("base", "a" * 64), ("hubert", "b" * 64)):
+        run = write_run(both, "probe", 0, (10.0, 10.0, 20.0, 5.0, 5.0, 10.0), layer=8, prefix=prefix)
+        config = json.loads((run / "config.json").read_text())
+        config["data"]["model"] = {"name": prefix, "revision": None, "weight_hash": weights}
+        (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(W2VCacheError, match=r"different models \(seed 0: base \(weights aaaaaaaaaaaa\); seed 0: hubert"):
+        write_report(both)
 
 
 def test_user_mistakes_name_the_path(tmp_path):
@@ -731,6 +740,11 @@ def test_without_matplotlib_the_tables_are_written_and_the_figures_asked_for_say
     assert SIMILARITY_HEADING in markdown_tables(written["md"].read_text())
     with pytest.raises(W2VCacheError, match="w2vcache\\[plots\\]"):
         write_report(runs, tmp_path / "figures")
+    # The command writes the tables and says the figures were not drawn.
+    result = runner().invoke(report_command, [str(runs), "--out", str(tmp_path / "command")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "command").iterdir()) == ["report.csv", "report.json", "report.md"]
+    assert "figure: not drawn: matplotlib is missing (pip install 'w2vcache[plots]')" in result.stderr
 
 
 def test_a_probe_record_without_a_probe_kind_is_a_bilstm():

@@ -272,6 +272,13 @@ def summarize(runs: list[Run]) -> list[Row]:
         finished = [r for r in members if r.status == "finished"]
         if not finished:
             continue
+        # Models first: runs of two models in one tree share experiment and seed names.
+        models = sorted({(r.seed, _model_of(r)) for r in finished if r.config}, key=lambda m: (m[0], str(m[1])))
+        if len({key for _, (key, _) in models}) > 1:
+            raise W2VCacheError(
+                f"{finished[0].kind} {finished[0].experiment}: its seeds were trained on different models ("
+                + "; ".join(f"seed {seed}: {label}" for seed, (_, label) in models)
+                + "); a mean over them means nothing: report each model's runs from a runs directory of their own")
         by_seed: dict[int, Run] = {}
         for run in finished:
             if run.seed in by_seed:
@@ -280,12 +287,6 @@ def summarize(runs: list[Run]) -> list[Row]:
                     f"{by_seed[run.seed].path}; move one of them out of the runs directory"
                 )
             by_seed[run.seed] = run
-        models = {r.seed: _model_of(r) for r in finished if r.config}
-        if len({key for key, _ in models.values()}) > 1:
-            raise W2VCacheError(
-                f"{finished[0].kind} {finished[0].experiment}: its seeds were trained on different models ("
-                + "; ".join(f"seed {seed}: {label}" for seed, (_, label) in sorted(models.items()))
-                + "); a mean over them means nothing: report each model's runs from a runs directory of their own")
         finished = [by_seed[s] for s in sorted(by_seed)]
         splits = split_order(s for r in finished for s in r.metrics)
         stats = {}

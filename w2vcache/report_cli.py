@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .cli_common import user_errors
+from .figure import NO_MATPLOTLIB, can_plot
 from .report import FORMATS, REPORT_NAME, load_report, render_markdown, write_files
 
 
@@ -33,8 +34,11 @@ def report_command(runs, out, formats, no_figure):
     """
     runs = Path(runs)
     found, rows, similarities = load_report(runs)
+    draw = not no_figure and can_plot()  # without matplotlib the tables are still written
     written = write_files(found, rows, Path(out) if out else runs / REPORT_NAME, formats or FORMATS,
-                          figure=not no_figure, runs_dir=runs, similarities=similarities)
+                          figure=draw, runs_dir=runs, similarities=similarities)
     click.echo(render_markdown(rows, found, runs, similarities=similarities), nl=False)
     for kind, path in written.items():
         click.echo(f"{'figure' if kind.endswith('png') else 'table'}: {path}", err=True)
+    if not (no_figure or draw):
+        click.echo(f"figure: {NO_MATPLOTLIB}", err=True)
