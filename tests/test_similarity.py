@@ -44,13 +44,13 @@ def related_layers(n, seed=0):
             "layer02": rng.standard_normal((n, DIM))}
 
 
-def write_store(path, lengths, transform=lambda name, x: x, failed=(), seed=0):
+def write_store(path, lengths, transform=lambda name, x: x, failed=(), seed=0, keep=None):
     """A float32 store of split dev written through the FeatureStore API: utterance i has lengths[i]
     frames of `related_layers`, each layer passed through transform(name, x). `failed`: ids whose
-    block is marked done with them as failed to decode."""
+    block is marked done with them as failed to decode. `keep`: the layers written (all three)."""
     plan = {"dev": [(f"utt-{i:03d}", f"words {i}", f"/audio/{i}.flac", n) for i, n in enumerate(lengths)]}
     layers = related_layers(int(sum(lengths)), seed)
-    layers = {name: transform(name, x) for name, x in layers.items()}
+    layers = {name: transform(name, x) for name, x in layers.items() if keep is None or name in keep}
     with FeatureStore.create(path, PROVENANCE, plan, {name: DIM for name in layers}, "float32",
                              chunk_frames=16, block_chunks=2) as store:
         utts = store.utterances("dev")
@@ -148,6 +148,13 @@ def test_rotated_and_scaled_features_give_the_same_matrix(tmp_path):
     across = similarity(a, b, progress=False)
     np.testing.assert_allclose(across.matrix, same, atol=1e-6)  # float32 storage of the rotated features
     np.testing.assert_allclose(across.diagonal, 1.0, atol=1e-6)
+    # Stores of different layer sets (one extracted with --cnn, say): the layers both have keep
+    # their diagonal, found by name.
+    fewer = write_store(tmp_path / "fewer.zarr", lengths, lambda name, x: x @ rotations[name] - 2.0,
+                        keep=("layer01", "layer02"))
+    partial = similarity(a, fewer, progress=False)
+    assert partial.layers_b == ["layer01", "layer02"] and partial.diagonal[0] is None
+    np.testing.assert_allclose(partial.diagonal[1:], 1.0, atol=1e-6)
     assert same[0, 2] < 0.3 and 0.1 < same[0, 1] < 0.99  # the layers themselves differ
 
 

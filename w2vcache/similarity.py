@@ -238,7 +238,9 @@ class SimilarityResult:
     layers_a: list[str]
     layers_b: list[str]
     matrix: np.ndarray  # (len(layers_a), len(layers_b)); NaN where a layer has no variance
-    diagonal: list[float] | None  # matrix[k, k] when two stores have the same layers, else None
+    # Two stores: each layer of A against B's layer of the same name (None where B lacks it).
+    # None within one store, or where the two share no layer name.
+    diagonal: list[float | None] | None
     frames: int  # frames in the sample
     frames_available: int  # frames of the utterances usable in both stores
     utterances: int  # utterances with at least one sampled frame
@@ -285,7 +287,11 @@ def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure:
         matrix, n_utterances, passes, kept = _stream(measure, a, b, split, names_a, names_b, lengths, rows,
                                                      positions_b, memory_budget, progress)
         same = b is a
-        diagonal = [float(matrix[k, k]) for k in range(len(names_a))] if not same and names_a == names_b else None
+        # Each layer of A against the layer of B of the same name (None where B lacks it: a store
+        # extracted with --cnn against one without still has its blocks' diagonal).
+        shared = not same and set(names_a) & set(names_b)
+        diagonal = [float(matrix[k, names_b.index(name)]) if name in names_b else None
+                    for k, name in enumerate(names_a)] if shared else None
         seconds = time.perf_counter() - started
         result = SimilarityResult(
             measure=MEASURE_NAMES[measure], split=split, layers_a=names_a, layers_b=names_b, matrix=matrix,
@@ -477,7 +483,7 @@ def _record(result: SimilarityResult, config: SimilarityConfig, a: FeatureStore,
         "layers_a": result.layers_a,
         "layers_b": result.layers_b,
         "matrix": [[_number(v) for v in row] for row in result.matrix],
-        "diagonal": None if result.diagonal is None else [_number(v) for v in result.diagonal],
+        "diagonal": None if result.diagonal is None else [None if v is None else _number(v) for v in result.diagonal],
         "frames": result.frames,
         "frames_available": result.frames_available,
         "utterances": result.utterances,

@@ -46,6 +46,7 @@ def similarity_command(store, store_b, split, layers, measure, max_frames, seed,
     click.echo(f"{LABELS[r.measure]} of {len(r.layers_a)} x {len(r.layers_b)} layers, {against}, split {split}: "
                f"{r.frames} frames (of {r.frames_available}) from {r.utterances} utterances in {r.seconds:.1f} s")
     if r.diagonal is not None:
-        click.echo("same layer: " + ", ".join(f"{name} {v:.3f}" for name, v in zip(r.layers_a, r.diagonal)))
+        click.echo("same layer: " + ", ".join(f"{name} {v:.3f}" for name, v in zip(r.layers_a, r.diagonal)
+                                              if v is not None))
     for kind, path in r.files.items():
         click.echo(f"{'figure' if kind == 'png' else 'table'}: {path or NO_MATPLOTLIB}", err=True)
