@@ -213,6 +213,8 @@ def test_killed_copy_resumes_without_redoing_finished_blocks(source, tmp_path):
     assert json.loads((dst / ".locks" / "all.lock").read_text())["pid"] == proc.pid
     partial = open_store(dst)
     assert partial.status("dev").blocks_done == 3
+    with pytest.raises(W2VCacheError, match=f"re-running the copy from {source} resumes it"):
+        partial.read_layer("dev", LAYERS[0])  # what finishes it is the copy, not an extraction
     done_chunks = {p: (p.stat().st_mtime_ns, p.read_bytes())
                    for b in range(3) for layer in LAYERS
                    for p in _block_chunk_files(dst, partial, "dev", b, layer)}
@@ -251,7 +253,7 @@ def test_incomplete_source_split_is_refused(source, tmp_path, share):
         do(partial, out, progress=False)
     message = str(err.value)
     assert f"split test of store {partial} is incomplete: 1 of" in message
-    assert "re-running extract resumes it" in message and "split test out" in message
+    assert "re-running the same extract command resumes it" in message and "split test out" in message
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     if share != "pack":  # leaving the incomplete split out works
         do(partial, out, splits="dev", progress=False)

@@ -190,7 +190,7 @@ def test_partial_store_refuses_pending_blocks_and_resumes(tmp_path):
     pending = store._block("dev", 1)
     with pytest.raises(W2VCacheError, match=rf"utterance {pending.ids[0]} of split dev is in block 1, which is not extracted"):
         store.read("dev", "layer00", pending.ids[0])
-    with pytest.raises(W2VCacheError, match=rf"{n_blocks - 2} of {n_blocks} blocks .* re-running extract resumes it"):
+    with pytest.raises(W2VCacheError, match=rf"{n_blocks - 2} of {n_blocks} blocks .* re-running the same extract command resumes it"):
         store.read_layer("dev", "layer00")
     summary = info(path)["splits"]
     assert summary["dev"]["complete"] is False and summary["dev"]["blocks_done"] == 2

@@ -228,10 +228,7 @@ class SplitFeatures:
         else:
             status = store.status(split)
             if not status.complete:
-                raise W2VCacheError(
-                    f"store {store.path}: split {split} is incomplete ({status.blocks_done}/{status.n_blocks} blocks); "
-                    "re-run the same extract command to finish it"
-                )
+                raise W2VCacheError(store.incomplete_message(split))
 
     def get(self, indices: list[int], layer: str | None = None) -> list[np.ndarray]:
         """The utterances' frames of `layer` (the first layer where None), as stored."""

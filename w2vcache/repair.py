@@ -28,9 +28,9 @@ from .audio import AudioError, audio_info, check_complete, check_format
 from .checkpoints import load_backbone
 from .errors import W2VCacheError
 from .extract import ExtractConfig, _device, fill_blocks
-from .share import SUBSET_KEY, _copy_blocks, converted_from
+from .share import _copy_blocks, converted_from
 from .store import FeatureStore, VerifyReport, local_root, open_store, record_verification, verify
-from .store.layout import Block
+from .store.layout import SUBSET_KEY, Block
 from .store.records import latest, run_records, write_run_record
 
 # Model description keys that say nothing about the features: the library version that wrote the

@@ -54,10 +54,9 @@ from .store import (
     url_protocol,
     verify,
 )
-from .store.layout import float_dtype
+from .store.layout import SUBSET_KEY, float_dtype
 from .store.records import RUNS_GROUP, has_records, run_name, run_records, write_run_record
 
-SUBSET_KEY = "subset_of"  # provenance key of a copy: where it came from and what it left out
 EXPORT_KEY = "exported_from"  # provenance key of an HDF5 export
 HDF5_FORMAT = "w2vcache-hdf5"
 HDF5_FORMAT_VERSION = 1
@@ -132,7 +131,7 @@ def _require_complete(store: FeatureStore, splits: Sequence[str], what: str) -> 
         if not store.status(split, refresh=True).complete:
             leave_out = (f"leave split {split} out (--splits)" if what != "pack" else
                          f"pack a copy that leaves split {split} out (`w2vcache copy --splits`)")
-            raise W2VCacheError(f"cannot {what} {store.path}: {store._incomplete_message(split)}, "
+            raise W2VCacheError(f"cannot {what} {store.path}: {store.incomplete_message(split)}, "
                                 f"then {what} again; or {leave_out}")
 
 

@@ -315,10 +315,8 @@ def _open(store, opened: list) -> FeatureStore:
 
 
 def _complete(store: FeatureStore, split: str) -> None:
-    s = store.status(split, refresh=True)
-    if s.blocks_done < s.n_blocks:
-        raise W2VCacheError(f"split {split} of store {store.path} is incomplete: {s.n_utterances - s.utterances_done} "
-                            f"of {s.n_utterances} utterances are not extracted yet; re-running extract resumes it")
+    if not store.status(split, refresh=True).complete:
+        raise W2VCacheError(store.incomplete_message(split))
 
 
 def _common_utterances(a: FeatureStore, b: FeatureStore, split: str) -> tuple[np.ndarray, np.ndarray]:

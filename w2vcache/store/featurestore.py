@@ -34,6 +34,7 @@ from .layout import (
     INT8,
     META_KEY,
     SCALE_SUFFIX,
+    SUBSET_KEY,
     VERIFICATION_KEY,
     Block,
     SplitPlan,
@@ -463,11 +464,18 @@ class FeatureStore:
                      frame_offset=int(index.offsets[start]), ids=tuple(index.ids[start:stop]),
                      paths=tuple(index.paths[start:stop]), lengths=tuple(int(n) for n in index.lengths[start:stop]))
 
-    def _incomplete_message(self, split: str) -> str:
+    def incomplete_message(self, split: str) -> str:
         s = self.status(split)
         return (f"split {split} of store {self.path} is incomplete: {s.n_blocks - s.blocks_done} "
                 f"of {s.n_blocks} blocks ({s.n_utterances - s.utterances_done} of {s.n_utterances} "
-                f"utterances) are not extracted yet; re-running extract resumes it")
+                f"utterances) are not written yet; {self.resume_hint()}")
+
+    def resume_hint(self) -> str:
+        """How this store's unwritten blocks get written: by what made it."""
+        subset = self.provenance.get(SUBSET_KEY)
+        if isinstance(subset, dict):
+            return f"re-running the copy from {subset.get('source')} resumes it"
+        return "re-running the same extract command resumes it"
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -501,7 +509,7 @@ class FeatureStore:
                 if not index.done[b]:
                     raise W2VCacheError(f"store {self.path}: utterance {index.ids[i]} of split "
                                         f"{split} is in block {b}, which is not extracted yet. "
-                                        + self._incomplete_message(split))
+                                        + self.incomplete_message(split))
             if index.state[b] == DONE_WITH_FAILURES:
                 for u in self._block_failures(split, int(b)):
                     if u["id"] == index.ids[i]:
@@ -534,7 +542,7 @@ class FeatureStore:
         array = self._array(split, layer)
         index = self._split_index(split, refresh=True)
         if not index.done.all():
-            raise W2VCacheError(self._incomplete_message(split))
+            raise W2VCacheError(self.incomplete_message(split))
         offsets = np.zeros(len(index.ids) + 1, dtype=np.int64)
         np.cumsum(index.lengths, out=offsets[1:])
         frames = np.empty((int(offsets[-1]), array.shape[1]), dtype=self.feature_dtype)

@@ -26,6 +26,7 @@ CREATING_KEY = "w2vcache_creating"  # root attribute present while a store is be
 # Root attribute present while the last verification found damaged blocks (`verify` writes and
 # clears it on a local store): which blocks `verify --repair` must rewrite, and when it was seen.
 VERIFICATION_KEY = "w2vcache_verification"
+SUBSET_KEY = "subset_of"  # provenance key of a copy: where it came from and what it left out
 
 DTYPES = ("float16", "float32", "int8")
 # An int8 layer holds round(x / scale), scale = max |x| / 127 per channel over each chunk of frames,

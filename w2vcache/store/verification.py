@@ -197,7 +197,7 @@ def _verify_split(store: FeatureStore, split: str, report: VerifyReport, pending
         report.incomplete.append(split)
         problems.append(f"{split}: incomplete: {len(pending[split])} of {len(blocks)} blocks "
                         f"({int(sizes[done == PENDING].sum())} of {n} utterances) not extracted yet; "
-                        f"re-running extract resumes it")
+                        f"{store.resume_hint()}")
     for b in np.flatnonzero(done == DONE_WITH_FAILURES):
         # Written before the marker: without it, which utterances are not features is unknown.
         start, stop = blocks[b]
