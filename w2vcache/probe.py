@@ -34,7 +34,7 @@ from .errors import W2VCacheError
 from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
 from .runs import LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, probe_experiment, run_dir
 from .spread import rank_device, share_of
-from .store import open_store
+from .store import open_store, public_url
 from .train import TrainConfig, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
 DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's features (all the layers read) kept in memory; more stream
@@ -594,13 +594,13 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
         weighted = layer == WEIGHTED
         run_record = RunRecord(
             kind="probe", experiment=probe_experiment(layer, config.probe), layer=layer_index(layer), reinit=[],
-            seed=seed, model=config.record(weighted), store=str(store_url), device=device, threads=num_threads,
+            seed=seed, model=config.record(weighted), store=public_url(store_url), device=device, threads=num_threads,
             probe=config.probe, weighted=weighted,
             data={
                 "train_split": train_split,
                 "layer": layer,
                 **({"layers": probe_layers(store, layer)} if weighted else {}),
-                "model": {k: store.provenance.get("model", {}).get(k) for k in ("name", "revision", "weight_hash")},
+                "model": store.model,
                 "dtype": store.dtype,
                 "frame_rate": store.provenance.get("frame_rate"),
             },

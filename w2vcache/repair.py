@@ -119,7 +119,7 @@ def _reopen_unreadable_markers(store: FeatureStore, targets: dict[str, list[int]
 @contextmanager
 def _from_audio(store: FeatureStore, blocks: list[Block], config: RepairConfig) -> Iterator[tuple[str, Callable]]:
     provenance = store.provenance
-    model = provenance.get("model") if isinstance(provenance.get("model"), dict) else {}
+    model = provenance.get("model") if isinstance(provenance.get("model"), dict) else {}  # all it records
     name = model.get("name")
     if not name:
         raise W2VCacheError(f"cannot repair {store.path}: its provenance names no model to extract with")

@@ -25,7 +25,6 @@ import os
 import re
 import socket
 import time
-import urllib.parse
 import uuid
 import zipfile
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ from .store import (
     local_root,
     open_store,
     pid_alive,
+    public_url,
     url_protocol,
     verify,
 )
@@ -137,25 +137,6 @@ def _require_complete(store: FeatureStore, splits: Sequence[str], what: str) -> 
 
 # ----------------------------------------------------------------------------------------------
 # Provenance
-
-
-def public_url(path: Any) -> str:
-    """Where a store is, as recorded in provenance: an absolute local path, or the URL without
-    credentials (user:password@, query strings such as pre-signed signatures)."""
-    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
-    if url_protocol(text) is None:
-        return str(Path(text).absolute())
-    return "::".join(_without_credentials(part) for part in text.split("::"))  # zip::https://...
-
-
-def _without_credentials(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if not parts.scheme:
-        return url  # a bare protocol name in a chain ("zip")
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _subset_record(store: FeatureStore, layers: list[str], splits: list[str]) -> dict:

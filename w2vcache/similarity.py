@@ -38,7 +38,7 @@ from .errors import W2VCacheError
 from .figure import can_plot, write_similarity_figure
 from .layers import choose_layers
 from .report import SIMILARITY_LABELS as LABELS, similarity_of
-from .store import FeatureStore, open_store
+from .store import FeatureStore, open_store, public_url
 
 MEASURES = ("cka", "svcca", "pwcca")
 # similarity.json's name of each measure, and how figures and reports say it.
@@ -468,10 +468,9 @@ def _record(result: SimilarityResult, config: SimilarityConfig, a: FeatureStore,
     """Everything the run did, as similarity.json holds it."""
 
     def about(store):
-        model = store.provenance.get("model") or {}
-        model = model if isinstance(model, dict) else {"name": model}
-        return {"path": store.path, "model": model.get("name"), "revision": model.get("revision"),
-                "weight_hash": model.get("weight_hash"), "dtype": store.dtype}
+        model = store.model
+        return {"path": public_url(store.path), "model": model["name"], "revision": model["revision"],
+                "weight_hash": model["weight_hash"], "dtype": store.dtype}
 
     return {
         "measure": result.measure,

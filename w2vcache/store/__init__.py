@@ -38,7 +38,7 @@ record of the damage found, info).
 from .featurestore import FeatureStore, open_store
 from .layout import CREATING_KEY, FORMAT_VERSION, SCALE_SUFFIX, SplitPlan, plan_blocks
 from .locks import pid_alive
-from .location import local_root, url_protocol
+from .location import local_root, public_url, url_protocol
 from .verification import VerifyReport, info, record_verification, verify
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "local_root",
     "open_store",
     "pid_alive",
+    "public_url",
     "plan_blocks",
     "record_verification",
     "url_protocol",

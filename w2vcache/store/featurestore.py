@@ -255,6 +255,14 @@ class FeatureStore:
         return dict(self._meta["provenance"])
 
     @property
+    def model(self) -> dict:
+        """The model the features came from: {"name", "revision", "weight_hash"} (None where
+        unknown; a store that records a bare name is read as naming the model)."""
+        model = self.provenance.get("model")
+        model = model if isinstance(model, dict) else {"name": model}
+        return {k: model.get(k) for k in ("name", "revision", "weight_hash")}
+
+    @property
     def layers(self) -> dict[str, int]:
         """Layer name -> feature dimension, in extraction order."""
         return dict(self._meta["layers"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import urllib.parse
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,25 @@ def url_protocol(url: str) -> str | None:
     """'s3' for 's3://bucket/x', the first protocol of a chained URL ('zip::https://...'), or None."""
     match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)(::|://)", url)
     return match[1].lower() if match and len(match[1]) > 1 else None  # 'C:\\x' is a path
+
+
+def public_url(path: Any) -> str:
+    """Where a store is, as recorded in provenance: an absolute local path, or the URL without
+    credentials (user:password@, query strings such as pre-signed signatures)."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else str(path)
+    if url_protocol(text) is None:
+        return str(Path(text).absolute())
+    return "::".join(_without_credentials(part) for part in text.split("::"))  # zip::https://...
+
+
+def _without_credentials(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if not parts.scheme:
+        return url  # a bare protocol name in a chain ("zip")
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _reading_store(path: Any, label: str) -> tuple[Any, bool]:
