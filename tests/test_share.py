@@ -190,6 +190,17 @@ def test_copy_of_a_subset_equals_the_source_on_what_it_kept(source, tmp_path):
     assert [r.split("-")[0] for r in runs] == ["copy", "extract"]  # provenance travels, and the copy adds its own
     assert not (dst / ".locks").exists()
 
+    # A copy of that copy, killed after its last block but before its record: the run that finds
+    # nothing left to copy still records it (the copy record it holds is its source's).
+    again = tmp_path / "again.zarr"
+    copy_store(dst, again, progress=False)
+    own = [r for r in (again / "_runs").glob("copy-*") if json.loads((r / "zarr.json").read_text())
+           ["attributes"]["copy"]["destination"] == str(again)]
+    assert len(own) == 1
+    shutil.rmtree(own[0])
+    assert copy_store(dst, again, progress=False).blocks_copied == 0
+    assert len(list((again / "_runs").glob("copy-*"))) == 2
+
 
 def test_killed_copy_resumes_without_redoing_finished_blocks(source, tmp_path):
     """SIGKILL the copy after 3 blocks are done and 2 layers of the 4th written; re-running it

@@ -266,8 +266,10 @@ def _copy_dtype(source: FeatureStore, dtype: str | None, where: str) -> str:
 
 
 def _record_copy(root: Path, result: CopyResult) -> None:
-    """This run's record in <store>/_runs/copy-...; a finished copy run again adds none."""
-    if not result.blocks_copied and has_records(root, "copy"):
+    """This run's record in <store>/_runs/copy-...; a finished copy run again adds none. (A copy of
+    a copy also holds its source's copy records: those record another destination.)"""
+    if not result.blocks_copied and has_records(root, "copy", lambda r: (r.get("copy") or {}).get("destination")
+                                                == result.destination):
         return
     write_run_record(root, "copy", {"copy": asdict(result)})
 

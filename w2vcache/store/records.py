@@ -31,7 +31,12 @@ def write_run_record(root: str | os.PathLike, kind: str, fields: dict) -> None:
     and the time it finished."""
     attrs = {"command": record.command_line(), **fields, "versions": record.versions(), "finished": record.now()}
     # A plain path: zarr opens file:// through fsspec, which does not make the record's folders.
-    group = zarr.open_group(str(local_root(root)), path=f"{RUNS_GROUP}/{run_name(kind)}", mode="a", zarr_format=3)
+    root, name = local_root(root), run_name(kind)
+    # One process may record twice in a second (a copy of a copy holds its source's records too).
+    taken = {p.name for p in (Path(root) / RUNS_GROUP).glob(f"{name}*")}
+    name = next(f"{name}{suffix}" for suffix in ("", *(f".{i}" for i in range(2, len(taken) + 2)))
+                if f"{name}{suffix}" not in taken)
+    group = zarr.open_group(str(root), path=f"{RUNS_GROUP}/{name}", mode="a", zarr_format=3)
     group.attrs.put(json.loads(json.dumps(attrs, default=str)))
 
 
@@ -57,6 +62,13 @@ def latest(records: dict[str, dict] | None, has=lambda r: True) -> dict | None:
     return max(found, key=lambda r: str(r.get("finished", ""))) if found else None
 
 
-def has_records(root: Path, kind: str) -> bool:
-    """Whether the local store at `root` holds a record of this kind."""
-    return any((Path(root) / RUNS_GROUP).glob(f"{kind}-*/zarr.json"))
+def has_records(root: Path, kind: str, where=lambda attributes: True) -> bool:
+    """Whether the local store at `root` holds a record of this kind (one whose attributes `where` holds for)."""
+    for path in (Path(root) / RUNS_GROUP).glob(f"{kind}-*/zarr.json"):
+        try:
+            attributes = json.loads(path.read_text()).get("attributes") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if where(attributes):
+            return True
+    return False
