@@ -219,6 +219,9 @@ def test_markdown_table_has_every_number_worked_out_by_hand(runs, tmp_path):
     assert list(tunes) == ["none", "12", "11,12", "10,11,12"]
     assert tunes == FINETUNE_TABLE
     assert "Best layer: 8 (lowest mean dev WER, 12.00 %)." in text
+    # Seed 1 of 11,12 failed: its Δ is a difference of means over seeds 0,2 and 0,1,2.
+    assert ("The seeds of 11,12 are not the baseline's (0,1,2): their Δ compares means over different seeds."
+            in text)
     lines = text.splitlines()
     assert [line for line in lines if line.startswith("- not included")] == NOT_INCLUDED
     assert "![WER by layer and by re-initialised blocks](report.png)" in text

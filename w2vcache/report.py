@@ -443,8 +443,14 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
                  for r in tunes]
         out += ["", "## Fine-tuning (W2V + CTC head, re-initialised blocks)", ""]
         out += _markdown_table(header, ["---", "---", *["---:"] * (len(header) - 2)], lines)
-        if any(not r.reinit for r in tunes):
-            out += ["", "Δ: change of the mean WER against re-init none, in percentage points."]
+        baseline = next((r for r in tunes if not r.reinit), None)
+        if baseline:
+            line = "Δ: change of the mean WER against re-init none, in percentage points."
+            unpaired = [r.label for r in tunes if r.reinit and r.seeds != baseline.seeds]
+            if unpaired:
+                line += (f" The seeds of {', '.join(unpaired)} are not the baseline's ({','.join(map(str, baseline.seeds))}):"
+                         " their Δ compares means over different seeds.")
+            out += ["", line]
         else:
             out += ["", "Δ: not computed, no fine-tuning baseline (re-init none) has finished."]
         out += ["", _feature_encoder_note(runs)]
