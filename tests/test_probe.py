@@ -304,3 +304,24 @@ def test_utterances_ctc_cannot_align_are_counted_and_named(store, tmp_path, caps
     metrics = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert metrics["utterances_without_ctc_path"] == 1 and metrics["batches_not_finite"] == 0
     assert "note: 1 training utterance(s) have transcripts longer than their frames allow" in capsys.readouterr().out
+
+
+def test_a_resume_with_every_epoch_done_tests_with_the_threads_asked_for(store, tmp_path, monkeypatch):
+    """Killed during its final test, a run resumes straight into testing: that evaluation too runs
+    on --threads, not on torch's default (on a busy machine the difference is many times over)."""
+    import w2vcache.train
+
+    args = ["probe", "--store", str(store), "--layer", "1", "--epochs", "1", *SMALL, "--out", tmp_path, "--threads", "1"]
+    assert cli(*args).exit_code == 0
+    (tmp_path / "probe/layer01/seed0/result.json").unlink()  # as if killed while testing
+    seen, evaluate = [], w2vcache.train.evaluate
+    monkeypatch.setattr(w2vcache.train, "evaluate",
+                        lambda task, split: seen.append(torch.get_num_threads()) or evaluate(task, split))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        resumed = cli(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed.exit_code == 0, resumed.output
+    assert seen and set(seen) == {1}

@@ -375,6 +375,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         upcoming = task.train_batches(epoch + 1) if epoch + 1 < config.epochs else None
         if hasattr(upcoming, "begin"):
             upcoming.begin()
+        threads.use(num_threads, model)  # looked at again: a neighbour may have come or gone
         dev = evaluate(task, config.dev_split)
         entry = {
             "epoch": epoch + 1,
@@ -418,6 +419,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
             dist.barrier()  # the other ranks may read best.pt / checkpoint.pt next
 
     eval_started = time.perf_counter()
+    threads.use(num_threads, model)  # also where every epoch was done before a resume: no epoch chose them
     model.load_state_dict(load_checkpoint(run_dir / BEST))
     result = dict(
         run_record.identity(),
