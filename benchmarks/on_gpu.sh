@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/on_gpu.sh [DIR]
 #
-# About 1.7 h of audio (the bundled corpus repeated) for the extraction figures (about 20 GB free
-# under DIR while they run); a few minutes on an H100. The CPU-only benchmarks (shared_cpu.py, int8_store.py, probe_cost.py's profile) are not run.
+# About 1.7 h of audio (the bundled corpus repeated) for the extraction figures and the study's
+# projected time (about 20 GB free under DIR while they run); a few minutes on an H100. The CPU-only benchmarks (shared_cpu.py, int8_store.py, probe_cost.py's profile) are not run.
 # Exits 1 if any benchmark failed, after running the others; the last lines name those that did.
 set -u -o pipefail
 dir=$(realpath -m "${1:-$(dirname "$0")/../benchmark-logs}")  # DIR as the caller named it
@@ -30,6 +30,7 @@ run extract extract_overhead.py --device cuda --seconds 6000 --dir "$dir"
 run compute-dtype compute_dtype.py --device cuda
 run data-wait probe_cost.py --data-wait --device cuda
 run finetune-step finetune_step.py --device cuda
+run study-time study_time.py --device cuda --repeat 12 --memory-budget 20 --dir "$dir"
 
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]} (their output is under $dir)" >&2

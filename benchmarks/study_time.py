@@ -1,0 +1,155 @@
+"""The study's whole table on this machine: each stage's rate measured in one run, then projected
+to the study's sizes.
+
+    python benchmarks/study_time.py [--model builtin:base] [--device cpu] [--repeat 1] [--dir DIR]
+                                    [--compute-dtype float32] [--precision fp32] [--memory-budget 8]
+
+The study (DESIGN.md, README "The real experiments"): every layer of W2V-Base extracted from
+31.4 h of audio (10 h train, 10.7 h dev, 10.7 h test), then 39 probes (13 layers x 3 seeds, the
+3x1024 BiLSTM) and 12 fine-tunes (4 re-init sets x 3 seeds), 10 epochs each, the dev split
+evaluated after every epoch and the best epoch tested. Target: under 2 h on one H100.
+
+Measured with w2vcache's own functions on the bundled corpus, each split repeated --repeat times
+under new ids (train 307 s, dev 83 s, test 131 s of speech per repeat):
+- extraction: `extract()` of every split into a fresh store, until on disk;
+- reading a layer: the three splits of layer 8, read and checksummed as a probe sweep does once
+  per layer;
+- a probe: `probe()` on layer 8 for 2 epochs; its second epoch's training and dev evaluation, and
+  the final evaluation (dev and tests, at the best epoch);
+- a fine-tune: `finetune()` for 3 epochs, the first 2 with the transformer frozen: epoch 1
+  computes the frozen CNN's outputs and keeps them (CNNCache), epoch 2 is a frozen epoch from the
+  kept outputs, epoch 3 trains the transformer; each epoch's dev evaluation, the final evaluation,
+  and what the run costs besides (loading the model, its sweep bookkeeping).
+
+Projected, per second of audio of each split, linearly: an epoch costs what it costs per second
+of train audio, an evaluation per second of the split evaluated. A fine-tune's 10 epochs are the
+first run's epoch 1 (the sweep's later runs find the CNN's outputs kept: same CNN weights) and
+otherwise epoch 2 (frozen) or epoch 3 (transformer trained). That assumes the study's CNN outputs
+stay kept: 7.7 GB for train and dev, so --memory-budget 10 or more. Short runs flatter nothing
+but warm-up, which this counts at its full weight in the measured epochs, so the projection errs
+long where the bench set is small (a GPU wants --repeat 10 or more to fill its batches).
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from w2vcache.audio import SAMPLE_RATE, load_audio
+from w2vcache.corpus import build_corpus
+from w2vcache.extract import ExtractConfig, extract
+from w2vcache.finetune import FinetuneConfig, finetune
+from w2vcache.layers import layer_name
+from w2vcache.probe import SplitFeatures, probe
+from w2vcache.store import open_store
+from w2vcache.train import TrainConfig
+
+HOURS = {"train": 10.0, "dev": 10.7, "test": 10.7}  # the study's splits (LibriSpeech's dev and test: clean + other)
+LAYERS, SEEDS, REINITS, EPOCHS, FROZEN = 13, 3, 4, 10, 3
+PROBE_LAYER = "8"
+TESTS = ("test-clean", "test-other")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:base")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=1, help="each bundled split repeated this many times")
+    parser.add_argument("--dir", help="where the store and runs go (default: a temporary folder)")
+    parser.add_argument("--compute-dtype", default="float32", help="extraction's (extract --compute-dtype)")
+    parser.add_argument("--precision", default="fp32", help="fine-tuning's (finetune --precision)")
+    parser.add_argument("--memory-budget", type=float, default=8.0, help="GB, for the probe's and fine-tune's data")
+    args = parser.parse_args()
+    budget = int(args.memory_budget * 1e9)
+
+    corpus = repeated(build_corpus(), args.repeat)
+    seconds = {split: sum(len(load_audio(u.path)) for u in utterances) / SAMPLE_RATE
+               for split, utterances in corpus.splits.items()}
+    bench = {"train": seconds["train"], "dev": seconds["dev"], "test": sum(seconds[s] for s in TESTS)}
+    scale = {split: HOURS[split] * 3600 / bench[split] for split in HOURS}  # study seconds per bench second
+    print(f"model {args.model}, device {args.device}, bench corpus: "
+          + ", ".join(f"{split} {s:.0f} s" for split, s in bench.items()) + f" (bundled x {args.repeat})")
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        store = str(Path(tmp) / "bench.zarr")
+        t = time.perf_counter()
+        extract(corpus, ExtractConfig(model=args.model, store=store, device=args.device,
+                                      compute_dtype=args.compute_dtype), progress=False)
+        extract_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        opened = open_store(store)
+        for split in ("train", "dev", *TESTS):
+            SplitFeatures(opened, split, layer_name(int(PROBE_LAYER)), budget)
+        read_s = time.perf_counter() - t
+
+        train = TrainConfig(epochs=2)
+        t = time.perf_counter()
+        result = probe(store, layers=PROBE_LAYER, out=str(Path(tmp) / "runs"), train_config=train,
+                       memory_budget=budget, device=args.device, progress=False)
+        probe_run = run_costs(result.finished[0], time.perf_counter() - t)
+
+        train = TrainConfig(epochs=3)
+        t = time.perf_counter()
+        result = finetune(corpus, args.model, out=str(Path(tmp) / "runs"), train_config=train,
+                          config=FinetuneConfig(freeze_epochs=2, precision=args.precision), device=args.device,
+                          progress=False, cnn_memory=budget)
+        finetune_run = run_costs(result.finished[0], time.perf_counter() - t)
+
+    audio = sum(bench.values())
+    study_audio = sum(HOURS.values()) * 3600
+    stages = {"extraction": extract_s / audio * study_audio, "layer reads": LAYERS * read_s / audio * study_audio}
+    p = probe_run
+    one_probe = (EPOCHS * (p.train[1] * scale["train"] + p.dev[1] * scale["dev"])
+                 + p.final * (HOURS["dev"] + HOURS["test"]) * 3600 / (bench["dev"] + bench["test"])
+                 + max(0.0, p.rest - read_s))  # a sweep reads each layer once for its seeds: "layer reads"
+    stages["probes"] = LAYERS * SEEDS * one_probe
+    f = finetune_run
+    frozen = f.train[1] * scale["train"] + f.dev[1] * scale["dev"]
+    full = f.train[2] * scale["train"] + f.dev[2] * scale["dev"]
+    first = f.train[0] * scale["train"] + f.dev[0] * scale["dev"]
+    final = f.final * (HOURS["dev"] + HOURS["test"]) * 3600 / (bench["dev"] + bench["test"])
+    runs = REINITS * SEEDS
+    stages["fine-tunes"] = (first - frozen) + runs * ((FROZEN * frozen) + (EPOCHS - FROZEN) * full + final + f.rest)
+
+    print("\nmeasured (bench corpus):")
+    print(f"  extraction      {extract_s:8.1f} s  ({audio / extract_s:8.1f} s of audio / s)")
+    print(f"  layer {PROBE_LAYER} read     {read_s:8.1f} s  ({audio / read_s:8.1f} s of audio / s)")
+    for name, run in (("probe", probe_run), ("fine-tune", finetune_run)):
+        epochs = ", ".join(f"epoch {i + 1} train {tr:.1f} s + dev {dv:.1f} s" for i, (tr, dv) in enumerate(zip(run.train, run.dev)))
+        print(f"  {name:<10} {epochs}; final evaluation {run.final:.1f} s; the rest {run.rest:.1f} s")
+    print(f"\nprojected: the study's table ({sum(HOURS.values()):.1f} h of audio; {LAYERS * SEEDS} probes, "
+          f"{runs} fine-tunes, {EPOCHS} epochs each) on this machine:")
+    for name, s in stages.items():
+        print(f"  {name:<12} {s / 3600:8.2f} h")
+    total = sum(stages.values())
+    print(f"  {'total':<12} {total / 3600:8.2f} h  (target on one H100: under 2 h)")
+
+
+class RunCosts:
+    """A finished run's seconds, from its own records: per epoch, training and dev evaluation; the
+    final evaluation; and the rest of `wall` (loading, bookkeeping)."""
+
+    def __init__(self, train, dev, final, rest):
+        self.train, self.dev, self.final, self.rest = train, dev, final, rest
+
+
+def run_costs(run_dir: str, wall: float) -> RunCosts:
+    epochs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    timings = json.loads((Path(run_dir) / "result.json").read_text())["timings"]
+    train = [e["train_seconds"] for e in epochs]
+    dev = [e["seconds"] - e["train_seconds"] for e in epochs]
+    return RunCosts(train, dev, timings["test_s"], max(0.0, wall - timings["total_s"]))
+
+
+def repeated(corpus, times: int):
+    """`corpus` with each split's utterances repeated `times` times under new ids."""
+    corpus.splits = {split: [replace(u, id=f"{u.id}-r{i}") if times > 1 else u for i in range(times) for u in utterances]
+                     for split, utterances in corpus.splits.items()}
+    return corpus
+
+
+if __name__ == "__main__":
+    main()
