@@ -325,3 +325,37 @@ def test_a_resume_with_every_epoch_done_tests_with_the_threads_asked_for(store, 
         torch.set_num_threads(threads)
     assert resumed.exit_code == 0, resumed.output
     assert seen and set(seen) == {1}
+
+
+def test_a_failed_run_says_why_in_its_result_and_is_taken_again(store, tmp_path, monkeypatch):
+    """A run stopped by an error writes result.json with status failed and the error, which
+    report lists; the same command again resumes it from its last checkpoint and finishes it as
+    an uninterrupted run does."""
+    from w2vcache.report import find_runs
+
+    args = ["probe", "--store", str(store), "--layer", "1", "--epochs", "2", *SMALL]
+    whole = cli(*args, "--out", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    calls, loss = [], ProbeTask.loss
+
+    def failing_in_epoch_2(self, batch):
+        calls.append(1)
+        if len(calls) > len(self.batches["train"]):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return loss(self, batch)
+
+    monkeypatch.setattr(ProbeTask, "loss", failing_in_epoch_2)
+    failed = cli(*args, "--out", tmp_path / "failed")
+    assert failed.exit_code != 0
+    run = tmp_path / "failed/probe/layer01/seed0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "failed" and result["seed"] == 0 and result["layer"] == 1
+    assert result["error"].endswith("RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert find_runs(tmp_path / "failed")[0].status == "failed"
+    monkeypatch.setattr(ProbeTask, "loss", loss)
+    again = cli(*args, "--out", tmp_path / "failed")
+    assert again.exit_code == 0, again.output
+    assert "resuming" in again.output and "after epoch 1" in again.output
+    a = json.loads((tmp_path / "whole/probe/layer01/seed0/result.json").read_text())
+    b = json.loads((run / "result.json").read_text())
+    assert b["status"] == "finished" and all(a[k] == b[k] for k in ("best_epoch", "dev", "test-clean", "test-other"))

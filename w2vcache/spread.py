@@ -11,6 +11,7 @@ ranks act as one: rank 0 alone looks at each run and locks it, and tells the oth
 """
 
 import contextlib
+import json
 import contextvars
 import os
 from dataclasses import dataclass
@@ -180,16 +181,33 @@ def held_message(directory, holder: dict) -> str:
             f"taken for dead after {SILENT_AFTER_S / 60:.0f} minutes; or delete {lock})")
 
 
+def _finished(directory: Path) -> bool:
+    """Whether the run's result.json says it finished. A failed run's says why it stopped, and the
+    run is taken again (from its last checkpoint)."""
+    try:
+        return json.loads((directory / RESULT).read_text()).get("status") != "failed"
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: left alone, as a finished run is (report names the file)
+
+
 def _claim(directory: Path) -> Claim:
-    if (directory / RESULT).exists():  # looked at first: a finished run gets no lock folder
+    if _finished(directory):  # looked at first: a finished run gets no lock folder
         return Claim(FINISHED)
     got = try_lock(directory, RUN_LOCK)
     if isinstance(got, dict):
         return Claim(HELD, held_message(directory, got))
-    if (directory / RESULT).exists():  # another job finished it between our two looks
+    if _finished(directory):  # another job finished it between our two looks
         got.release()
         return Claim(FINISHED)
     return Claim(TAKEN, lock=got)
+
+
+def still_held() -> bool:
+    """Whether this process still holds the lock of the run it trains (True outside a sweep)."""
+    lock = _TRAINING_UNDER.get()
+    return lock is None or not lock.lost
 
 
 def claim_run(directory, together: bool = False) -> Claim:

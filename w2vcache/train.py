@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -30,7 +31,7 @@ from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates
 from .runs import (BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, read_metrics,
                    upgrade_record)
-from .spread import FINISHED, HELD, Share, check_still_held, claim_run, training_under
+from .spread import FINISHED, HELD, Share, check_still_held, claim_run, still_held, training_under
 
 _END = object()  # end of an epoch's batches
 
@@ -300,7 +301,25 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
     elif writer:
         record.write_json(saved_config, dict(record_now, versions=record.versions(),
                                              command=record.command_line(), started=record.now()))
+    try:
+        return _train(task, config, run_dir, run_record, progress, num_threads, started, distributed, writer)
+    except Exception as error:
+        # Said in result.json, for report; the run is taken again, from its checkpoint, next time.
+        if writer and still_held():
+            record.write_json(run_dir / RESULT, dict(run_record.identity(), status="failed", error=_failure(error),
+                                                     failed=record.now()))
+        raise
 
+
+def _failure(error: Exception) -> str:
+    """What stopped a run: a user's error as it was said, anything else with its traceback."""
+    if isinstance(error, W2VCacheError):
+        return str(error)
+    return "".join(traceback.format_exception(error)).strip()
+
+
+def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord, progress: bool,
+           num_threads: int | None, started: float, distributed: bool, writer: bool) -> dict:
     model = task.model
     optimizer = make_optimizer(model.parameters(), config.lr)
     updates_per_epoch = math.ceil(len(task.train_batches(0)) / config.grad_accum)
