@@ -211,3 +211,36 @@ def test_copy_and_export_keep_the_failure_record(stores, tmp_path):
             ids = f[split]["ids"].asstr()[:].tolist()
             assert [ids[i] for i in np.flatnonzero(f[split]["usable"][:] == 0)] == [bad]
             assert [u["id"] for u in json.loads(f[split].attrs["failed"])] == [bad]
+
+
+def test_finetune_checks_every_file_first_and_says_which_one_fails_to_decode(corpus, tmp_path):
+    """Fine-tuning refuses files of the wrong format in any split it uses before any run starts,
+    all of them named (--skip-bad leaves them out); a file corrupt in its middle, found by a
+    DataLoader worker, stops the run with its name, and result.json says the run failed."""
+    root, manifests = corpus
+    odd = {"8k": write_wave(root / "odd-8k.wav", seconds=0.6, rate=8000),
+           "stereo": write_wave(root / "odd-stereo.flac", seconds=0.6, channels=2)}
+    test = root / "test-odd.tsv"
+    tested = [write_wave(root / f"test-{i}.flac", seconds=0.7, seed=30 + i).name for i in range(3)]
+    test.write_text("".join(f"{name}\tWORD\n" for name in tested) + f"{odd['stereo'].name}\tSTEREO\n")
+    train = root / "train-odd.tsv"
+    train.write_text(manifests["train", "good"].read_text() + f"{odd['8k'].name}\tEIGHT K\n")
+    args = ["finetune", "--split", f"train={train}", "--split", f"dev={manifests['dev', 'good']}",
+            "--split", f"test-clean={test}", "--epochs", "1", "--batch-seconds", "2", "--num-workers", "2"]
+    refused = run_cli(*args, "--out", tmp_path / "odd")
+    assert refused.exit_code == 1
+    assert f"{odd['8k']}: sample rate is 8000 Hz" in refused.output and f"{odd['stereo']}: has 2 channels" in refused.output
+    assert "pass --skip-bad to leave them out of the fine-tuning" in refused.output
+    assert not (tmp_path / "odd").exists()
+    skipped = run_cli(*args, "--skip-bad", "--out", tmp_path / "odd")
+    assert skipped.exit_code == 0, skipped.output
+    config = json.loads((tmp_path / "odd/finetune/reinit-none/seed0/config.json").read_text())
+    assert {(s, e["id"]) for s, entries in config["data"]["skipped"].items() for e in entries} == {
+        ("train", "odd-8k"), ("test-clean", "odd-stereo")}
+
+    failed = run_cli("finetune", *splits(manifests, "all"), "--epochs", "1", "--batch-seconds", "2",
+                     "--num-workers", "2", "--out", tmp_path / "corrupt")
+    assert failed.exit_code == 1 and "Traceback" not in failed.output
+    assert f"{root / 'train-bad.flac'}: cannot decode the audio" in failed.output
+    result = json.loads((tmp_path / "corrupt/finetune/reinit-none/seed0/result.json").read_text())
+    assert result["status"] == "failed" and "train-bad.flac: cannot decode the audio" in result["error"]

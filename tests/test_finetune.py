@@ -116,8 +116,10 @@ def test_reinit_option_errors(tmp_path, tiny):
         refused = CliRunner().invoke(main, ["finetune", *tiny, *args, "--out", str(tmp_path)])
         assert refused.exit_code == 1 and message in refused.output, refused.output
     assert not (tmp_path / "finetune").exists()
-    result = CliRunner().invoke(main, ["finetune", *tiny, "--reinit", "9", "--out", str(tmp_path)])
+    # Refused before the baseline trains (it would otherwise first, for hours), and no directory made
+    result = CliRunner().invoke(main, ["finetune", *tiny, "--reinit", "none", "--reinit", "9", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "layer 9 does not exist: the model has 4 transformer blocks" in result.output
+    assert not (tmp_path / "finetune").exists()
 
 
 def test_two_gloo_processes_match_one_process(tmp_path, tiny):

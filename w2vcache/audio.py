@@ -24,6 +24,9 @@ class AudioError(W2VCacheError):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):  # pickled whole: a DataLoader worker hands it back to the main process
+        return type(self), (self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class AudioInfo:
@@ -128,3 +131,57 @@ def load_audio(path, min_samples: int = 1) -> np.ndarray:
     if not np.all(np.isfinite(samples)):
         raise AudioError(path, "contains NaN or infinite samples")
     return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# A corpus's files, all checked before any compute
+
+SHOWN_BAD = 10  # bad files listed in the error itself; the rest go to a file
+
+
+class BadAudioError(W2VCacheError):
+    """Every unusable file of a corpus, found in one pass; `bad` holds (split, id, path, reason).
+    `skip`: what --skip-bad does in the command that raised it."""
+
+    def __init__(self, bad: list[tuple[str, str, str, str]], total: int, listing: str | None = None,
+                 skip: str = "record them in the store and go on"):
+        self.bad, self.total, self.skip = bad, total, skip
+        lines = [f"  {path}: {reason} (utterance {uid}, split {split})" for split, uid, path, reason in bad]
+        more = len(bad) - SHOWN_BAD
+        tail = [f"  ... and {more} more" + (f"; all {len(bad)} are listed in {listing}" if listing else "")] if more > 0 else []
+        super().__init__(
+            f"{len(bad)} of {total} audio files cannot be used:\n" + "\n".join(lines[:SHOWN_BAD] + tail)
+            + f"\nfix or remove them, or pass --skip-bad to {skip}"
+        )
+
+    def write_listing(self, path) -> "BadAudioError":
+        """The full list as TSV (split, id, path, reason) at `path`; the error that names it."""
+        rows = ["split\tid\tpath\treason"] + ["\t".join(row) for row in self.bad]
+        Path(path).write_text("\n".join(rows) + "\n", encoding="utf-8")
+        return BadAudioError(self.bad, self.total, str(path), self.skip)
+
+
+def check_corpus(splits: dict, min_samples: int, progress: bool = True):
+    """Every file of `splits` (name -> utterances) checked: header, format (16 kHz mono, at least
+    `min_samples`: the model's receptive field) and its last samples (a truncated file fails
+    there), in one pass. Returns each split's usable (utterance, AudioInfo) pairs and the bad
+    files as (split, id, path, reason). A file whose middle is corrupt is only found when decoded."""
+    from tqdm.auto import tqdm
+
+    usable, bad = {}, []
+    total = sum(len(utterances) for utterances in splits.values())
+    with tqdm(total=total, desc="checking audio", unit="file", disable=not progress, leave=False) as bar:
+        for split, utterances in splits.items():
+            usable[split] = []
+            for u in utterances:
+                bar.update()
+                try:
+                    info = audio_info(u.path)
+                    check_format(u.path, info, min_samples)
+                    check_complete(u.path, info)
+                except AudioError as err:
+                    bad.append((split, u.id, str(u.path), err.reason))
+                    continue
+                usable[split].append((u, info))
+    return usable, bad
+

@@ -315,7 +315,7 @@ def reinit_layers(model_or_backbone: Backbone | nn.Module, layers: Sequence[int]
     """
     base = _base_model(model_or_backbone)
     blocks = base.encoder.layers
-    _check_block_numbers(layers, len(blocks))
+    check_block_numbers(layers, len(blocks))
     for number in layers:
         _reinit_block(base, blocks[number - 1], _block_seed(seed, number))
 
@@ -329,7 +329,7 @@ def _base_model(obj: Backbone | nn.Module) -> PreTrainedModel:
     return base
 
 
-def _check_block_numbers(layers: Sequence[int], depth: int) -> None:
+def check_block_numbers(layers: Sequence[int], depth: int) -> None:
     seen = set()
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):

@@ -380,26 +380,28 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
               help="Train only this job's share of the (re-init, seed) runs, one process per run: torchrun's "
               "ranks then share the job's runs instead of training each together (DDP); 0/1 for all of them.")
 @click.option("--revision", help="Hub revision of --model.")
+@click.option("--skip-bad", is_flag=True, help="Leave out unusable audio files and utterances without a "
+              "transcript (listed, and recorded in each run's config.json) instead of stopping.")
 @threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 @user_errors
 def finetune_command(model, librispeech, librilight, splits, reinits, seeds, train_config, train_split,
                      freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length, final_dropout,
                      batch_seconds, grad_accum, num_workers, precision, memory_budget, device, shard, revision,
-                     threads, out):
+                     skip_bad, threads, out):
     """Fine-tune W2V with a CTC head, top blocks re-initialised first (torchrun for several GPUs)."""
     from .finetune import FinetuneConfig, finetune, parse_reinit
     from .probe import parse_seeds
 
     result = finetune(
-        read_corpus(librispeech, librilight, splits), model,
+        read_corpus(librispeech, librilight, splits, skip_bad), model,
         [parse_reinit(r) for r in reinits], parse_seeds(seeds), out,
         FinetuneConfig(freeze_epochs=freeze_epochs, train_feature_encoder=train_feature_encoder,
                        final_dropout=final_dropout, mask_time_prob=mask_time_prob, mask_time_length=mask_time_length,
                        batch_seconds=batch_seconds, num_workers=num_workers, precision=precision),
         dataclasses.replace(train_config, grad_accum=grad_accum),
         train_split=train_split, device=device, revision=revision, num_threads=threads, shard=shard,
-        cnn_memory=int(memory_budget * 2**30),
+        cnn_memory=int(memory_budget * 2**30), skip_bad=skip_bad,
     )
     if shard is not None or int(os.environ.get("RANK", "0")) == 0:  # DDP ranks did one thing: say it once
         for line in result.summary(out, "finetune"):

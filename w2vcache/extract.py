@@ -15,14 +15,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import record, text, threads
-from .audio import SAMPLE_RATE, AudioError, audio_info, check_complete, check_format, load_audio
+from .audio import SAMPLE_RATE, SHOWN_BAD, AudioError, BadAudioError, check_corpus, load_audio
 from .backbone import CNN_LAYER, Backbone, forward_layers
 from .batching import length_batches
 from .checkpoints import load_backbone
@@ -111,29 +110,6 @@ def _device(config: ExtractConfig) -> str:
 # Planning: every utterance's frame count, known from the audio header before any compute
 
 
-SHOWN_BAD = 10  # bad files listed in the error itself; the rest go to a file
-
-
-class BadAudioError(W2VCacheError):
-    """Every unusable file of a corpus, found in one pass; `bad` holds (split, id, path, reason)."""
-
-    def __init__(self, bad: list[tuple[str, str, str, str]], total: int, listing: str | None = None):
-        self.bad, self.total = bad, total
-        lines = [f"  {path}: {reason} (utterance {uid}, split {split})" for split, uid, path, reason in bad]
-        more = len(bad) - SHOWN_BAD
-        tail = [f"  ... and {more} more" + (f"; all {len(bad)} are listed in {listing}" if listing else "")] if more > 0 else []
-        super().__init__(
-            f"{len(bad)} of {total} audio files cannot be used:\n" + "\n".join(lines[:SHOWN_BAD] + tail)
-            + "\nfix or remove them, or pass --skip-bad to record them in the store and go on"
-        )
-
-    def write_listing(self, path) -> "BadAudioError":
-        """The full list as TSV (split, id, path, reason) at `path`; the error that names it."""
-        rows = ["split\tid\tpath\treason"] + ["\t".join(row) for row in self.bad]
-        Path(path).write_text("\n".join(rows) + "\n", encoding="utf-8")
-        return BadAudioError(self.bad, self.total, str(path))
-
-
 def plan_splits(corpus: Corpus, backbone: Backbone, skip_bad: bool = False, progress: bool = True) -> dict[str, SplitPlan]:
     """Per split, (id, transcript, path, frames) of every usable utterance.
 
@@ -144,23 +120,14 @@ def plan_splits(corpus: Corpus, backbone: Backbone, skip_bad: bool = False, prog
     A file whose middle is corrupt is only found when it is decoded: it is skipped then and
     recorded in the store as failed (see _load_batches).
     """
-    plans, bad = {}, []
-    with tqdm(total=len(corpus), desc="checking audio", unit="file", disable=not progress, leave=False) as bar:
-        for split, utterances in corpus.splits.items():
-            plan = SplitPlan([], source=", ".join(corpus.sources.get(split, [])))
-            plan.skipped += corpus.skipped.get(split, [])
-            for u in utterances:
-                bar.update()
-                try:
-                    info = audio_info(u.path)
-                    check_format(u.path, info, backbone.receptive_field)
-                    check_complete(u.path, info)
-                except AudioError as err:
-                    bad.append((split, u.id, u.path, err.reason))
-                    plan.skipped.append({"id": u.id, "path": u.path, "reason": err.reason})
-                    continue
-                plan.utterances.append((u.id, u.text, u.path, backbone.num_frames(info.num_samples)))
-            plans[split] = plan
+    usable, bad = check_corpus(corpus.splits, backbone.receptive_field, progress)
+    plans = {}
+    for split, checked in usable.items():
+        plan = SplitPlan([], source=", ".join(corpus.sources.get(split, [])))
+        plan.skipped += corpus.skipped.get(split, [])
+        plan.skipped += [{"id": uid, "path": path, "reason": reason} for s, uid, path, reason in bad if s == split]
+        plan.utterances = [(u.id, u.text, u.path, backbone.num_frames(info.num_samples)) for u, info in checked]
+        plans[split] = plan
     if bad and not skip_bad:
         raise BadAudioError(bad, len(corpus))
     for split, plan in plans.items():

@@ -11,8 +11,9 @@ DistributedDataParallel (gloo on CPU, NCCL on GPU).
 import functools
 import os
 import random
+import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import text
-from .audio import SAMPLE_RATE, audio_info, load_audio
-from .backbone import Backbone, cnn_features, encode, reinit_layers, state_dict_hash
+from .audio import SAMPLE_RATE, AudioError, BadAudioError, audio_info, check_corpus, load_audio
+from .backbone import Backbone, check_block_numbers, cnn_features, encode, reinit_layers, state_dict_hash
 from .batching import length_batches
 from .checkpoints import load_backbone
 from .corpus import Corpus
@@ -166,7 +167,10 @@ class AudioBatches(torch.utils.data.Dataset):
             # Fewer utterances than ranks: this rank still has to join the gradient all-reduce,
             # so it runs one utterance with weight 0 and contributes nothing.
             mine, weight = members[:1], 0.0
-        waves = [load_audio(self.utterances[j].path, self.min_samples) for j in mine]
+        try:
+            waves = [load_audio(self.utterances[j].path, self.min_samples) for j in mine]
+        except AudioError as error:  # a file corrupt in its middle: raised by the loop (_Raising), not in a worker
+            return error
         texts = [self.utterances[j].text for j in mine]
         unreachable = sum(text.ctc_frames_needed(text.encode(t).ids) > self.frames[j] for t, j in zip(texts, mine))
         return AudioBatch(waves, texts, len(members), weight, sum(self.frames[j] for j in mine),
@@ -175,6 +179,24 @@ class AudioBatches(torch.utils.data.Dataset):
 
 def _collate(item):
     return item
+
+
+class _Raising:
+    """A DataLoader whose batches may be an AudioError from a worker: raised here, as itself (torch
+    would re-raise it from its worker as a RuntimeError holding the worker's traceback)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if isinstance(batch, AudioError):
+                raise W2VCacheError(f"{batch}; fix or remove it, or leave it out with --skip-bad "
+                                    "(found by decoding it: its header and last samples were fine)")
+            yield batch
 
 
 class FinetuneTask:
@@ -246,9 +268,9 @@ class FinetuneTask:
     def _loader(self, split: str, batches: list[list[int]], rank: int, world: int):
         dataset = AudioBatches(self.splits[split].utterances, self.splits[split].frames, batches, rank, world,
                                self.model.backbone_ref.receptive_field, split)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_collate,
-                                           num_workers=self.config.num_workers,
-                                           prefetch_factor=2 if self.config.num_workers else None)
+        return _Raising(torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, collate_fn=_collate,
+                                                    num_workers=self.config.num_workers,
+                                                    prefetch_factor=2 if self.config.num_workers else None))
 
     def train_batches(self, epoch: int):
         order = list(self.splits[self.train_split].batches)
@@ -319,14 +341,37 @@ def init_distributed(device: str) -> str:
     return device
 
 
+def usable_corpus(corpus: Corpus, splits, min_samples: int, skip_bad: bool, progress: bool) -> Corpus:
+    """`corpus` with only `splits`, every file checked first (audio.check_corpus); a bad file is
+    refused, all of them listed, or with `skip_bad` left out (and listed in corpus.skipped)."""
+    chosen = {split: corpus.splits[split] for split in dict.fromkeys(splits)}
+    usable, bad = check_corpus(chosen, min_samples, progress)
+    if bad and not skip_bad:
+        raise BadAudioError(bad, sum(map(len, chosen.values())), skip="leave them out of the fine-tuning")
+    if bad and progress:
+        print(f"left out {len(bad)} audio file(s) that cannot be used:", file=sys.stderr)
+        for split, uid, path, reason in bad:
+            print(f"  {path}: {reason} (utterance {uid}, split {split})", file=sys.stderr)
+    skipped = {split: list(corpus.skipped.get(split, [])) for split in chosen}
+    for split, uid, path, reason in bad:
+        skipped[split].append({"id": uid, "path": path, "reason": reason})
+    for split, checked in usable.items():
+        if not checked:
+            raise W2VCacheError(f"split {split}: no usable utterances (all {len(skipped[split])} cannot be used)")
+    return replace(corpus, splits={split: [u for u, _ in checked] for split, checked in usable.items()},
+                   skipped=skipped)
+
+
 def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(0,), out="runs",
              config: FinetuneConfig = FinetuneConfig(), train_config: TrainConfig = TrainConfig(),
              train_split: str = "train", device: str = "cpu", revision: str | None = None,
              progress: bool = True, num_threads: int | None = None, shard: str | None = None,
-             cnn_memory: int = DEFAULT_CNN_MEMORY) -> SweepResult:
+             cnn_memory: int = DEFAULT_CNN_MEMORY, skip_bad: bool = False) -> SweepResult:
     """Fine-tune `model` once per (re-init set, seed); finished runs are skipped, killed ones resume.
 
     `num_threads`: torch's CPU threads; None chooses them (threads.py).
+    `skip_bad`: leave out the audio files that cannot be used (listed on stderr and in each run's
+    config.json) instead of refusing them all, before any run starts.
     `cnn_memory`: bytes of the frozen CNN's outputs kept for later epochs and runs (CNNCache), on
     this machine (torchrun's ranks on it share them); 0 computes them in every step. The results
     are the same either way.
@@ -349,6 +394,14 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     train_config = test_splits_for(train_config, corpus.splits, "the corpus" if progress and main_rank else None)
     check_splits(corpus.splits, train_split, train_config.dev_split, "the corpus")
+    # What a run would refuse half-way is refused before the first one: the model, each re-init
+    # set against its blocks, and every audio file trained or tested on.
+    checking = load_backbone(model, revision=revision)
+    for blocks in reinits:
+        check_block_numbers(blocks, checking.num_layers)
+    corpus = usable_corpus(corpus, (train_split, train_config.dev_split, *train_config.test_splits),
+                           checking.receptive_field, skip_bad, progress and main_rank)
+    del checking
     # The budget is the machine's: torchrun's ranks on it each keep their part.
     cnn_cache = CNNCache(cnn_memory // local_processes()) if cnn_memory > 0 else None
 
@@ -363,7 +416,8 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
         run_record = RunRecord(
             kind="finetune", experiment=finetune_experiment(blocks), layer=None, reinit=list(blocks), seed=seed,
             model=asdict(config) | {"backbone": {k: backbone.describe()[k] for k in ("name", "revision", "weight_hash")}},
-            data={"train_split": train_split, "sources": corpus.sources},
+            data={"train_split": train_split, "sources": corpus.sources,
+                  **({"skipped": corpus.skipped} if any(corpus.skipped.values()) else {})},
             device=device, threads=num_threads, world_size=world,
         )
         return run_record, TrainConfig(**{**asdict(train_config), "seed": seed})
