@@ -196,6 +196,14 @@ def test_sweep_over_layers_and_seeds_skips_finished_runs(store, tmp_path, monkey
     assert alone.exit_code == 0, alone.output
     a, b = (torch.load(where / "probe/layer01/seed1/best.pt") for where in (tmp_path, tmp_path / "alone"))
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    # A sweep whose later run is there with other settings is refused before its first run trains,
+    # and settings no run could train with leave no run directory behind.
+    later = cli(*args[:3], "--layer", "0-1", "--seeds", "1", *args[7:], "--lr", "1e-2", "--out", tmp_path / "alone")
+    assert later.exit_code == 1 and "probe/layer01/seed1 holds a finished run with other settings" in later.output
+    assert not (tmp_path / "alone/probe/layer00").exists()
+    impossible = cli(*args, "--decay-from-epoch", "50", "--out", tmp_path / "impossible")
+    assert impossible.exit_code == 1 and "--decay-from-epoch 50 must lie within" in impossible.output
+    assert not (tmp_path / "impossible").exists()
 
 
 def test_select_by_cer_keeps_the_epoch_of_lowest_dev_cer(store, tmp_path):

@@ -30,7 +30,7 @@ from .corpus import Corpus
 from .errors import W2VCacheError
 from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
 from .spread import Share, local_processes, rank_device, share_of
-from .train import TrainConfig, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
+from .train import TrainConfig, check_config, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_CNN_MEMORY = 8 * 2**30  # bytes of the frozen CNN's outputs kept (CNNCache): W2V-Base's, 20 h of audio
@@ -394,6 +394,7 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     train_config = test_splits_for(train_config, corpus.splits, "the corpus" if progress and main_rank else None)
     check_splits(corpus.splits, train_split, train_config.dev_split, "the corpus")
+    check_config(train_config)
     # What a run would refuse half-way is refused before the first one: the model, each re-init
     # set against its blocks, and every audio file trained or tested on.
     checking = load_backbone(model, revision=revision)

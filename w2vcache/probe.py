@@ -35,7 +35,7 @@ from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
 from .runs import LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, probe_experiment, run_dir
 from .spread import rank_device, share_of
 from .store import open_store, public_url
-from .train import TrainConfig, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
+from .train import TrainConfig, check_config, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
 DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's features (all the layers read) kept in memory; more stream
 # The LSTM computes on every padded frame, so a batch is also cut where padding would pass this share.
@@ -579,6 +579,7 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
         raise W2VCacheError("--layer-norm normalises the layers of a weighted sum: it goes with --layer weighted")
     train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress else None)
     check_splits(store.splits, train_split, train_config.dev_split, f"store {store_url}")
+    check_config(train_config)
     # The features of the layer being probed, by split: its seeds' runs follow one another in the
     # sweep's order, so each layer is read (and its checksums checked) once, not once per seed.
     held: dict[tuple[str, str], SplitFeatures] = {}

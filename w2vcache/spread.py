@@ -181,7 +181,7 @@ def held_message(directory, holder: dict) -> str:
             f"taken for dead after {SILENT_AFTER_S / 60:.0f} minutes; or delete {lock})")
 
 
-def _finished(directory: Path) -> bool:
+def is_finished(directory: Path) -> bool:
     """Whether the run's result.json says it finished. A failed run's says why it stopped, and the
     run is taken again (from its last checkpoint)."""
     try:
@@ -193,12 +193,12 @@ def _finished(directory: Path) -> bool:
 
 
 def _claim(directory: Path) -> Claim:
-    if _finished(directory):  # looked at first: a finished run gets no lock folder
+    if is_finished(directory):  # looked at first: a finished run gets no lock folder
         return Claim(FINISHED)
     got = try_lock(directory, RUN_LOCK)
     if isinstance(got, dict):
         return Claim(HELD, held_message(directory, got))
-    if _finished(directory):  # another job finished it between our two looks
+    if is_finished(directory):  # another job finished it between our two looks
         got.release()
         return Claim(FINISHED)
     return Claim(TAKEN, lock=got)

@@ -7,6 +7,7 @@ the run directory of docs/RUNS.md.
 """
 
 import contextlib
+import functools
 import json
 import math
 import pickle
@@ -31,7 +32,7 @@ from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates
 from .runs import (BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, read_metrics,
                    upgrade_record)
-from .spread import FINISHED, HELD, Share, check_still_held, claim_run, still_held, training_under
+from .spread import FINISHED, HELD, Share, check_still_held, claim_run, is_finished, still_held, training_under
 
 _END = object()  # end of an epoch's batches
 
@@ -82,6 +83,9 @@ def check_splits(available, train_split: str, dev_split: str, what: str) -> None
         if split not in available:
             raise W2VCacheError(f"{option} {split}: {what} has no split {split!r}; it has "
                                 f"{', '.join(available)}: name one with {option}")
+    if dev_split == train_split:
+        print(f"note: --dev-split {dev_split} is the training split: the best epoch is chosen on what it "
+              "trained on", file=sys.stderr)
 
 
 class Task(Protocol):
@@ -137,7 +141,7 @@ def decay_from(config: TrainConfig) -> float:
 def check_config(config: TrainConfig) -> None:
     """Refuse a schedule that would silently not do what its options say."""
     if not 0 <= decay_from(config) <= config.epochs:
-        raise W2VCacheError(f"--decay-from-epoch {config.decay_from_epoch} must lie within the run's "
+        raise W2VCacheError(f"--decay-from-epoch {config.decay_from_epoch:g} must lie within the run's "
                             f"{config.epochs} epochs (or leave it out: half the epochs)")
     if config.select_by not in ("wer", "cer"):
         raise W2VCacheError(f"--select-by {config.select_by!r}: choose wer or cer")
@@ -236,6 +240,16 @@ def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepRe
 
 
 def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
+    runs = [(directory, start, functools.cache(settings) if settings else None) for directory, start, settings in runs]
+    # Runs already there, finished or begun, are checked against this command's settings before
+    # any run trains: a refusal at the sweep's tenth run would come after hours of the first nine.
+    for k, (directory, _, settings) in enumerate(runs):
+        directory = Path(directory)
+        if share.takes(k) and settings is not None and (directory / CONFIG).exists():
+            if is_finished(directory):
+                check_same_settings(directory, settings(), finished=True)
+            elif (directory / CHECKPOINT).exists():
+                check_same_settings(directory, settings(), finished=False)
     for k, (directory, start, settings) in enumerate(runs):
         if not share.takes(k):
             result.elsewhere += 1
