@@ -367,3 +367,20 @@ def test_a_failed_run_says_why_in_its_result_and_is_taken_again(store, tmp_path,
     a = json.loads((tmp_path / "whole/probe/layer01/seed0/result.json").read_text())
     b = json.loads((run / "result.json").read_text())
     assert b["status"] == "finished" and all(a[k] == b[k] for k in ("best_epoch", "dev", "test-clean", "test-other"))
+
+
+def test_a_damaged_run_directory_is_named_not_a_traceback(store, tmp_path):
+    args = ["probe", "--store", str(store), "--layer", "1", "--epochs", "1", *SMALL, "--out", tmp_path]
+    assert cli(*args).exit_code == 0
+    run = tmp_path / "probe/layer01/seed0"
+    (run / "result.json").unlink()  # unfinished, with its checkpoint
+    config = (run / "config.json").read_text()
+    (run / "config.json").write_text("")
+    damaged = cli(*args)
+    assert damaged.exit_code == 1 and "Traceback" not in damaged.output
+    assert f"{run / 'config.json'}: not valid JSON" in damaged.output and f"move {run} aside" in damaged.output
+    (run / "config.json").write_text(config)
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(checkpoint[: len(checkpoint) // 2])  # as a crash of the host may leave it
+    torn = cli(*args)
+    assert torn.exit_code == 1 and f"{run / 'checkpoint.pt'}: cannot be read" in torn.output, torn.output

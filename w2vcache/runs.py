@@ -201,7 +201,8 @@ def _error_line(error: str | None) -> str:
 
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A run's JSON record; an unreadable one is an error naming the file."""
     try:
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as err:
@@ -323,8 +324,8 @@ def read_run(directory, name: str | None = None) -> Run:
     """One run directory (holding config.json and/or result.json) as a `Run`."""
     directory = Path(directory)
     config_path, result_path = directory / CONFIG, directory / RESULT
-    config = upgrade_record(_read_json(config_path)) if config_path.is_file() else {}
-    result = upgrade_record(_read_json(result_path)) if result_path.is_file() else None
+    config = upgrade_record(read_json(config_path)) if config_path.is_file() else {}
+    result = upgrade_record(read_json(result_path)) if result_path.is_file() else None
     if not config and result is None:
         raise W2VCacheError(f"{directory}: not a run directory (no {CONFIG} or {RESULT})")
 

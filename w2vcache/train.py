@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import record, threads
 from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates
-from .runs import (BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, read_metrics,
+from .runs import (BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, read_json, read_metrics,
                    upgrade_record)
 from .spread import FINISHED, HELD, Share, check_still_held, claim_run, is_finished, still_held, training_under
 
@@ -196,6 +196,10 @@ def load_checkpoint(path: Path) -> dict:
             "w2vcache never writes such a file, and loading it could run code, so it is refused. "
             "Delete the run directory to train the run afresh"
         ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # torn by a crash, or not a checkpoint
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise W2VCacheError(f"{path}: cannot be read ({reason}); delete it to train the run from its start, "
+                            "or the run directory to train it anew") from None
 
 
 def _record_epoch(path: Path, entry: dict) -> None:
@@ -516,7 +520,11 @@ def check_same_settings(run_dir: Path, now: dict, finished: bool) -> None:
     """The run in `run_dir` (its config.json) has the settings `now`, but for what may change
     (_VOLATILE). Resuming with other settings or other features would silently mix two
     experiments; counting a finished run of other settings as done would report the wrong one."""
-    saved = upgrade_record(json.loads((run_dir / CONFIG).read_text()))
+    try:
+        saved = upgrade_record(read_json(run_dir / CONFIG))
+    except W2VCacheError as err:
+        raise W2VCacheError(f"{err}: the run there cannot be compared with this one; move {run_dir} aside "
+                            "(or delete it) to train the run anew") from None
     # Options added since the run started (select_by) took their defaults then.
     defaults = json.loads(json.dumps(asdict(TrainConfig())))
     saved["train"] = {**defaults, **saved.get("train", {})}
