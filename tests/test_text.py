@@ -30,6 +30,16 @@ def test_unknown_symbols_are_counted():
     assert text.ids_to_text(enc.ids) == "room ??? n ?"
 
 
+def test_transcripts_a_model_cannot_learn_are_pointed_out():
+    notes = text.transcript_notes({"train": ["room 101", "北京", "fine", "..."], "dev": ["ok", "I have 3 dogs & 2 cats!"]})
+    assert notes == [
+        "transcripts with symbols outside the 30-symbol vocabulary (2 in train, 1 in dev) read them as <unk>: "
+        "'1' x2, '0' x1, '北' x1, '京' x1, '3' x1, '&' x1, '2' x1; spell numbers out, or transliterate, for the "
+        "model to learn them",
+        "empty transcripts (1 in train): those utterances teach the model to write nothing"]
+    assert text.transcript_notes({"train": ["hello world", "it's"]}) == []
+
+
 def test_encode_empty():
     assert text.encode("  ...  ").ids == []
 

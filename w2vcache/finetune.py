@@ -403,6 +403,9 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     corpus = usable_corpus(corpus, (train_split, train_config.dev_split, *train_config.test_splits),
                            checking.receptive_field, skip_bad, progress and main_rank)
     del checking
+    if progress and main_rank:
+        for note in text.transcript_notes({s: [u.text for u in utterances] for s, utterances in corpus.splits.items()}):
+            print(f"note: {note}", file=sys.stderr)
     # The budget is the machine's: torchrun's ranks on it each keep their part.
     cnn_cache = CNNCache(cnn_memory // local_processes()) if cnn_memory > 0 else None
 

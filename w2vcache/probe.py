@@ -19,6 +19,7 @@ Kinds of probe:
 
 import functools
 import random
+import sys
 import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -282,8 +283,6 @@ class ProbeTask:
         # zero_infinity: an utterance whose transcript is longer than its frames (CTC has no path)
         # adds nothing, instead of making its whole batch's loss infinite.
         self.ctc = nn.CTCLoss(blank=text.BLANK_ID, zero_infinity=True)
-        self.unknown = {}  # symbols of the transcripts outside the vocabulary, counted as batches are built
-        self._unknown_lock = threading.Lock()  # two builders may run at once: next epoch's and dev's
 
     def _batch(self, split: str, indices: list[int]) -> Batch:
         """One batch, assembled and on the device."""
@@ -312,10 +311,6 @@ class ProbeTask:
         if self.device.type == "cuda":
             features = features.pin_memory()  # so that the copy to the device does not block
         encoded = [text.encode(source.texts[i]) for i in indices]
-        with self._unknown_lock:
-            for e in encoded:
-                for symbol, count in e.unknown.items():
-                    self.unknown[symbol] = self.unknown.get(symbol, 0) + count
         return Batch(
             features=features,
             lengths=torch.tensor([len(f) for f in feats]),
@@ -421,8 +416,7 @@ class _Prefetched:
     """Iterates makers' results in their order while a worker thread builds up to `depth` ahead.
 
     The batches are the makers' own, one worker calls them one at a time in order, so a run
-    with prefetch sees exactly the batches and order of one without (and text.encode's unknown
-    symbols get the same counts).
+    with prefetch sees exactly the batches and order of one without.
 
     The worker never waits long on the consumer: when `depth` batches wait unclaimed for
     PREFETCH_LINGER it ends, and the next batch taken starts a new one. A loop that stops taking
@@ -580,6 +574,10 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress else None)
     check_splits(store.splits, train_split, train_config.dev_split, f"store {store_url}")
     check_config(train_config)
+    if progress:
+        splits = dict.fromkeys((train_split, train_config.dev_split, *train_config.test_splits))
+        for note in text.transcript_notes({s: [u.text for u in store.utterances(s)] for s in splits}):
+            print(f"note: {note}", file=sys.stderr)
     # The features of the layer being probed, by split: its seeds' runs follow one another in the
     # sweep's order, so each layer is read (and its checksums checked) once, not once per seed.
     held: dict[tuple[str, str], SplitFeatures] = {}

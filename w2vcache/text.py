@@ -78,6 +78,30 @@ def encode(text: str) -> Encoded:
     return Encoded(ids, unknown)
 
 
+def transcript_notes(texts_by_split: dict, shown: int = 8) -> list[str]:
+    """What a person should know about the transcripts before training on them: those holding
+    symbols outside the vocabulary (read as <unk>: digits, other scripts, symbols), and empty ones
+    (they teach the model to write nothing)."""
+    unknown, holding, empty = Counter(), Counter(), Counter()
+    for split, texts in texts_by_split.items():
+        for t in texts:
+            encoded = encode(t)
+            unknown.update(encoded.unknown)
+            holding[split] += bool(encoded.unknown)
+            empty[split] += not encoded.ids
+    notes = []
+    if unknown:
+        symbols = ", ".join(f"{s!r} x{n}" for s, n in unknown.most_common(shown))
+        more = f" and {len(unknown) - shown} more" if len(unknown) > shown else ""
+        where = ", ".join(f"{n} in {split}" for split, n in holding.items() if n)
+        notes.append(f"transcripts with symbols outside the {len(VOCAB)}-symbol vocabulary ({where}) read them as "
+                     f"{UNK}: {symbols}{more}; spell numbers out, or transliterate, for the model to learn them")
+    if sum(empty.values()):
+        where = ", ".join(f"{n} in {split}" for split, n in empty.items() if n)
+        notes.append(f"empty transcripts ({where}): those utterances teach the model to write nothing")
+    return notes
+
+
 def ctc_frames_needed(ids) -> int:
     """The fewest frames a CTC alignment of `ids` takes: one per symbol, and a blank between two
     equal neighbours. An utterance with fewer frames has no CTC path (its loss is infinite)."""
