@@ -225,6 +225,10 @@ def test_not_a_model_directory(tmp_path):
         load_backbone(str(tmp_path))
     with pytest.raises(W2VCacheError, match="no-such-dir"):
         load_backbone("./no-such-dir")
+    weights = tmp_path / "model.safetensors"  # the weights file inside a model folder, not the folder
+    weights.write_bytes(b"")
+    with pytest.raises(W2VCacheError, match=f"is a file: name the folder that holds the model \\('{tmp_path}'"):
+        load_backbone(str(weights))
     with pytest.raises(W2VCacheError, match="builtin:huge"):
         load_backbone("builtin:huge")
     with pytest.raises(W2VCacheError, match="revision"):

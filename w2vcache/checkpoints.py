@@ -126,6 +126,10 @@ def load_backbone(
     elif os.path.isdir(name):
         model, checkpoint_normalize = _load_local(name), _read_do_normalize(name)
         name = os.path.abspath(name)
+    elif os.path.isfile(name):
+        folder = os.path.dirname(os.path.abspath(name))
+        raise W2VCacheError(f"--model {name!r} is a file: name the folder that holds the model ({folder!r}: a "
+                            "save_pretrained folder, or a fine-tuning run directory), or a Hub id")
     elif _looks_like_path(name):
         raise W2VCacheError(f"model directory {name!r} does not exist")
     else:
