@@ -111,3 +111,12 @@ def test_ctrl_c_says_the_work_is_kept_and_how_to_go_on(monkeypatch):
     assert result.exit_code == 1
     assert result.output.strip() == ("Error: interrupted; what was finished is kept: run the same command again "
                                      "to go on from there")
+
+
+def test_the_readme_shows_the_help_as_it_is():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    shown = readme.split("$ w2vcache --help\n", 1)[1].split("```", 1)[0]
+    # As a shell 80 columns wide shows it: click wraps help 2 columns short of the terminal.
+    assert CliRunner().invoke(main, ["--help"], prog_name="w2vcache", terminal_width=78).output == shown
