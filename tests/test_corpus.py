@@ -217,3 +217,24 @@ def test_a_split_folder_named_nearly_right_is_said_not_to_be_read(librispeech):
     assert "test-clean" not in corpus.splits
     assert corpus.notes[-1].endswith("(not there: Libri-light's 10 h train set (--librilight DIR), test-clean); "
                                      "not read: test_clean (LibriSpeech's split folders are named like test-clean)")
+
+
+def test_corpus_lists_the_files_extract_would_refuse(tmp_path):
+    """`corpus` checks every file as extract does: unusable ones are listed with why and left out
+    of the counts, and the listing goes on (an unreadable file used to stop it)."""
+    from click.testing import CliRunner
+
+    from w2vcache.cli import main
+
+    good = [write_wave(tmp_path / f"ok-{i}.flac", seconds=0.6, seed=i) for i in range(2)]
+    slow = write_wave(tmp_path / "slow.wav", seconds=0.6, rate=8000)
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"not audio at all")
+    manifest = tmp_path / "all.tsv"
+    manifest.write_text("".join(f"{p.name}\tWORDS\n" for p in (*good, slow, broken)))
+    result = CliRunner().invoke(main, ["corpus", "--split", f"train={manifest}"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1].split()[:2] == ["train", "2"]
+    assert "2 audio file(s) cannot be used" in result.output
+    assert f"unusable     train/slow: {slow}: sample rate is 8000 Hz" in result.output
+    assert f"unusable     train/broken: {broken}: not a readable audio file" in result.output

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -85,12 +86,14 @@ def read_corpus(librispeech, librilight, splits, skip_bad=False):
 def corpus_command(librispeech, librilight, splits, as_json, skip_bad):
     """List a corpus: splits, sources, utterances, speakers, hours.
 
-    With no corpus named, the mini corpus bundled in data/.
+    Every audio file is checked as extract and finetune check it; the ones they would refuse are
+    listed with why (and left out of the counts). With no corpus named, the mini corpus bundled in
+    data/.
     """
     from .corpus import summarize
 
     corpus = read_corpus(librispeech, librilight, splits, skip_bad)
-    rows = summarize(corpus)
+    rows = summarize(corpus, progress=not as_json and sys.stderr.isatty())
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -105,6 +108,12 @@ def corpus_command(librispeech, librilight, splits, as_json, skip_bad):
     for split, skipped in corpus.skipped.items():
         for u in skipped:
             click.echo(f"skipped      {split}/{u['id']}: {u['path']}: {u['reason']}")
+    unusable = [(r["split"], u) for r in rows for u in r["unusable"]]
+    if unusable:
+        click.echo(f"{len(unusable)} audio file(s) cannot be used (extract and finetune refuse them, or leave them "
+                   "out with --skip-bad):")
+        for split, u in unusable:
+            click.echo(f"unusable     {split}/{u['id']}: {u['path']}: {u['reason']}")
 
 
 @main.command("extract")

@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .audio import audio_info
+from .audio import check_corpus
 from .errors import W2VCacheError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the bundled mini corpus
@@ -378,19 +378,25 @@ def build_corpus(librispeech=None, librilight=None, splits: list[str] = (), skip
     return corpus
 
 
-def summarize(corpus: Corpus) -> list[dict]:
-    """Per split: sources, utterances, speakers (LibriSpeech ids SPK-CH-NNNN) and hours of audio."""
+# The audio one frame of W2V-Base needs (its CNN's receptive field); other checkpoints may need
+# more, which extract and finetune check against the model they load.
+W2V_MIN_SAMPLES = 400
+
+
+def summarize(corpus: Corpus, progress: bool = False) -> list[dict]:
+    """Per split: sources, usable utterances, speakers (LibriSpeech ids SPK-CH-NNNN) and hours of
+    audio, and the files extract and finetune would refuse (audio.check_corpus), with why."""
+    usable, bad = check_corpus(corpus.splits, W2V_MIN_SAMPLES, progress)
     rows = []
-    for name, utterances in corpus.splits.items():
-        seconds = sum(audio_info(u.path).seconds for u in utterances)
-        speakers = {u.id.split("-")[0] for u in utterances}
+    for name, checked in usable.items():
         rows.append(
             dict(
                 split=name,
                 sources=corpus.sources[name],
-                utterances=len(utterances),
-                speakers=len(speakers),
-                hours=seconds / 3600,
+                utterances=len(checked),
+                speakers=len({u.id.split("-")[0] for u, _ in checked}),
+                hours=sum(info.seconds for _, info in checked) / 3600,
+                unusable=[{"id": uid, "path": path, "reason": reason} for split, uid, path, reason in bad if split == name],
             )
         )
     return rows
