@@ -120,3 +120,13 @@ def test_the_readme_shows_the_help_as_it_is():
     shown = readme.split("$ w2vcache --help\n", 1)[1].split("```", 1)[0]
     # As a shell 80 columns wide shows it: click wraps help 2 columns short of the terminal.
     assert CliRunner().invoke(main, ["--help"], prog_name="w2vcache", terminal_width=78).output == shown
+
+
+def test_info_names_a_stores_layers_as_they_are():
+    from w2vcache.layers import describe_layers
+
+    base = {f"layer{i:02d}": 768 for i in range(13)}
+    assert describe_layers(base) == "13 layers 0-12, dim 768"
+    assert describe_layers({k: base[k] for k in ("layer00", "layer04", "layer05", "layer06")}) == "4 layers 0, 4-6, dim 768"
+    assert describe_layers({"cnn": 512, **{k: 768 for k in list(base)[:5]}}) == "6 layers cnn (dim 512), 0-4 (dim 768)"
+    assert describe_layers({"layer03": 768}) == "1 layer 3, dim 768"

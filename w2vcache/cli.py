@@ -180,6 +180,7 @@ def extract_command(librispeech, librilight, splits, **options):
 @user_errors
 def info_command(store, as_json):
     """What is in a feature store: splits, utterances, hours, layers, completeness, provenance."""
+    from .layers import describe_layers
     from .store import info
 
     about = info(store)
@@ -187,11 +188,10 @@ def info_command(store, as_json):
         click.echo(json.dumps(about, indent=2))
         return
     prov, model = about["provenance"], about["provenance"].get("model", {})
-    layers = list(about["layers"])
     click.echo(f"store      {about['path']} (format {about['format_version']}, {human_size(about['bytes']['total'])} on disk)")
     click.echo(f"model      {model.get('name')}  revision {model.get('revision') or '-'}  weights sha256 {str(model.get('weight_hash'))[:16]}")
-    click.echo(f"features   {len(layers)} layers ({layers[0]}..{layers[-1]}), {about['dtype']}, "
-               f"dim {max(about['layers'].values())}, {prov.get('frame_rate')} frames/s, compute {prov.get('compute_dtype')}")
+    click.echo(f"features   {describe_layers(about['layers'])}, {about['dtype']}, {prov.get('frame_rate')} frames/s, "
+               f"compute {prov.get('compute_dtype')}")
     click.echo(f"created    {prov.get('created')}  " + " ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if v))
     if about.get("compute_error"):
         click.echo(f"precision  {compute_error_line(about['compute_error'])}")

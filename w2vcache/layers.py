@@ -30,6 +30,28 @@ def layer_index(name: str) -> int | None:
     return int(match[1]) if match else None
 
 
+def describe_layers(layers: dict[str, int]) -> str:
+    """A store's layers for a person, numbered ones as ranges: "13 layers 0-12, dim 768";
+    "4 layers 0, 4-6, dim 768"; "6 layers cnn (dim 512), 0-4 (dim 768)"."""
+    segments = []  # [names, dim]: runs of consecutive numbered layers of one width, or one named layer
+    for name, dim in layers.items():
+        index, last = layer_index(name), segments[-1] if segments else None
+        if (index is not None and last and last[1] == dim and layer_index(last[0][-1]) is not None
+                and layer_index(last[0][-1]) + 1 == index):
+            last[0].append(name)
+        else:
+            segments.append([[name], dim])
+
+    def text(names):
+        first, last = layer_index(names[0]), layer_index(names[-1])
+        return names[0] if first is None else f"{first}" if first == last else f"{first}-{last}"
+
+    count = f"{len(layers)} layer{'s' * (len(layers) != 1)}"
+    if len({dim for _, dim in segments}) == 1:
+        return f"{count} {', '.join(text(n) for n, _ in segments)}, dim {segments[0][1]}"
+    return f"{count} " + ", ".join(f"{text(n)} (dim {dim})" for n, dim in segments)
+
+
 def choose_layers(spec: str | Sequence[str | int] | None, available: Sequence[str], where: str,
                   owner: str = "the store") -> list[str]:
     """'all' | '6-9' | 'cnn,0,8' | ['layer06', 7] -> names from `available` (a store's or a model's
