@@ -142,6 +142,9 @@ def test_manifests(tmp_path):
     broken.write_text('{"text": "HI"}\n')
     with pytest.raises(W2VCacheError, match=r"broken\.jsonl:1: needs \"audio\""):
         read_manifest(broken, "d")
+    broken.write_text(json.dumps({"audio": "audio/x.wav", "text": "HI"}) + "\n" + json.dumps({"audio": "audio/x.wav", "text": 5}))
+    with pytest.raises(W2VCacheError, match=r"broken\.jsonl:2: text is 5, not a string"):
+        read_manifest(broken, "d")
     # a manifest as a split source
     corpus = build_corpus(splits=[f"dev={tsv}"])
     assert len(corpus.splits["dev"]) == 2

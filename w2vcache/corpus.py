@@ -195,7 +195,10 @@ def read_manifest(path, split: str, skipped: list | None = None) -> list[Utteran
                 raise W2VCacheError(f"{path}:{n}: not a JSON object") from None
             if audio is None or text is None:
                 raise W2VCacheError(f'{path}:{n}: needs "audio" (or "path") and "text" (or "transcript")')
-            rows.append((n, str(audio), str(text), record.get("id")))
+            for field_name, value in (("audio", audio), ("text", text)):
+                if not isinstance(value, str):  # 5 or [..]: a mistake in the file, not a transcript
+                    raise W2VCacheError(f"{path}:{n}: {field_name} is {json.dumps(value)}, not a string")
+            rows.append((n, audio, text, record.get("id")))
     else:
         lines = list(csv.reader(io.StringIO(content, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
         header = [c.strip().lower() for c in lines[0]] if lines else []
