@@ -332,10 +332,12 @@ def test_command_writes_json_csv_and_figure(stores, tmp_path):
     assert "PWCCA of 3 x 3 layers" in pw.output
     assert json.loads((tmp_path / "pw/similarity.json").read_text())["measure"] == "pwcca"
     dim = open_store(stores["tiny"]).layers["layer01"]
-    few = cli(stores["tiny"], stores["tiny-ln"], "--layers", "1-3", "--max-frames", 2 * dim, "--measure", "svcca")
+    few = cli(stores["tiny"], stores["tiny-ln"], "--layers", "1-3", "--max-frames", 2 * dim, "--measure", "svcca",
+              "--out", tmp_path / "few")
     assert few.exit_code == 0 and (f"note: {2 * dim} frames for layers up to {dim} wide: SVCCA finds chance "
                                    f"correlations of about 0.71 (sqrt({dim} / {2 * dim}))") in few.output, few.output
-    assert "chance" not in cli(stores["tiny"], stores["tiny-ln"], "--layers", "1-3", "--max-frames", 2 * dim).output
+    assert "chance" not in cli(stores["tiny"], stores["tiny-ln"], "--layers", "1-3", "--max-frames", 2 * dim,
+                               "--out", tmp_path / "cka").output
 
 
 def test_command_refuses_other_utterances_in_one_line(stores, tmp_path):

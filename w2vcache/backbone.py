@@ -16,6 +16,7 @@ import copy
 import hashlib
 import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -231,7 +232,10 @@ def _encoder_layers(model: nn.Module, cnn: torch.Tensor, mask: torch.Tensor | No
     projected = model.feature_projection(cnn)
     # Wav2Vec2 returns (hidden, normed CNN features) for its quantizer; HuBERT returns the tensor.
     hidden = projected[0] if isinstance(projected, tuple) else projected
-    with _record_blocks(model.encoder.layers) as layers:
+    with _record_blocks(model.encoder.layers) as layers, warnings.catch_warnings():
+        # WavLM's attention hands torch both a padding mask and its position bias, which torch warns
+        # about on every call, in the middle of the progress bars; the features are what they should be.
+        warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
         # With a mask, the encoder zeroes padded frames before its positional convolution, so real frames
         # near the end see the same zeros as the conv's own padding gives a lone utterance.
         model.encoder(hidden, attention_mask=mask)
