@@ -51,7 +51,7 @@ from w2vcache.checkpoints import load_backbone
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract
 from w2vcache.layers import layer_name
-from w2vcache.probe import ProbeConfig, ProbeTask, probe as train_probes
+from w2vcache.probe import ProbeConfig, ProbeTask, batches_by_length, probe as train_probes
 from w2vcache.store import open_store
 from w2vcache.train import TrainConfig, make_optimizer, seed_everything
 
@@ -222,6 +222,32 @@ def lstm_kernels(store_path: Path, layer: str, args) -> None:
         print(f"  {name:<10} {seconds[name]:7.3f} s per epoch ({frames / seconds[name]:9.0f} frames/s)")
     print(f"  ratio packed / directions: {seconds['packed'] / seconds['directions']:.3f} "
           "(below 1: the packed kernel, w2vcache's on CUDA, is the faster there)")
+    # Evaluation (a dev pass after every epoch, the final tests) runs the recipe's batches too. It
+    # keeps no graph, so it could take larger ones; on a GPU where a step of the probe is too small
+    # to fill it, that would cut its time nearly by the factor. Measured here before it is chosen.
+    lengths = task.splits["train"].lengths
+    evaluation = {}
+    for batch_frames in (4000, 16000):
+        eval_order = batches_by_length(lengths, batch_frames)
+        for _ in range(2):  # the first: warm-up
+            evaluation[batch_frames] = eval_pass(task, task.model, eval_order)
+        print(f"  evaluation, {len(eval_order)} batch(es) of <= {batch_frames} frames: {evaluation[batch_frames]:.3f} s "
+              f"({frames / evaluation[batch_frames]:9.0f} frames/s)")
+    print(f"  ratio evaluation at 16000 / 4000 frames per batch: {evaluation[16000] / evaluation[4000]:.3f} "
+          "(well below 1: evaluating with larger batches than the recipe trains with pays on this device)")
+
+
+def eval_pass(task: ProbeTask, model: nn.Module, order) -> float:
+    """Seconds of a forward pass over every batch without a graph, as an evaluation runs it."""
+    model.eval()
+    sync = torch.cuda.synchronize if task.device.type == "cuda" else (lambda: None)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for indices in order:
+            batch = task._batch("train", indices)
+            model(batch.features, batch.lengths)
+    sync()
+    return time.perf_counter() - started
 
 
 def main():

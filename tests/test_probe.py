@@ -384,3 +384,21 @@ def test_a_damaged_run_directory_is_named_not_a_traceback(store, tmp_path):
     (run / "checkpoint.pt").write_bytes(checkpoint[: len(checkpoint) // 2])  # as a crash of the host may leave it
     torn = cli(*args)
     assert torn.exit_code == 1 and f"{run / 'checkpoint.pt'}: cannot be read" in torn.output, torn.output
+
+
+def test_cudas_kernel_draws_its_dropout_from_torchs_generator():
+    """With dropout between layers, the packed kernel (CUDA's) runs its layers one call each with
+    torch's dropout between them, not cuDNN's, whose random state no checkpoint holds: the same
+    generator state gives the same outputs, and without dropping it is nn.LSTM exactly."""
+    torch.manual_seed(0)
+    probe = Probe(12, ProbeConfig(hidden=16, lstm_layers=3, dropout=0.3)).train()
+    x, lengths = torch.randn(3, 9, 12), torch.tensor([9, 5, 7])
+    state = torch.get_rng_state()
+    first = probe.packed(x, lengths)
+    torch.set_rng_state(state)  # as a resumed run restores it from its checkpoint
+    assert torch.equal(probe.packed(x, lengths), first)
+    assert first[1, 5:].abs().max() == 0  # padding stays zero
+    probe.lstm.dropout = 1e-12  # the per-layer path, dropping nothing: nn.LSTM's own result
+    per_layer = probe.packed(x, lengths)
+    probe.lstm.dropout = 0.0
+    assert torch.equal(per_layer, probe.packed(x, lengths))

@@ -21,6 +21,7 @@ import functools
 import random
 import sys
 import threading
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -108,9 +109,27 @@ class Probe(nn.Module):
         return x
 
     def packed(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The LSTM's outputs (batch, frames, 2 hidden) from nn.LSTM on packed sequences; 0 on padding."""
+        """The LSTM's outputs (batch, frames, 2 hidden) from nn.LSTM on packed sequences; 0 on padding.
+
+        With dropout between layers in training, the layers run one call each and the dropout is
+        torch's own between them: cuDNN's inter-layer dropout draws from a state of its own, which
+        no checkpoint holds, so a resumed run would not be the uninterrupted one."""
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        return pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+        if self.training and self.lstm.dropout and self.lstm.num_layers > 1:
+            data, sizes = packed.data, packed.batch_sizes
+            zeros = data.new_zeros(2, int(sizes[0]), self.lstm.hidden_size)
+            with warnings.catch_warnings():  # each layer's weights are copied for cuDNN: a few MB, said once a call
+                warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+                for layer in range(self.lstm.num_layers):
+                    if layer:
+                        data = nn.functional.dropout(data, self.lstm.dropout, True)
+                    weights = [getattr(self.lstm, f"{name}_l{layer}{suffix}") for suffix in ("", "_reverse")
+                               for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                    data = torch.lstm(data, sizes, (zeros, zeros), weights, True, 1, 0.0, True, True)[0]
+            packed = packed._replace(data=data)
+        else:
+            packed = self.lstm(packed)[0]
+        return pad_packed_sequence(packed, batch_first=True, total_length=x.shape[1])[0]
 
     def _direction(self, x: torch.Tensor, layer: int, suffix: str) -> torch.Tensor:
         """One direction of one layer, left to right over the padded batch."""
