@@ -138,10 +138,11 @@ def test_runs_without_usable_weights_are_refused(made, tmp_path):
     with pytest.raises(W2VCacheError, match=r"fine-tuning run .* has no best.pt yet"):
         load_backbone(str(run))
     (run / "best.pt.away").rename(run / "best.pt")
-    # An unfinished run with a best epoch is extracted, and says so.
+    # An unfinished run with a best epoch is extracted, and says so, and which epoch best.pt holds.
+    best_epoch = json.loads((run / "result.json").read_text())["best_epoch"]
     (run / "result.json").unlink()
     backbone = load_backbone(str(run))
-    assert backbone.describe()["run"]["status"] == "unfinished" and backbone.describe()["run"]["best_epoch"] is None
+    assert backbone.describe()["run"]["status"] == "unfinished" and backbone.describe()["run"]["best_epoch"] == best_epoch
     assert backbone.weight_hash() == state_dict_hash(finetuned_encoder(made["run"]).model)
     # Weights of another architecture than the base model the config names.
     config = json.loads((run / "config.json").read_text())

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,7 +22,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from w2vcache.backbone import Backbone
 from w2vcache.errors import W2VCacheError
-from w2vcache.runs import BEST, CONFIG, read_run
+from w2vcache.runs import BEST, CONFIG, METRICS, read_metrics, read_run
 
 try:  # transformers 5 configs are strict dataclasses; invalid values raise this (not a ValueError)
     from huggingface_hub.errors import StrictDataclassError as _ConfigValidationError
@@ -233,11 +234,19 @@ def _load_run(path: str, device, normalize: bool | None) -> Backbone:
             "seed": run.seed,
             "reinit": run.reinit,
             "status": run.status,
-            "best_epoch": run.best_epoch,
+            "best_epoch": run.best_epoch if run.status == "finished" else _best_so_far(path, run),
             # As the run recorded it: the weights fine-tuning started from, after any re-initialisation.
             "base_model": {k: base.get(k) for k in ("name", "revision", "weight_hash")},
         },
     )
+
+
+def _best_so_far(path: str, run) -> int | None:
+    """The epoch an unfinished run's best.pt holds: the loop saves it before the epoch's metrics
+    line, so it is the best dev rate (the one the run selects by, first of ties) in metrics.jsonl."""
+    key = f"dev_{(run.config.get('train') or {}).get('select_by', 'wer')}_percent"
+    epochs = [m for m in read_metrics(Path(path) / METRICS) if isinstance(m.get(key), (int, float))]
+    return min(epochs, key=lambda m: (m[key], m["epoch"]))["epoch"] if epochs else None
 
 
 def _load_encoder_weights(model: nn.Module, best: str, base_name: str) -> None:
