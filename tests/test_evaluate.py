@@ -12,6 +12,17 @@ def test_corpus_level_wer_known_answer():
     assert rates.word_edits == 3 and rates.words == 8
     assert rates.wer == pytest.approx(3 / 8)  # corpus level, not the mean of 2/6 and 1/2
     assert rates.utterances == 2
+    assert (rates.substitutions, rates.deletions, rates.insertions) == (1, 1, 1)
+    assert error_rates(["", "a b"], ["x y", "a"]).to_dict()["insertions"] == 2  # an empty reference's words
+
+
+def test_each_utterance_is_kept_with_its_own_edits():
+    from w2vcache.evaluate import utterance_rows
+
+    rows = utterance_rows(["u1", "u2"], ["The cat sat on the mat.", "hello world"], ["the cat sit on mat", "hello world"])
+    assert rows == [
+        {"id": "u1", "words": 6, "word_edits": 2, "reference": "The cat sat on the mat.", "hypothesis": "the cat sit on mat"},
+        {"id": "u2", "words": 2, "word_edits": 0, "reference": "hello world", "hypothesis": "hello world"}]
 
 
 def test_cer_known_answer_and_normalisation():

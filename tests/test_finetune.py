@@ -86,6 +86,9 @@ def test_short_run_lowers_loss_and_writes_a_complete_run(tmp_path, tiny):
         res = json.loads((run_dir / "result.json").read_text())
         assert res["kind"] == "finetune" and res["experiment"] == name and res["status"] == "finished"
         assert res["test-clean"]["utterances"] == 3
+        decoded = (run_dir / "decoded" / "test-clean.tsv").read_text().splitlines()
+        assert decoded[0] == "id\twords\tword_edits\treference\thypothesis" and len(decoded) == 1 + 3
+        assert sum(int(line.split("\t")[2]) for line in decoded[1:]) == res["test-clean"]["word_edits"]
         config = json.loads((run_dir / "config.json").read_text())
         assert config["model"]["freeze_epochs"] == 1 and config["model"]["mask_time_prob"] == 0.05
         assert config["model"]["train_feature_encoder"] is False
@@ -119,6 +122,8 @@ def test_reinit_option_errors(tmp_path, tiny):
     # Refused before the baseline trains (it would otherwise first, for hours), and no directory made
     result = CliRunner().invoke(main, ["finetune", *tiny, "--reinit", "none", "--reinit", "9", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "layer 9 does not exist: the model has 4 transformer blocks" in result.output
+    result = CliRunner().invoke(main, ["finetune", *tiny, "--test-splits", "test-nope", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "--test-splits test-nope: the corpus has no split 'test-nope'" in result.output
     assert not (tmp_path / "finetune").exists()
 
 

@@ -1,6 +1,7 @@
 """Probes on the bundled corpus's features from the built-in model: training, run records, resume,
 the sweep, and every refusal."""
 
+import csv
 import json
 import shutil
 
@@ -98,6 +99,13 @@ def test_probe_lowers_ctc_loss_and_writes_a_complete_run(store, tmp_path):
         assert (res[split]["char_edits"], res[split]["chars"]) == (char_edits, n_chars), split
         assert res[split]["wer_percent"] == pytest.approx(100 * word_edits / n_words), split
         assert res[split]["cer_percent"] == pytest.approx(100 * char_edits / n_chars), split
+        assert (res[split]["substitutions"] + res[split]["deletions"] + res[split]["insertions"]) == word_edits
+        # What each utterance was decoded to, by id: the edits add up to the split's.
+        with open(run / "decoded" / f"{split}.tsv", encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+        assert {r["id"]: r["reference"] for r in rows} == {u.id: u.text for u in open_store(store).utterances(split)}
+        assert sum(int(r["word_edits"]) for r in rows) == word_edits
+        assert sorted(normalize(r["hypothesis"]) for r in rows) == sorted(hyps)
 
 
 def decode_split(task, split):
@@ -324,7 +332,7 @@ def test_a_resume_with_every_epoch_done_tests_with_the_threads_asked_for(store, 
     (tmp_path / "probe/layer01/seed0/result.json").unlink()  # as if killed while testing
     seen, evaluate = [], w2vcache.train.evaluate
     monkeypatch.setattr(w2vcache.train, "evaluate",
-                        lambda task, split: seen.append(torch.get_num_threads()) or evaluate(task, split))
+                        lambda task, split, *rest: seen.append(torch.get_num_threads()) or evaluate(task, split, *rest))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -30,6 +30,10 @@ from w2vcache.errors import W2VCacheError
 from w2vcache.layers import layer_name
 
 CNN_LAYER = "cnn"  # name of the optional CNN-output layer
+
+# WavLM's attention hands torch both a padding mask and its position bias, which torch warns about
+# in the middle of the progress bars; the features are what they should be (tests compare them).
+warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
 NORM_EPS = 1e-7  # variance floor of Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm
 
 # Model types whose encoder, given a frame mask, gives every utterance of a padded batch exactly what it
@@ -232,10 +236,7 @@ def _encoder_layers(model: nn.Module, cnn: torch.Tensor, mask: torch.Tensor | No
     projected = model.feature_projection(cnn)
     # Wav2Vec2 returns (hidden, normed CNN features) for its quantizer; HuBERT returns the tensor.
     hidden = projected[0] if isinstance(projected, tuple) else projected
-    with _record_blocks(model.encoder.layers) as layers, warnings.catch_warnings():
-        # WavLM's attention hands torch both a padding mask and its position bias, which torch warns
-        # about on every call, in the middle of the progress bars; the features are what they should be.
-        warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask")
+    with _record_blocks(model.encoder.layers) as layers:
         # With a mask, the encoder zeroes padded frames before its positional convolution, so real frames
         # near the end see the same zeros as the conv's own padding gives a lone utterance.
         model.encoder(hidden, attention_mask=mask)

@@ -242,8 +242,9 @@ def _load_run(path: str, device, normalize: bool | None) -> Backbone:
 
 
 def _best_so_far(path: str, run) -> int | None:
-    """The epoch an unfinished run's best.pt holds: the loop saves it before the epoch's metrics
-    line, so it is the best dev rate (the one the run selects by, first of ties) in metrics.jsonl."""
+    """The epoch an unfinished run's best.pt holds: the best dev rate (the one the run selects by,
+    first of ties) in metrics.jsonl. The loop saves best.pt just before the epoch's metrics line:
+    a run killed between the two (a second's window) holds a best.pt one epoch newer than this."""
     key = f"dev_{(run.config.get('train') or {}).get('select_by', 'wer')}_percent"
     epochs = [m for m in read_metrics(Path(path) / METRICS) if isinstance(m.get(key), (int, float))]
     return min(epochs, key=lambda m: (m[key], m["epoch"]))["epoch"] if epochs else None

@@ -25,6 +25,10 @@ class ErrorRates:
     utterances: int
     word_edits: int
     char_edits: int
+    # The word edits by kind (an empty reference's words are all insertions).
+    substitutions: int = 0
+    deletions: int = 0
+    insertions: int = 0
 
     @property
     def wer_percent(self) -> float:
@@ -61,14 +65,17 @@ def error_rates(references: list[str], hypotheses: list[str]) -> ErrorRates:
     # jiwer needs a non-empty reference; an empty one (a silent utterance) costs one insertion
     # per hypothesised word or character.
     pairs = [(r, h) for r, h in zip(refs, hyps) if r]
-    word_edits = sum(len(h.split()) for r, h in zip(refs, hyps) if not r)
+    insertions = sum(len(h.split()) for r, h in zip(refs, hyps) if not r)
+    substitutions = deletions = 0
     char_edits = sum(len(h) for r, h in zip(refs, hyps) if not r)
     words = sum(len(r.split()) for r, _ in pairs)
     chars = sum(len(r) for r, _ in pairs)
     if pairs:
         r, h = zip(*pairs)
-        word_edits += _edits(jiwer.process_words(list(r), list(h)))
+        out = jiwer.process_words(list(r), list(h))
+        substitutions, deletions, insertions = out.substitutions, out.deletions, insertions + out.insertions
         char_edits += _edits(jiwer.process_characters(list(r), list(h)))
+    word_edits = substitutions + deletions + insertions
     return ErrorRates(
         wer=_rate(word_edits, words),
         cer=_rate(char_edits, chars),
@@ -77,4 +84,18 @@ def error_rates(references: list[str], hypotheses: list[str]) -> ErrorRates:
         utterances=len(refs),
         word_edits=word_edits,
         char_edits=char_edits,
+        substitutions=substitutions,
+        deletions=deletions,
+        insertions=insertions,
     )
+
+
+def utterance_rows(ids, references: list[str], hypotheses: list[str]) -> list[dict]:
+    """Each utterance's transcript, what was decoded, and its word edits (as error_rates counts
+    them) over its reference words: what one WER figure hides."""
+    rows = []
+    for uid, reference, hypothesis in zip(ids, references, hypotheses):
+        rates = error_rates([reference], [hypothesis])
+        rows.append({"id": uid, "words": rates.words, "word_edits": rates.word_edits,
+                     "reference": reference, "hypothesis": hypothesis})
+    return rows

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import text
-from .audio import SAMPLE_RATE, AudioError, BadAudioError, audio_info, check_corpus, load_audio
+from .audio import SAMPLE_RATE, SHOWN_BAD, AudioError, BadAudioError, audio_info, check_corpus, load_audio
 from .backbone import Backbone, check_block_numbers, cnn_features, encode, reinit_layers, state_dict_hash
 from .batching import length_batches
 from .checkpoints import load_backbone
@@ -137,6 +137,7 @@ class AudioBatch:
     frames: int  # W2V frames of this share (progress and metrics)
     key: tuple = ()  # (split, its audio files): the same batch in every epoch and run has the same key
     without_ctc_path: int = 0  # utterances whose transcript needs more frames than they have
+    ids: tuple = ()  # the utterances', in order (the decoded transcripts name them)
 
 
 @dataclass
@@ -174,7 +175,8 @@ class AudioBatches(torch.utils.data.Dataset):
         texts = [self.utterances[j].text for j in mine]
         unreachable = sum(text.ctc_frames_needed(text.encode(t).ids) > self.frames[j] for t, j in zip(texts, mine))
         return AudioBatch(waves, texts, len(members), weight, sum(self.frames[j] for j in mine),
-                          (self.split, *(str(self.utterances[j].path) for j in mine)), int(unreachable * weight))
+                          (self.split, *(str(self.utterances[j].path) for j in mine)), int(unreachable * weight),
+                          tuple(self.utterances[j].id for j in mine))
 
 
 def _collate(item):
@@ -341,13 +343,23 @@ def init_distributed(device: str) -> str:
     return device
 
 
-def usable_corpus(corpus: Corpus, splits, min_samples: int, skip_bad: bool, progress: bool) -> Corpus:
+def usable_corpus(corpus: Corpus, splits, min_samples: int, skip_bad: bool, progress: bool,
+                  listing: Path | None = None) -> Corpus:
     """`corpus` with only `splits`, every file checked first (audio.check_corpus); a bad file is
-    refused, all of them listed, or with `skip_bad` left out (and listed in corpus.skipped)."""
+    refused, all of them listed (in `listing` too, where more than the error shows), or with
+    `skip_bad` left out (and listed in corpus.skipped)."""
+    missing = [split for split in splits if split not in corpus.splits]
+    if missing:
+        raise W2VCacheError(f"--test-splits {','.join(missing)}: the corpus has no split {missing[0]!r}; it has "
+                            f"{', '.join(corpus.splits)}")
     chosen = {split: corpus.splits[split] for split in dict.fromkeys(splits)}
     usable, bad = check_corpus(chosen, min_samples, progress)
     if bad and not skip_bad:
-        raise BadAudioError(bad, sum(map(len, chosen.values())), skip="leave them out of the fine-tuning")
+        error = BadAudioError(bad, sum(map(len, chosen.values())), skip="leave them out of the fine-tuning")
+        if listing is not None and len(bad) > SHOWN_BAD:
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            error = error.write_listing(listing)
+        raise error
     if bad and progress:
         print(f"left out {len(bad)} audio file(s) that cannot be used:", file=sys.stderr)
         for split, uid, path, reason in bad:
@@ -401,7 +413,8 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     for blocks in reinits:
         check_block_numbers(blocks, checking.num_layers)
     corpus = usable_corpus(corpus, (train_split, train_config.dev_split, *train_config.test_splits),
-                           checking.receptive_field, skip_bad, progress and main_rank)
+                           checking.receptive_field, skip_bad, progress and main_rank,
+                           Path(out) / "finetune" / "bad-audio.tsv" if main_rank else None)
     del checking
     if progress and main_rank:
         for note in text.transcript_notes({s: [u.text for u in utterances] for s, utterances in corpus.splits.items()}):
@@ -421,7 +434,9 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
             kind="finetune", experiment=finetune_experiment(blocks), layer=None, reinit=list(blocks), seed=seed,
             model=asdict(config) | {"backbone": {k: backbone.describe()[k] for k in ("name", "revision", "weight_hash")}},
             data={"train_split": train_split, "sources": corpus.sources,
-                  **({"skipped": corpus.skipped} if any(corpus.skipped.values()) else {})},
+                  # which utterances were left out (by id: paths change with where a corpus is mounted)
+                  **({"skipped": {split: sorted(u["id"] for u in entries) for split, entries in corpus.skipped.items()
+                                  if entries}} if any(corpus.skipped.values()) else {})},
             device=device, threads=num_threads, world_size=world,
         )
         return run_record, TrainConfig(**{**asdict(train_config), "seed": seed})

@@ -70,6 +70,11 @@ class ProbeConfig:
         return (found | {"layer_norm": self.layer_norm}) if weighted else found
 
 
+# Probe.packed with dropout hands cuDNN one layer's weights at a time, which it copies into one
+# buffer per call (a few MB) and warns about every time.
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+
+
 class Probe(nn.Module):
     """Bidirectional LSTM over one layer's frames, a linear layer to the 30 symbols.
 
@@ -118,14 +123,12 @@ class Probe(nn.Module):
         if self.training and self.lstm.dropout and self.lstm.num_layers > 1:
             data, sizes = packed.data, packed.batch_sizes
             zeros = data.new_zeros(2, int(sizes[0]), self.lstm.hidden_size)
-            with warnings.catch_warnings():  # each layer's weights are copied for cuDNN: a few MB, said once a call
-                warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-                for layer in range(self.lstm.num_layers):
-                    if layer:
-                        data = nn.functional.dropout(data, self.lstm.dropout, True)
-                    weights = [getattr(self.lstm, f"{name}_l{layer}{suffix}") for suffix in ("", "_reverse")
-                               for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-                    data = torch.lstm(data, sizes, (zeros, zeros), weights, True, 1, 0.0, True, True)[0]
+            for layer in range(self.lstm.num_layers):
+                if layer:
+                    data = nn.functional.dropout(data, self.lstm.dropout, True)
+                weights = [getattr(self.lstm, f"{name}_l{layer}{suffix}") for suffix in ("", "_reverse")
+                           for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                data = torch.lstm(data, sizes, (zeros, zeros), weights, True, 1, 0.0, True, True)[0]
             packed = packed._replace(data=data)
         else:
             packed = self.lstm(packed)[0]
@@ -214,6 +217,7 @@ class Batch:
     target_lengths: torch.Tensor
     references: list[str]
     without_ctc_path: int = 0  # utterances whose transcript needs more frames than they have
+    ids: tuple = ()  # the utterances', in order (the decoded transcripts name them)
 
     @property
     def frames(self) -> int:
@@ -337,6 +341,7 @@ class ProbeTask:
             target_lengths=torch.tensor([len(e.ids) for e in encoded]),
             references=[source.texts[i] for i in indices],
             without_ctc_path=sum(text.ctc_frames_needed(e.ids) > len(f) for e, f in zip(encoded, feats)),
+            ids=tuple(source.ids[i] for i in indices),
         )
 
     def _to_device(self, batch: Batch) -> Batch:

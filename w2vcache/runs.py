@@ -15,6 +15,7 @@ from .layers import WEIGHTED, layer_name
 
 CONFIG = "config.json"  # the RunRecord, with the training config, versions and command line
 METRICS = "metrics.jsonl"  # one line per finished epoch
+DECODED = "decoded"  # decoded/<split>.tsv: each utterance's transcript and what the best epoch wrote
 CHECKPOINT = "checkpoint.pt"  # last finished epoch: model, optimizer, schedule, RNG
 BEST = "best.pt"  # weights of the epoch with the lowest dev WER (or CER, with select_by="cer")
 RESULT = "result.json"  # written last: its presence marks the run finished

@@ -241,7 +241,7 @@ def copy_store(src: Any, dst: str | os.PathLike, layers: str | Sequence[str | in
             root = local_root(dst)
             runs = _copy_runs(source, root)
             result = CopyResult(
-                source=subset["source"], destination=dst_label, layers=keep_layers, splits=keep_splits,
+                source=subset["source"], destination=public_url(dst), layers=keep_layers, splits=keep_splits,
                 left_out_layers=subset["left_out_layers"], left_out_splits=subset["left_out_splits"],
                 blocks_copied=sum(map(len, pending.values())), blocks_already_done=already,
                 bytes_copied=copied, runs_copied=runs, seconds=time.perf_counter() - started)
@@ -268,8 +268,9 @@ def _copy_dtype(source: FeatureStore, dtype: str | None, where: str) -> str:
 def _record_copy(root: Path, result: CopyResult) -> None:
     """This run's record in <store>/_runs/copy-...; a finished copy run again adds none. (A copy of
     a copy also holds its source's copy records: those record another destination.)"""
-    if not result.blocks_copied and has_records(root, "copy", lambda r: (r.get("copy") or {}).get("destination")
-                                                == result.destination):
+    here = Path(root).resolve()
+    if not result.blocks_copied and has_records(
+            root, "copy", lambda r: Path(str((r.get("copy") or {}).get("destination"))).resolve() == here):
         return
     write_run_record(root, "copy", {"copy": asdict(result)})
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .errors import W2VCacheError
 from .runs import RESULT
-from .store.locks import LOCK_DIR, SILENT_AFTER_S, Lock, try_lock
+from .store.locks import LOCK_DIR, SILENT_AFTER_S, Lock, held_by_another, try_lock
 
 RUN_LOCK = "run"  # RUNS/probe/layer08/seed0/.locks/run.lock while a process trains that run
 
@@ -207,7 +207,12 @@ def _claim(directory: Path) -> Claim:
 def still_held() -> bool:
     """Whether this process still holds the lock of the run it trains (True outside a sweep)."""
     lock = _TRAINING_UNDER.get()
-    return lock is None or not lock.lost
+    return lock is None or lock.still_ours()
+
+
+def held_elsewhere(directory) -> bool:
+    """Whether another live process is training the run in `directory` now."""
+    return held_by_another(directory, RUN_LOCK)
 
 
 def claim_run(directory, together: bool = False) -> Claim:

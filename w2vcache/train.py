@@ -7,6 +7,7 @@ the run directory of docs/RUNS.md.
 """
 
 import contextlib
+import csv
 import functools
 import json
 import math
@@ -29,10 +30,11 @@ from tqdm.auto import tqdm
 
 from . import record, threads
 from .errors import W2VCacheError
-from .evaluate import ErrorRates, error_rates
-from .runs import (BEST, CHECKPOINT, CONFIG, METRICS, RESULT, RunRecord, SweepResult, read_json, read_metrics,
-                   upgrade_record)
-from .spread import FINISHED, HELD, Share, check_still_held, claim_run, is_finished, still_held, training_under
+from .evaluate import ErrorRates, error_rates, utterance_rows
+from .runs import (BEST, CHECKPOINT, CONFIG, DECODED, METRICS, RESULT, RunRecord, SweepResult, read_json,
+                   read_metrics, upgrade_record)
+from .spread import (FINISHED, HELD, Share, check_still_held, claim_run, held_elsewhere, is_finished, still_held,
+                     training_under)
 
 _END = object()  # end of an epoch's batches
 
@@ -198,8 +200,9 @@ def load_checkpoint(path: Path) -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:  # torn by a crash, or not a checkpoint
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise W2VCacheError(f"{path}: cannot be read ({reason}); delete it to train the run from its start, "
-                            "or the run directory to train it anew") from None
+        # Without checkpoint.pt a run trains from its start; best.pt alone would not be made again.
+        fix = ("delete it to train the run from its start, or" if Path(path).name == CHECKPOINT else "delete")
+        raise W2VCacheError(f"{path}: cannot be read ({reason}); {fix} the run directory to train it anew") from None
 
 
 def _record_epoch(path: Path, entry: dict) -> None:
@@ -214,14 +217,24 @@ def _read_metrics(run_dir: Path, upto_epoch: int) -> list[dict]:
     return [m for m in read_metrics(run_dir / METRICS) if m["epoch"] <= upto_epoch]
 
 
-def evaluate(task: Task, split: str) -> ErrorRates:
+def evaluate(task: Task, split: str, decoded: Path | None = None) -> ErrorRates:
+    """The split's error rates; with `decoded`, each utterance's transcript and what was decoded
+    written there too (a TSV: id, words, word_edits, reference, hypothesis)."""
     task.model.eval()
-    refs, hyps = [], []
+    refs, hyps, ids = [], [], []
     with torch.inference_mode():
         for batch in task.eval_batches(split):
             r, h = task.decode(batch)
             refs += r
             hyps += h
+            ids += getattr(batch, "ids", ()) or [None] * len(r)
+    if decoded is not None:
+        rows = utterance_rows(ids, refs, hyps)
+        with record.replacing(decoded) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"], delimiter="\t",
+                                    lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
     return error_rates(refs, hyps)
 
 
@@ -249,7 +262,7 @@ def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
     # any run trains: a refusal at the sweep's tenth run would come after hours of the first nine.
     for k, (directory, _, settings) in enumerate(runs):
         directory = Path(directory)
-        if share.takes(k) and settings is not None and (directory / CONFIG).exists():
+        if share.takes(k) and settings is not None and (directory / CONFIG).exists() and not held_elsewhere(directory):
             if is_finished(directory):
                 check_same_settings(directory, settings(), finished=True)
             elif (directory / CHECKPOINT).exists():
@@ -323,7 +336,7 @@ def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progr
         return _train(task, config, run_dir, run_record, progress, num_threads, started, distributed, writer)
     except Exception as error:
         # Said in result.json, for report; the run is taken again, from its checkpoint, next time.
-        if writer and still_held():
+        if writer and still_held() and not is_finished(run_dir):  # never over a finished result
             record.write_json(run_dir / RESULT, dict(run_record.identity(), status="failed", error=_failure(error),
                                                      failed=record.now()))
         raise
@@ -465,7 +478,7 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
         epochs=config.epochs,
     )
     for split in (config.dev_split, *(config.test_splits or ())):
-        result[split] = evaluate(task, split).to_dict()
+        result[split] = evaluate(task, split, run_dir / DECODED / f"{split}.tsv" if writer else None).to_dict()
     result["timings"] = {
         "total_s": sum(m["seconds"] for m in _read_metrics(run_dir, config.epochs)) + time.perf_counter() - eval_started,
         "train_s": sum(m["train_seconds"] for m in _read_metrics(run_dir, config.epochs)),

@@ -172,6 +172,13 @@ class _Lock:
                 f"{SILENT_AFTER_S / 60:.0f} minutes, as when a process is stopped, and another process took "
                 "it over); it stops here without writing to it again, keeping what it finished")
 
+    def still_ours(self) -> bool:
+        """Whether the lock file is this process's now (looked at, not the heartbeat's last look)."""
+        try:
+            return not self.lost and self.path.read_bytes() == self.content
+        except OSError:
+            return False
+
     def release(self) -> None:
         self._released.set()
         try:
@@ -195,6 +202,17 @@ def _read_holder(path: Path) -> tuple[bytes, dict] | None:
     except ValueError:
         holder = {}
     return raw, holder if isinstance(holder, dict) else {}
+
+
+def held_by_another(root, name: str) -> bool:
+    """Whether a live process other than this one holds lock `name` under `root` (nothing taken)."""
+    path = Path(root) / LOCK_DIR / f"{name}.lock"
+    found = _read_holder(path)
+    if found is None:
+        return False
+    holder = found[1]
+    mine = holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid()
+    return not mine and _holder_alive(holder, path)
 
 
 def _busy_message(label: str, holder: dict, lock_path: Path) -> str:
