@@ -19,7 +19,8 @@ under new ids (train 307 s, dev 83 s, test 131 s of speech per repeat):
 - a fine-tune: `finetune()` for 3 epochs, the first 2 with the transformer frozen: epoch 1
   computes the frozen CNN's outputs and keeps them (CNNCache), epoch 2 is a frozen epoch from the
   kept outputs, epoch 3 trains the transformer; each epoch's dev evaluation, the final evaluation,
-  and what the run costs besides (loading the model, its sweep bookkeeping).
+  and what the run costs besides ("the rest": each epoch's checkpoint saves, loading the model,
+  the sweep's checks), counted once per epoch, which errs long.
 
 Projected, per second of audio of each split, linearly: an epoch costs what it costs per second
 of train audio, an evaluation per second of the split evaluated. A fine-tune's 10 epochs are the
@@ -64,15 +65,15 @@ def main():
     args = parser.parse_args()
     budget = int(args.memory_budget * 1e9)
 
-    corpus = repeated(build_corpus(), args.repeat)
-    seconds = {split: sum(len(load_audio(u.path)) for u in utterances) / SAMPLE_RATE
-               for split, utterances in corpus.splits.items()}
-    bench = {"train": seconds["train"], "dev": seconds["dev"], "test": sum(seconds[s] for s in TESTS)}
-    scale = {split: HOURS[split] * 3600 / bench[split] for split in HOURS}  # study seconds per bench second
-    print(f"model {args.model}, device {args.device}, bench corpus: "
-          + ", ".join(f"{split} {s:.0f} s" for split, s in bench.items()) + f" (bundled x {args.repeat})")
-
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        corpus = repeated(build_corpus(), args.repeat, Path(tmp) / "audio")
+        seconds = {split: sum(len(load_audio(u.path)) for u in utterances) / SAMPLE_RATE
+                   for split, utterances in corpus.splits.items()}
+        bench = {"train": seconds["train"], "dev": seconds["dev"], "test": sum(seconds[s] for s in TESTS)}
+        scale = {split: HOURS[split] * 3600 / bench[split] for split in HOURS}  # study seconds per bench second
+        print(f"model {args.model}, device {args.device}, bench corpus: "
+              + ", ".join(f"{split} {s:.0f} s" for split, s in bench.items()) + f" (bundled x {args.repeat})")
+
         store = str(Path(tmp) / "bench.zarr")
         t = time.perf_counter()
         extract(corpus, ExtractConfig(model=args.model, store=store, device=args.device,
@@ -102,9 +103,11 @@ def main():
     study_audio = sum(HOURS.values()) * 3600
     stages = {"extraction": extract_s / audio * study_audio, "layer reads": LAYERS * read_s / audio * study_audio}
     p = probe_run
+    # "rest" holds the per-epoch saves (checkpoint.pt, best.pt) and the run's setting up: counted
+    # per epoch, which errs long on the setting up.
     one_probe = (EPOCHS * (p.train[1] * scale["train"] + p.dev[1] * scale["dev"])
                  + p.final * (HOURS["dev"] + HOURS["test"]) * 3600 / (bench["dev"] + bench["test"])
-                 + max(0.0, p.rest - read_s))  # a sweep reads each layer once for its seeds: "layer reads"
+                 + EPOCHS / len(p.train) * max(0.0, p.rest - read_s))  # a sweep reads a layer once: "layer reads"
     stages["probes"] = LAYERS * SEEDS * one_probe
     f = finetune_run
     frozen = f.train[1] * scale["train"] + f.dev[1] * scale["dev"]
@@ -112,7 +115,8 @@ def main():
     first = f.train[0] * scale["train"] + f.dev[0] * scale["dev"]
     final = f.final * (HOURS["dev"] + HOURS["test"]) * 3600 / (bench["dev"] + bench["test"])
     runs = REINITS * SEEDS
-    stages["fine-tunes"] = (first - frozen) + runs * ((FROZEN * frozen) + (EPOCHS - FROZEN) * full + final + f.rest)
+    stages["fine-tunes"] = (first - frozen) + runs * ((FROZEN * frozen) + (EPOCHS - FROZEN) * full + final
+                                                     + EPOCHS / len(f.train) * f.rest)
 
     print("\nmeasured (bench corpus):")
     print(f"  extraction      {extract_s:8.1f} s  ({audio / extract_s:8.1f} s of audio / s)")
@@ -144,9 +148,21 @@ def run_costs(run_dir: str, wall: float) -> RunCosts:
     return RunCosts(train, dev, timings["test_s"], max(0.0, wall - timings["total_s"]))
 
 
-def repeated(corpus, times: int):
-    """`corpus` with each split's utterances repeated `times` times under new ids."""
-    corpus.splits = {split: [replace(u, id=f"{u.id}-r{i}") if times > 1 else u for i in range(times) for u in utterances]
+def repeated(corpus, times: int, folder: Path):
+    """`corpus` with each split's utterances repeated `times` times under new ids, each copy its own
+    file (a link under `folder`): fine-tuning knows a batch by its files, and copies of one batch
+    would find each other's kept CNN outputs."""
+    if times == 1:
+        return corpus
+
+    def copy(u, i):
+        link = folder / f"r{i}" / Path(u.path).name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(Path(u.path).resolve())
+        return replace(u, id=f"{u.id}-r{i}", path=str(link))
+
+    corpus.splits = {split: [copy(u, i) for i in range(times) for u in utterances]
                      for split, utterances in corpus.splits.items()}
     return corpus
 
