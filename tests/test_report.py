@@ -759,3 +759,31 @@ def test_a_probe_record_without_a_probe_kind_is_a_bilstm():
         assert upgraded["probe"] == "bilstm" and upgraded["weighted"] is False and upgraded["layer"] == 3
     assert upgrade_record({"kind": "probe", "probe": "linear"})["probe"] == "linear"
     assert "probe" not in upgrade_record({"kind": "finetune", "reinit": [12]})
+
+
+def test_one_dev_utterance_is_shown_as_each_experiment_decodes_it(tmp_path):
+    """From the runs' decoded/dev.tsv: the utterance of median length every run decoded, as the
+    lowest finished seed of each experiment wrote it."""
+    root = tmp_path / "runs"
+    decoded = {  # (kind, layer or reinit, seed) -> id -> (words, edits, hypothesis)
+        ("probe", 4, 0): {"a": (2, 1, "hello"), "b": (5, 2, "the cat sat on"), "c": (9, 3, "x")},
+        ("probe", 4, 1): {"a": (2, 0, "hello world"), "b": (5, 0, "the cat sat on it"), "c": (9, 0, "y")},
+        ("probe", 8, 1): {"b": (5, 1, "the cat sat in it"), "c": (9, 0, "z")},
+        ("finetune", (), 0): {"b": (5, 0, "the cat sat on it"), "c": (9, 9, "")},
+    }
+    references = {"a": "hello world", "b": "The cat sat on it.", "c": "nine words of reference text go here now ok"}
+    for (kind, what, seed), rows in decoded.items():
+        where = dict(layer=what) if kind == "probe" else dict(reinit=what)
+        run = write_run(root, kind, seed, (10.0, 10.0, 20.0, 5.0, 5.0, 10.0), **where)
+        (run / "decoded").mkdir()
+        (run / "decoded" / "dev.tsv").write_text("id\twords\tword_edits\treference\thypothesis\n" + "".join(
+            f"{uid}\t{w}\t{e}\t{references[uid]}\t{h}\n" for uid, (w, e, h) in rows.items()))
+    written = write_report(root, tmp_path / "out", figure=False)
+    text = written["md"].read_text()
+    assert "Utterance b (5 words)" in text and "reference: The cat sat on it." in text
+    assert markdown_tables(text)["One dev utterance, decoded"] == {
+        "BiLSTM 4": {"word edits": "2", "decoded": "the cat sat on"},  # seed 0, the lowest
+        "BiLSTM 8": {"word edits": "1", "decoded": "the cat sat in it"},
+        "re-init none": {"word edits": "0", "decoded": "the cat sat on it"}}
+    example = json.loads(written["json"].read_text())["decoded_example"]
+    assert (example["split"], example["id"]) == ("dev", "b") and [d["seed"] for d in example["decoded"]] == [0, 1, 0]

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from . import __version__, record
 from .errors import W2VCacheError
-from .runs import CONFIG, MEASURES, RESULT, STATUSES, Run, experiment_key, experiment_name, find_runs
+from .runs import CONFIG, DECODED, MEASURES, RESULT, STATUSES, Run, experiment_key, experiment_name, find_runs
 
 SPLIT_ORDER = ("dev", "test-clean", "test-other")  # splits shown first; any others follow by name
 CONFIG_SECTIONS = ("train", "model", "data")  # compared across the seeds of one experiment
@@ -454,6 +454,7 @@ def render_markdown(rows: list[Row], runs: list[Run], runs_dir=None, figure: str
         else:
             out += ["", "Δ: not computed, no fine-tuning baseline (re-init none) has finished."]
         out += ["", _feature_encoder_note(runs)]
+    out += _decoded_section(decoded_example(rows, runs))
     out += _similarity_section(similarities)
 
     left_out = not_included(runs)
@@ -505,6 +506,58 @@ def _similarity_section(similarities: list[Similarity]) -> list[str]:
         if most:
             out.append(f"Changed most in {s.name}: {most[0]} ({s.label} {most[1]:.3f} with itself).")
     return out
+
+
+def decoded_example(rows: list[Row], runs: list[Run]) -> dict | None:
+    """One dev utterance as each experiment's lowest finished seed decodes it at its best epoch
+    (the runs' decoded/<dev split>.tsv): the utterance of median length among those every such
+    run decoded, ties broken by id. None where no run has its decoded transcripts."""
+    lowest = {}
+    for run in runs:
+        if run.status == "finished" and (run.key not in lowest or run.seed < lowest[run.key].seed):
+            lowest[run.key] = run
+    tables = []
+    for row in rows:
+        run = lowest.get(row.key)
+        if run is None:
+            continue
+        split = ((run.config or {}).get("train") or {}).get("dev_split") or "dev"
+        path = Path(run.path) / DECODED / f"{split}.tsv"
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                decoded = {r["id"]: r for r in csv.DictReader(f, delimiter="\t") if r.get("id")}
+        except (OSError, KeyError, csv.Error, UnicodeDecodeError):
+            continue  # a run from before decoded transcripts were written, or a damaged file
+        tables.append((row, run, split, decoded))
+    common = set.intersection(*(set(t[3]) for t in tables)) if tables else set()
+    if not common:
+        return None
+    first = tables[0][3]
+    words = sorted(int(first[uid]["words"] or 0) for uid in common)
+    median = words[(len(words) - 1) // 2]  # the lower median: of two, the shorter reads better
+    uid = min(common, key=lambda u: (abs(int(first[u]["words"] or 0) - median), u))
+    def label(row: Row) -> str:
+        return f"{PROBE_NAMES.get(row.probe, row.probe)} {row.label}" if row.kind == "probe" else f"re-init {row.label}"
+
+    return {
+        "split": tables[0][2], "id": uid, "reference": first[uid]["reference"], "words": int(first[uid]["words"] or 0),
+        "decoded": [{"experiment": row.experiment, "kind": row.kind, "label": label(row), "seed": run.seed,
+                     "word_edits": int(decoded[uid]["word_edits"] or 0), "hypothesis": decoded[uid]["hypothesis"]}
+                    for row, run, _, decoded in tables],
+    }
+
+
+def _decoded_section(example: dict | None) -> list[str]:
+    """Markdown lines: the example utterance as each experiment decodes it."""
+    if example is None:
+        return []
+    out = ["", f"## One {example['split']} utterance, decoded", "",
+           f"Utterance {example['id']} ({example['words']} words), as the lowest seed of each experiment decodes it "
+           f"at its best epoch (every utterance: decoded/{example['split']}.tsv in each run).", "",
+           f"reference: {example['reference']}", ""]
+    lines = [[d["label"], str(d["word_edits"]), d["hypothesis"].replace("|", "\\|") or "(nothing)"]
+             for d in example["decoded"]]
+    return out + _markdown_table(["", "word edits", "decoded"], ["---", "---:", "---"], lines)
 
 
 def _weights_table(rows: list[Row]) -> list[str]:
@@ -590,6 +643,7 @@ def report_dict(rows: list[Row], runs: list[Run], runs_dir=None, similarities: l
                          for r in not_included(runs)],
         "notes": notes(runs),
         "similarity": [s.to_dict() for s in similarities],
+        "decoded_example": decoded_example(rows, runs),
     }
 
 
