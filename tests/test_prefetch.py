@@ -171,7 +171,7 @@ def test_each_epoch_after_the_first_starts_with_batches_built_while_dev_was_eval
     per_epoch = len(probe_task.train_batches(0))
     evaluate, during_dev, epochs = train_module.evaluate, [], 3
 
-    def evaluate_once_begun(task_, split):
+    def evaluate_once_begun(task_, split, *rest):
         # After each epoch but the last, wait (a while, at most) for the next epoch's first batches:
         # without the early start they never come.
         before = sum(s == "train" for s, _ in built)
@@ -179,7 +179,7 @@ def test_each_epoch_after_the_first_starts_with_batches_built_while_dev_was_eval
         while time.monotonic() < deadline and sum(s == "train" for s, _ in built) < before + 2:
             time.sleep(0.01)
         during_dev.append(sum(s == "train" for s, _ in built) - before)
-        return evaluate(task_, split)
+        return evaluate(task_, split, *rest)
 
     monkeypatch.setattr(train_module, "evaluate", evaluate_once_begun)
     record = RunRecord(kind="probe", experiment="x", layer=2, reinit=[], seed=0, model={}, data={}, store="s",

@@ -178,7 +178,10 @@ def test_report_shows_linear_and_weighted_probes_from_their_runs(store, tmp_path
     text = written["md"].read_text()
     tables = markdown_tables(text)
     assert list(tables) == ["Probes (frozen W2V layer, BiLSTM-CTC)", "Linear probes (frozen W2V layer, linear-CTC)",
-                            "Layer weights of the weighted probes (softmax, at the best epoch)"]
+                            "Layer weights of the weighted probes (softmax, at the best epoch)",
+                            "One dev utterance, decoded"]
+    assert [line for line in tables["One dev utterance, decoded"]] == [
+        "BiLSTM 2", "BiLSTM weighted", "linear 2", "linear weighted"]
     for heading, prefix in (("Probes (frozen W2V layer, BiLSTM-CTC)", ""),
                             ("Linear probes (frozen W2V layer, linear-CTC)", "linear-")):
         table = tables[heading]

@@ -402,7 +402,9 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
                             "use fp32")
     # --shard spreads runs, one process each; without it torchrun's ranks share each run (DDP).
     share = share_of(shard) if shard is not None else Share()
+    joins = shard is None and not dist.is_initialized()
     device = rank_device(device) if shard is not None else init_distributed(device)
+    joins = joins and dist.is_initialized()  # the process group is this call's to end
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
     train_config = test_splits_for(train_config, corpus.splits, "the corpus" if progress and main_rank else None)
     check_splits(corpus.splits, train_split, train_config.dev_split, "the corpus")
@@ -459,4 +461,8 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     runs = ((run_dir(out, "finetune", finetune_experiment(blocks), seed), functools.partial(start, blocks, seed),
              functools.partial(settings_now, blocks, seed))
             for blocks in reinits for seed in seeds)
-    return sweep(runs, share)
+    result = sweep(runs, share)
+    if joins:
+        # Gloo's threads, left to the interpreter's exit, abort the process (SIGABRT) now and then.
+        dist.destroy_process_group()
+    return result
