@@ -12,9 +12,9 @@ evaluated after every epoch and the best epoch tested. Target: under 2 h on one 
 Measured with w2vcache's own functions on the bundled corpus, each split repeated --repeat times
 under new ids (train 307 s, dev 83 s, test 131 s of speech per repeat):
 - extraction: `extract()` of every split into a fresh store, until on disk;
-- reading a layer: the three splits of layer 8, read and checksummed as a probe sweep does once
-  per layer;
-- a probe: `probe()` on layer 8 for 2 epochs; its second epoch's training and dev evaluation, and
+- reading a layer: the three splits of layer 8 (the last, in a smaller model), read and
+  checksummed as a probe sweep does once per layer;
+- a probe: `probe()` on that layer for 2 epochs; its second epoch's training and dev evaluation, and
   the final evaluation (dev and tests, at the best epoch);
 - a fine-tune: `finetune()` for 3 epochs, the first 2 with the transformer frozen: epoch 1
   computes the frozen CNN's outputs and keeps them (CNNCache), epoch 2 is a frozen epoch from the
@@ -42,14 +42,14 @@ from w2vcache.audio import SAMPLE_RATE, load_audio
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract
 from w2vcache.finetune import FinetuneConfig, finetune
-from w2vcache.layers import layer_name
+from w2vcache.layers import layer_index, layer_name
 from w2vcache.probe import SplitFeatures, probe
 from w2vcache.store import open_store
 from w2vcache.train import TrainConfig
 
 HOURS = {"train": 10.0, "dev": 10.7, "test": 10.7}  # the study's splits (LibriSpeech's dev and test: clean + other)
 LAYERS, SEEDS, REINITS, EPOCHS, FROZEN = 13, 3, 4, 10, 3
-PROBE_LAYER = "8"
+PROBE_LAYER = 8  # the study's best layer; the last one where a model has fewer
 TESTS = ("test-clean", "test-other")
 
 
@@ -80,15 +80,16 @@ def main():
                                       compute_dtype=args.compute_dtype), progress=False)
         extract_s = time.perf_counter() - t
 
-        t = time.perf_counter()
         opened = open_store(store)
+        probed = min(PROBE_LAYER, max(i for i in map(layer_index, opened.layers) if i is not None))
+        t = time.perf_counter()
         for split in ("train", "dev", *TESTS):
-            SplitFeatures(opened, split, layer_name(int(PROBE_LAYER)), budget)
+            SplitFeatures(opened, split, layer_name(probed), budget)
         read_s = time.perf_counter() - t
 
         train = TrainConfig(epochs=2)
         t = time.perf_counter()
-        result = probe(store, layers=PROBE_LAYER, out=str(Path(tmp) / "runs"), train_config=train,
+        result = probe(store, layers=str(probed), out=str(Path(tmp) / "runs"), train_config=train,
                        memory_budget=budget, device=args.device, progress=False)
         probe_run = run_costs(result.finished[0], time.perf_counter() - t)
 
@@ -120,7 +121,7 @@ def main():
 
     print("\nmeasured (bench corpus):")
     print(f"  extraction      {extract_s:8.1f} s  ({audio / extract_s:8.1f} s of audio / s)")
-    print(f"  layer {PROBE_LAYER} read     {read_s:8.1f} s  ({audio / read_s:8.1f} s of audio / s)")
+    print(f"  layer {probed:<2} read     {read_s:8.1f} s  ({audio / read_s:8.1f} s of audio / s)")
     for name, run in (("probe", probe_run), ("fine-tune", finetune_run)):
         epochs = ", ".join(f"epoch {i + 1} train {tr:.1f} s + dev {dv:.1f} s" for i, (tr, dv) in enumerate(zip(run.train, run.dev)))
         print(f"  {name:<10} {epochs}; final evaluation {run.final:.1f} s; the rest {run.rest:.1f} s")

@@ -243,3 +243,9 @@ def test_finetune_checks_every_file_first_and_says_which_one_fails_to_decode(cor
     assert f"{root / 'train-bad.flac'}: cannot decode the audio" in failed.output
     result = json.loads((tmp_path / "corrupt/finetune/reinit-none/seed0/result.json").read_text())
     assert result["status"] == "failed" and "train-bad.flac: cannot decode the audio" in result["error"]
+    # --skip-bad, as the error suggests, decodes every file first and leaves the corrupt ones out.
+    skipped = run_cli("finetune", *splits(manifests, "all"), "--epochs", "1", "--batch-seconds", "2",
+                      "--num-workers", "2", "--skip-bad", "--out", tmp_path / "skipped")
+    assert skipped.exit_code == 0, skipped.output
+    config = json.loads((tmp_path / "skipped/finetune/reinit-none/seed0/config.json").read_text())
+    assert config["data"]["skipped"] == {"train": ["train-bad"], "dev": ["dev-bad"]}

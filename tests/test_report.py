@@ -787,3 +787,15 @@ def test_one_dev_utterance_is_shown_as_each_experiment_decodes_it(tmp_path):
         "re-init none": {"word edits": "0", "decoded": "the cat sat on it"}}
     example = json.loads(written["json"].read_text())["decoded_example"]
     assert (example["split"], example["id"]) == ("dev", "b") and [d["seed"] for d in example["decoded"]] == [0, 1, 0]
+
+
+def test_runs_that_chose_their_best_epoch_on_different_splits_are_pointed_out(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "probe", 0, (10.0, 10.0, 20.0, 5.0, 5.0, 10.0), layer=4)
+    run = write_run(root, "probe", 0, (10.0, 10.0, 20.0, 5.0, 5.0, 10.0), layer=8)
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["dev_split"] = "test-clean"
+    (run / "config.json").write_text(json.dumps(config))
+    text = write_report(root, tmp_path / "out", figure=False)["md"].read_text()
+    assert ("- note: the runs chose their best epochs on different dev splits (dev: 1 run(s), test-clean: 1 run(s))"
+            in text)

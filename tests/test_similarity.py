@@ -335,7 +335,7 @@ def test_command_writes_json_csv_and_figure(stores, tmp_path):
     few = cli(stores["tiny"], stores["tiny-ln"], "--layers", "1-3", "--max-frames", 2 * dim, "--measure", "svcca",
               "--out", tmp_path / "few")
     assert few.exit_code == 0 and (f"note: {2 * dim} frames for layers up to {dim} wide: SVCCA finds chance "
-                                   f"correlations of about 0.71 (sqrt({dim} / {2 * dim}))") in few.output, few.output
+                                   f"correlations of about 0.71 (sqrt({dim} / {2 * dim}) = 0.71)") in few.output, few.output
     assert "chance" not in cli(stores["tiny"], stores["tiny-ln"], "--layers", "1-3", "--max-frames", 2 * dim,
                                "--out", tmp_path / "cka").output
 

@@ -36,7 +36,8 @@ def test_transcripts_a_model_cannot_learn_are_pointed_out():
         "transcripts with symbols outside the 30-symbol vocabulary (2 in train, 1 in dev) read them as <unk>: "
         "'1' x2, '0' x1, '北' x1, '京' x1, '3' x1, '&' x1, '2' x1; spell numbers out, or transliterate, for the "
         "model to learn them",
-        "empty transcripts (1 in train): those utterances teach the model to write nothing"]
+        "empty transcripts (1 in train): in training they teach the model to write nothing; in evaluation every "
+        "word written for them counts as an insertion"]
     assert text.transcript_notes({"train": ["hello world", "it's"]}) == []
 
 

@@ -86,8 +86,9 @@ def read_corpus(librispeech, librilight, splits, skip_bad=False):
 def corpus_command(librispeech, librilight, splits, as_json, skip_bad):
     """List a corpus: splits, sources, utterances, speakers, hours.
 
-    Every audio file is checked as extract and finetune check it; the ones they would refuse are
-    listed with why (and left out of the counts). With no corpus named, the mini corpus bundled in
+    Every audio file is checked as extract and finetune check it before any compute (header,
+    format, its last samples); the ones they would refuse are listed with why (and left out of the
+    counts). A file corrupt in its middle is found only when decoded. With no corpus named, the mini corpus bundled in
     data/.
     """
     from .corpus import summarize
@@ -390,7 +391,8 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
               "ranks then share the job's runs instead of training each together (DDP); 0/1 for all of them.")
 @click.option("--revision", help="Hub revision of --model.")
 @click.option("--skip-bad", is_flag=True, help="Leave out unusable audio files and utterances without a "
-              "transcript (listed, and recorded in each run's config.json) instead of stopping.")
+              "transcript (listed, and recorded in each run's config.json) instead of stopping; every file is "
+              "decoded first, so that one corrupt in its middle is left out too.")
 @threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 @user_errors

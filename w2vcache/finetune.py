@@ -353,7 +353,8 @@ def usable_corpus(corpus: Corpus, splits, min_samples: int, skip_bad: bool, prog
         raise W2VCacheError(f"--test-splits {','.join(missing)}: the corpus has no split {missing[0]!r}; it has "
                             f"{', '.join(corpus.splits)}")
     chosen = {split: corpus.splits[split] for split in dict.fromkeys(splits)}
-    usable, bad = check_corpus(chosen, min_samples, progress)
+    # Left out means left out: a file corrupt in its middle, which only decoding finds, too.
+    usable, bad = check_corpus(chosen, min_samples, progress, decode=skip_bad)
     if bad and not skip_bad:
         error = BadAudioError(bad, sum(map(len, chosen.values())), skip="leave them out of the fine-tuning")
         if listing is not None and len(bad) > SHOWN_BAD:
@@ -383,7 +384,8 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
 
     `num_threads`: torch's CPU threads; None chooses them (threads.py).
     `skip_bad`: leave out the audio files that cannot be used (listed on stderr and in each run's
-    config.json) instead of refusing them all, before any run starts.
+    config.json) instead of refusing them all, before any run starts; every file is then decoded
+    whole first, so that one corrupt in its middle is left out too.
     `cnn_memory`: bytes of the frozen CNN's outputs kept for later epochs and runs (CNNCache), on
     this machine (torchrun's ranks on it share them); 0 computes them in every step. The results
     are the same either way.

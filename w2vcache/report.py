@@ -352,6 +352,13 @@ def notes(runs: list[Run]) -> list[str]:
         differing = _config_differences(members)
         if differing:
             found.append(f"{label}: seeds averaged together differ in {', '.join(differing)}")
+    # Rows side by side in one table should have chosen their best epochs on the same split.
+    dev_splits = Counter(((r.config or {}).get("train") or {}).get("dev_split") or "dev"
+                         for members in groups.values() for r in members)
+    if len(dev_splits) > 1:
+        found.append("the runs chose their best epochs on different dev splits (" + ", ".join(
+            f"{split}: {n} run(s)" for split, n in sorted(dev_splits.items())) + "): a split one run chose on is "
+            "held out for the others, so their numbers there do not compare")
     return found
 
 

@@ -286,12 +286,13 @@ def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure:
             raise W2VCacheError(f"split {split} of store {a.path}: {len(rows)} usable frame(s); "
                                 f"{LABELS[MEASURE_NAMES[measure]]} needs at least 2")
         widest = max(store.layers[name] for store, names in ((a, names_a), (b, names_b)) for name in names)
-        chance = min(1.0, (widest / len(rows)) ** 0.5)
+        chance = (widest / len(rows)) ** 0.5
         if measure != "cka" and progress and chance > 0.2:
             # Canonical correlations of p directions over n frames reach about sqrt(p / n) by chance
             # alone: with n near p every pair of layers looks alike.
             print(f"note: {len(rows)} frames for layers up to {widest} wide: {LABELS[MEASURE_NAMES[measure]]} finds "
-                  f"chance correlations of about {chance:.2f} (sqrt({widest} / {len(rows)})) between unrelated "
+                  f"chance correlations of about {min(chance, 1.0):.2f} (sqrt({widest} / {len(rows)}) = {chance:.2f}) "
+                  "between unrelated "
                   "layers; more frames (--max-frames) bring them down (docs/ANALYSES.md)", file=sys.stderr)
         matrix, n_utterances, passes, kept = _stream(measure, a, b, split, names_a, names_b, lengths, rows,
                                                      positions_b, memory_budget, progress)

@@ -98,7 +98,8 @@ def transcript_notes(texts_by_split: dict, shown: int = 8) -> list[str]:
                      f"{UNK}: {symbols}{more}; spell numbers out, or transliterate, for the model to learn them")
     if sum(empty.values()):
         where = ", ".join(f"{n} in {split}" for split, n in empty.items() if n)
-        notes.append(f"empty transcripts ({where}): those utterances teach the model to write nothing")
+        notes.append(f"empty transcripts ({where}): in training they teach the model to write nothing; in "
+                     "evaluation every word written for them counts as an insertion")
     return notes
 
 
