@@ -92,10 +92,16 @@ def error_rates(references: list[str], hypotheses: list[str]) -> ErrorRates:
 
 def utterance_rows(ids, references: list[str], hypotheses: list[str]) -> list[dict]:
     """Each utterance's transcript, what was decoded, and its word edits (as error_rates counts
-    them) over its reference words: what one WER figure hides."""
-    rows = []
-    for uid, reference, hypothesis in zip(ids, references, hypotheses):
-        rates = error_rates([reference], [hypothesis])
-        rows.append({"id": uid, "words": rates.words, "word_edits": rates.word_edits,
-                     "reference": reference, "hypothesis": hypothesis})
-    return rows
+    them) over its reference words: what one WER figure hides. One alignment of the whole split,
+    read utterance by utterance."""
+    refs = [scoring_form(r) for r in references]
+    hyps = [scoring_form(h, decoded=True) for h in hypotheses]
+    edits = [len(h.split()) if not r else 0 for r, h in zip(refs, hyps)]  # an empty reference: insertions
+    aligned = [k for k, r in enumerate(refs) if r]
+    if aligned:
+        out = jiwer.process_words([refs[k] for k in aligned], [hyps[k] for k in aligned])
+        for k, chunks in zip(aligned, out.alignments):
+            edits[k] = sum(max(c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx)
+                           for c in chunks if c.type != "equal")
+    return [{"id": uid, "words": len(r.split()), "word_edits": e, "reference": reference, "hypothesis": hypothesis}
+            for uid, r, e, reference, hypothesis in zip(ids, refs, edits, references, hypotheses)]
