@@ -2,15 +2,19 @@
 # Every GPU figure the README quotes, in one go on one CUDA device: each benchmark in turn, what it
 # prints kept under DIR (default benchmark-logs), the stores written there too (the disk measured).
 #
-#   bash benchmarks/on_gpu.sh [DIR]
+#   bash benchmarks/on_gpu.sh [DIR [STORES]]
 #
 # About 1.7 h of audio (the bundled corpus repeated) for the extraction figures and the study's
-# projected time (about 20 GB free under DIR while they run); a few minutes on an H100. The CPU-only benchmarks (shared_cpu.py, int8_store.py, probe_cost.py's profile) are not run.
+# projected time (about 20 GB free under STORES while they run, default DIR: name a folder on the
+# disk you care about); a few minutes on an H100. Each benchmark is stopped after BENCH_TIMEOUT
+# seconds (default 600) so that one that hangs leaves the others their turn. The CPU-only
+# benchmarks (shared_cpu.py, int8_store.py, probe_cost.py's profile) are not run.
 # Exits 1 if any benchmark failed, after running the others; the last lines name those that did.
 set -u -o pipefail
 dir=$(realpath -m "${1:-$(dirname "$0")/../benchmark-logs}")  # DIR as the caller named it
+stores=$(realpath -m "${2:-$dir}")
 cd "$(dirname "$0")/.."
-mkdir -p "$dir"
+mkdir -p "$dir" "$stores"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's w2vcache, installed or not
 failed=()
@@ -19,18 +23,19 @@ run() {
     local name=$1
     shift
     echo "== python benchmarks/$*" | tee "$dir/$name.txt"
-    python "benchmarks/$@" 2>&1 | tee -a "$dir/$name.txt" || failed+=("$name")
+    timeout "${BENCH_TIMEOUT:-600}" "${PYTHON:-python3}" "benchmarks/$@" 2>&1 | tee -a "$dir/$name.txt" || failed+=("$name")
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$dir/gpu.txt"
-python -c "import os, torch, transformers; print('cpus', os.cpu_count(), 'torch', torch.__version__, \
+"${PYTHON:-python3}" -c "import os, torch, transformers; print('cpus', os.cpu_count(), 'torch', torch.__version__, \
 'transformers', transformers.__version__)" | tee -a "$dir/gpu.txt"
-run stand-in extract_overhead.py --stand-in --device cuda --seconds 6000 --dir "$dir"
-run extract extract_overhead.py --device cuda --seconds 6000 --dir "$dir"
+df -hT "$stores" | tee -a "$dir/gpu.txt"
+run stand-in extract_overhead.py --stand-in --device cuda --seconds 6000 --dir "$stores"
+run extract extract_overhead.py --device cuda --seconds 6000 --dir "$stores"
 run compute-dtype compute_dtype.py --device cuda
 run data-wait probe_cost.py --data-wait --device cuda
 run finetune-step finetune_step.py --device cuda
-run study-time study_time.py --device cuda --repeat 12 --memory-budget 20 --dir "$dir"
+run study-time study_time.py --device cuda --repeat 12 --memory-budget 20 --dir "$stores"
 
 if ((${#failed[@]})); then
     echo "failed: ${failed[*]} (their output is under $dir)" >&2
