@@ -30,11 +30,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "${PYTHON:-python3}" -c "import os, torch, transformers; print('cpus', os.cpu_count(), 'torch', torch.__version__, \
 'transformers', transformers.__version__)" | tee -a "$dir/gpu.txt"
 df -hT "$stores" | tee -a "$dir/gpu.txt"
-run stand-in extract_overhead.py --stand-in --device cuda --seconds 6000 --dir "$stores"
 run extract extract_overhead.py --device cuda --seconds 6000 --dir "$stores"
-run compute-dtype compute_dtype.py --device cuda
+run stand-in extract_overhead.py --stand-in --device cuda --seconds 6000 --dir "$stores"
 run data-wait probe_cost.py --data-wait --device cuda
 run finetune-step finetune_step.py --device cuda
+run compute-dtype compute_dtype.py --device cuda
 run study-time study_time.py --device cuda --repeat 12 --memory-budget 20 --dir "$stores"
 
 if ((${#failed[@]})); then
