@@ -96,9 +96,9 @@ def main():
         stand_in_forward = instant_forward(backbone, corpus, args.batch_seconds)
         for forward in (stand_in_forward, None):
             warm_up(corpus, config, backbone, forward)
-        ceiling_s, _ = timed_extraction(corpus, replace(config, store=str(Path(tmp) / "stand-in.zarr")), backbone,
+        ceiling_s, _, ceiling_stages = timed_extraction(corpus, replace(config, store=str(Path(tmp) / "stand-in.zarr")), backbone,
                                         forward=stand_in_forward)
-        extract_s, written = timed_extraction(corpus, config, backbone)
+        extract_s, written, stages = timed_extraction(corpus, config, backbone)
         about = info(store)
         frames = about["splits"]["bench"]["frames"]
         per_layer = sum(about["bytes"]["layers"].values()) / len(about["layers"]) / frames
@@ -112,6 +112,8 @@ def main():
           f"instant stand-in model)")
     print(f"extraction     {extract_s:8.2f} s  ({total / extract_s:7.1f} s audio / s, {written / extract_s / 1e6:.0f} MB/s; "
           f"audio checks and decoding included, model loaded before, fsync'ed)")
+    print(f"  where its time went: {stages_line(stages)}")
+    print(f"  (pipeline alone: {stages_line(ceiling_stages)})")
     print(f"ratio extraction / bare forward: {extract_s / bare_s:.3f}")
     print(f"ratio extraction / max(bare forward, pipeline alone): {extract_s / max(bare_s, ceiling_s):.3f}  "
           f"(target <= 1.10; the slower of the two is {'the model' if bare_s >= ceiling_s else 'the pipeline'})")
@@ -129,21 +131,27 @@ def warm_up(corpus, config: ExtractConfig, backbone, forward=None) -> None:
     timed_extraction(warm, replace(config, store=str(where)), backbone, forward=forward)
 
 
-def timed_extraction(corpus, config: ExtractConfig, backbone, forward=None) -> tuple[float, int]:
+def timed_extraction(corpus, config: ExtractConfig, backbone, forward=None) -> tuple[float, int, dict]:
     """Seconds to extract `corpus` into config.store, until it is on disk (the page cache would
-    flatter it), and the bytes written; `forward` (instant_forward's) in place of the model's."""
+    flatter it), the bytes written and the run's stage_seconds; `forward` (instant_forward's) in
+    place of the model's."""
     model_forward = w2vcache.extract.forward_layers
     if forward is not None:
         w2vcache.extract.forward_layers = forward
     try:
         os.sync()
         t = time.perf_counter()
-        extract(corpus, config, progress=False, backbone=backbone)
+        result = extract(corpus, config, progress=False, backbone=backbone)
         os.sync()
         seconds = time.perf_counter() - t
     finally:
         w2vcache.extract.forward_layers = model_forward
-    return seconds, sum(f.stat().st_size for f in Path(config.store).rglob("*") if f.is_file())
+    return seconds, sum(f.stat().st_size for f in Path(config.store).rglob("*") if f.is_file()), result.stage_seconds
+
+
+def stages_line(stages: dict) -> str:
+    """extract's stage_seconds, largest first: what bounds it."""
+    return ", ".join(f"{stage.replace('_', ' ')} {s:.2f} s" for stage, s in sorted(stages.items(), key=lambda i: -i[1]))
 
 
 def instant_forward(backbone, corpus, batch_seconds: float):
@@ -209,7 +217,7 @@ def stand_in(args):
     # to pinned memory, events) is taken as a real extraction there takes it.
     backbone = load_backbone(args.model, device=args.device)
     corpus, total = bench_corpus(args.seconds or 3600.0)
-    raws, pipelines = [], []
+    raws, pipelines, stages = [], [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
         config = ExtractConfig(model=args.model, store=str(tmp / "bench.zarr"), batch_seconds=args.batch_seconds,
@@ -222,8 +230,9 @@ def stand_in(args):
         # The raw file is as large as the store: a virtual disk's write cache flatters a shorter write.
         for i in range(args.repeats):
             store = replace(config, store=str(tmp / f"bench-{i}.zarr"))
-            seconds, written = timed_extraction(corpus, store, backbone, forward=stand_in_forward)
+            seconds, written, spent = timed_extraction(corpus, store, backbone, forward=stand_in_forward)
             pipelines.append(written / seconds)
+            stages.append(spent)
             raws.append(raw_write_speed(tmp, nbytes=written))
     raw, pipeline = max(raws), max(pipelines)
     print(f"stand-in for {args.model}: {len(backbone.layer_names())} layers x {backbone.hidden_size}, "
@@ -233,6 +242,7 @@ def stand_in(args):
     print(f"pipeline with the stand-in model     {pipeline / 1e6:8.1f} MB/s ({written / 1e6:.0f} MB = "
           f"{pipeline / written * total:.0f}x real time; best of {', '.join(f'{p / 1e6:.0f}' for p in pipelines)}; "
           f"decoding, checks and the store's metadata included, fsync'ed)")
+    print(f"  where its time went (fastest run): {stages_line(stages[pipelines.index(pipeline)])}")
     print(f"ratio pipeline / raw write speed: {pipeline / raw:.3f}  (target >= 0.80)")
 
 

@@ -336,6 +336,83 @@ def test_block_writer_streams_utterances(tmp_path):
     np.testing.assert_array_equal(got, feats["layer01"][starts[-2]:].astype(np.float16))
 
 
+def test_chunks_are_the_files_zarr_itself_writes(full_store, tmp_path):
+    """The writer encodes uncompressed chunks itself (bytes, then their crc32c): byte for byte
+    what zarr writes for the same rows, with the same array settings."""
+    path, _ = full_store
+    stored = zarr.open_group(path, mode="r")["dev"]["layer01"]
+    plain = zarr.open_group(tmp_path / "plain.zarr", mode="w").create_array(
+        "layer01", shape=stored.shape, chunks=stored.chunks, dtype=stored.dtype, fill_value=0,
+        compressors=stored.compressors, filters=None)
+    plain[:] = stored[:]
+    rows = stored.chunks[0]
+    for chunk in range(stored.shape[0] // rows):
+        assert chunk_file(path, "dev", "layer01", chunk).read_bytes() == \
+            (tmp_path / "plain.zarr" / "layer01" / "c" / str(chunk) / "0").read_bytes()
+
+
+def test_batches_of_any_size_write_the_same_store(tmp_path):
+    """Utterances handed over in uneven batches, chunk boundaries falling inside them, make the
+    same files as the whole block at once."""
+    plan = make_plan()
+    with create(tmp_path / "whole.zarr", plan) as whole, create(tmp_path / "batches.zarr", plan) as batches:
+        block = max(whole.pending_blocks("dev"), key=lambda b: len(b.ids))
+        assert len(block.ids) >= 4 and block.n_frames > 2 * CHUNK_FRAMES
+        feats = features_for(block)
+        whole.write_block(block, feats)
+        whole.mark_done(block)
+        starts = np.cumsum((0,) + block.lengths)
+        cuts = [0, 1, len(block.ids) // 2, len(block.ids) // 2, len(block.ids)]  # one batch empty
+        with batches.block_writer(block) as writer:
+            for a, b in zip(cuts, cuts[1:]):
+                writer.append_batch({name: [x[starts[k]: starts[k + 1]] for k in range(a, b)]
+                                     for name, x in feats.items()})
+        batches.mark_done(block)
+    assert (snapshot_bytes(tmp_path / "whole.zarr" / "dev" / "layer01")
+            == snapshot_bytes(tmp_path / "batches.zarr" / "dev" / "layer01"))
+
+
+def snapshot_bytes(path):
+    return {p.relative_to(path): p.read_bytes() for p in Path(path).rglob("*") if p.is_file()}
+
+
+def test_a_failed_chunk_write_names_it_and_keeps_what_is_done(tmp_path, monkeypatch):
+    """A full disk while a block is written: the error names the layer and chunk, the block stays
+    pending, blocks done before are intact, and writing again finishes the store."""
+    from w2vcache.store import writing
+
+    path = tmp_path / "s.zarr"
+    real, calls = writing.write_chunk, []
+
+    def full_disk(array, index, chunk):
+        calls.append(index)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real(array, index, chunk)
+
+    with create(path) as store:
+        first, second = store.pending_blocks("dev")[:2]
+        done = features_for(first)
+        store.write_block(first, done)
+        store.mark_done(first)
+        monkeypatch.setattr(writing, "write_chunk", full_disk)
+        calls.clear()
+        with pytest.raises(W2VCacheError, match=r"dev block 1: writing layer\d\d chunk \d+ failed: .*No space left"):
+            store.write_block(second, features_for(second))
+        assert [b.index for b in store.pending_blocks("dev")][:1] == [1]
+    monkeypatch.setattr(writing, "write_chunk", real)
+    reader = open_store(path)
+    starts = np.cumsum((0,) + first.lengths)
+    np.testing.assert_array_equal(reader.read("dev", "layer01", first.ids[2]),
+                                  done["layer01"][starts[2]:starts[3]].astype(np.float16))
+    with pytest.raises(W2VCacheError, match="in block 1, which is not extracted yet"):
+        reader.read("dev", "layer01", second.ids[0])
+    with create(path) as store:
+        fill(store, "dev")
+    np.testing.assert_array_equal(open_store(path).read("dev", "layer01", second.ids[0]),
+                                  features_for(second)["layer01"][: second.lengths[0]].astype(np.float16))
+
+
 # -- locks and shards ---------------------------------------------------------------------------
 
 

@@ -78,6 +78,8 @@ class ExtractResult:
     # With a reduced --compute-dtype: its error against float32 on this run's first batch
     # (measure_compute_error); None in float32, or when the run computed nothing.
     compute_error: dict | None = None
+    # Where the time went (fill_blocks' STAGES): the largest names what bounds the run.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def speed(self) -> float:
@@ -202,12 +204,26 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
     return False
 
 
-class _BlockFiller:
-    """Writer side: appends each utterance's features to its block and marks finished blocks done."""
+# fill_blocks' record of where its time went, in seconds. The loop's thread waits for decoded
+# audio, runs the model (on a GPU: queues its work and the copies back) and waits for the writing
+# thread, which waits for the device's copies, then hands the batch to the store (casts, checks,
+# copies into chunks, waiting for chunk writes in flight).
+STAGES = {
+    "waiting_for_audio": "the loop waited for decoded audio",
+    "model": "the loop ran the model (on a GPU: queued its work)",
+    "waiting_for_writer": "the loop waited for the writing thread",
+    "waiting_for_device": "the writing thread waited for the device's results",
+    "store": "the writing thread handed features to the store",
+}
 
-    def __init__(self, store: FeatureStore):
+
+class _BlockFiller:
+    """Writer side: appends each batch's features to its block and marks finished blocks done."""
+
+    def __init__(self, store: FeatureStore, stages: dict[str, float]):
         self.store, self.writer, self.block = store, None, None
         self.failures: list[dict] = []  # the current block's utterances that failed to decode
+        self.stages = stages
 
     def abandon(self):
         """After a failure: stop the unfinished block's writer threads; the block stays pending."""
@@ -216,9 +232,17 @@ class _BlockFiller:
 
     def add(self, block, batch: slice, features: dict, frames: list[int], ready=None, peaks=None,
             failures=()):
+        t = time.perf_counter()
         if ready is not None:  # a CUDA event: the host copies of this batch have landed
             ready.synchronize()
             features = {name: x.numpy() for name, x in features.items()}
+        t = _lap(self.stages, "waiting_for_device", t)
+        try:
+            self._add(block, batch, features, frames, peaks, failures)
+        finally:
+            _lap(self.stages, "store", t)
+
+    def _add(self, block, batch: slice, features: dict, frames: list[int], peaks, failures):
         if peaks is not None:
             dtype = float_dtype(self.store.dtype)
             limit = float(np.finfo(dtype).max)
@@ -230,8 +254,9 @@ class _BlockFiller:
                     )
         if block is not self.block:
             self.writer, self.block, self.failures = self.store.block_writer(block), block, []
-        for b, n in enumerate(frames):
-            self.writer.append({name: x[b, :n] for name, x in features.items()})
+        # The peaks were checked above: every value is finite and within the store's range.
+        self.writer.append_batch({name: [x[b, :n] for b, n in enumerate(frames)] for name, x in features.items()},
+                                 checked=peaks is not None and bool(torch.isfinite(peaks).all()))
         self.failures += failures
         if batch.stop == len(block.ids):
             self.writer.close()
@@ -240,6 +265,13 @@ class _BlockFiller:
             else:
                 self.store.mark_done(block)
             self.writer = self.block = None
+
+
+def _lap(stages: dict[str, float], stage: str, since: float) -> float:
+    """Add the time since `since` to `stage`; returns now."""
+    now = time.perf_counter()
+    stages[stage] = stages.get(stage, 0.0) + now - since
+    return now
 
 
 def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
@@ -337,11 +369,14 @@ def measure_compute_error(backbone: Backbone, waves, reduced: dict[str, torch.Te
 
 
 def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[str], config: ExtractConfig,
-                progress: bool = True, measured: dict | None = None) -> tuple[int, int, float]:
+                progress: bool = True, measured: dict | None = None,
+                stages: dict[str, float] | None = None) -> tuple[int, int, float]:
     """Run the model over `blocks` and write them; returns (blocks, utterances, audio seconds).
 
     `measured`: with a reduced compute dtype, filled with measure_compute_error's record of the
-    first batch."""
+    first batch. `stages`: filled with the seconds spent in each of STAGES."""
+    stages = {stage: 0.0 for stage in STAGES} if stages is None else stages
+    stages.update({stage: 0.0 for stage in STAGES})
     include_cnn = CNN_LAYER in layers
     names = backbone.layer_names(include_cnn=include_cnn)
     keep = [names.index(name) for name in layers]
@@ -358,12 +393,17 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
     stop = threading.Event()
     loader = threading.Thread(target=_load_batches, args=(blocks, backbone, max_frames, loaded, stop),
                               daemon=True)
-    filler, pending, current_block, used_threads = _BlockFiller(store), [], None, None
+    filler, pending, current_block, used_threads = _BlockFiller(store, stages), [], None, None
     started, seconds_done, utterances = time.perf_counter(), 0.0, 0
     loader.start()
     try:
         with ThreadPoolExecutor(max_workers=1) as writer:
-            while (item := loaded.get()) is not None:
+            while True:
+                t = time.perf_counter()
+                item = loaded.get()
+                t = _lap(stages, "waiting_for_audio", t)
+                if item is None:
+                    break
                 if isinstance(item, BaseException):
                     raise item
                 block, batch, waves, failures = item
@@ -378,17 +418,21 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                                                           {"split": block.split, "block": block.index,
                                                            "ids": list(block.ids[batch.start:batch.stop])}))
                 features, ready, peaks = _to_host(kept, store_dtype)
+                t = _lap(stages, "model", t)
                 pending.append(writer.submit(filler.add, block, batch, features, frames, ready, peaks, failures))
                 # At most two batches in flight: bounded memory, and a write error surfaces promptly.
                 while len(pending) > 2:
                     pending.pop(0).result()
+                _lap(stages, "waiting_for_writer", t)
                 seconds_done += sum(len(w) for w in waves) / SAMPLE_RATE
                 utterances += len(waves)
                 bar.update(sum(frames))
                 bar.set_postfix_str(f"{seconds_done / (time.perf_counter() - started):.1f}x real time, "
                                     f"{used_threads} thread{'s' if used_threads > 1 else ''}")
+            t = time.perf_counter()
             for future in pending:
                 future.result()
+            _lap(stages, "waiting_for_writer", t)
     except BaseException:
         filler.abandon()
         raise
@@ -473,8 +517,9 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
         where = {split: {u[0]: u[2] for u in plan.utterances} for split, plan in plans.items()}
         blocks = [replace(b, paths=tuple(where[split][i] for i in b.ids))
                   for split in plans for b in store.pending_blocks(split)]
-        measured: dict = {}
-        n_blocks, n_utts, audio_seconds = fill_blocks(store, blocks, backbone, layers, config, progress, measured)
+        measured, stages = {}, {}
+        n_blocks, n_utts, audio_seconds = fill_blocks(store, blocks, backbone, layers, config, progress, measured,
+                                                      stages)
         # From the store, not this run: a resumed or repeated run reports what earlier runs found.
         for split, plan in plans.items():
             plan.skipped += [{**u, "reason": f"{FAILED_REASON}: {u['reason']}"}
@@ -488,6 +533,7 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
         seconds=time.perf_counter() - started,
         skipped={split: plan.skipped for split, plan in plans.items() if plan.skipped},
         compute_error=measured or None,
+        stage_seconds={stage: round(s, 3) for stage, s in stages.items()},
     )
     _write_run_record(config, device, result)
     return result

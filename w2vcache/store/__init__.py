@@ -31,8 +31,9 @@ padding), so no two blocks share a chunk and writers of different blocks never t
 The package's modules, one concept each: `layout` (format constants, block/chunk geometry,
 records), `locks` (writer locks, pid liveness, stale-lock takeover), `location` (opening by path,
 URL or zip pack), `creation` (laying out a new store, resume differences), `featurestore`
-(FeatureStore: reading, writing and reopening blocks, open_store) and `verification` (verify, its
-record of the damage found, info).
+(FeatureStore: reading, writing and reopening blocks, open_store), `writing` (BlockWriter: a block's
+chunks filled and written many at once) and `verification` (verify, its record of the damage
+found, info).
 """
 
 from .featurestore import FeatureStore, open_store

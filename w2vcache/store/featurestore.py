@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -49,6 +48,7 @@ from .layout import (
 )
 from .locks import _acquire_create_lock, _acquire_writer_lock, _Lock, _lock_name
 from .location import _close_store, _open_group, _store_label, local_root
+from .writing import BlockWriter, convert_features
 
 # ----------------------------------------------------------------------------------------------
 # The store
@@ -592,8 +592,8 @@ class FeatureStore:
                     raise W2VCacheError(f"store {self.path}: {block.split} block {block.index} "
                                         f"has {block.n_frames} frames, {layer} features have {len(x)}")
             starts = np.concatenate([[0], np.cumsum(block.lengths)])
-            for k in range(len(block.ids)):
-                writer.append({layer: x[starts[k]: starts[k + 1]] for layer, x in features.items()})
+            writer.append_batch({layer: [x[starts[k]: starts[k + 1]] for k in range(len(block.ids))]
+                                 for layer, x in features.items()})
 
     def write_layer(self, block: Block, layer: str, frames: np.ndarray) -> None:
         """Write one layer of a whole block: frames is (block.n_frames, dim), utterances end to end.
@@ -608,7 +608,7 @@ class FeatureStore:
             raise W2VCacheError(f"store {self.path} has no layer {layer!r}; it has "
                                 f"{', '.join(self._meta['layers'])}")
         where = f"store {self.path}: {block.split} block {block.index}: {layer} features"
-        x = _convert_features(frames, (block.n_frames, self.layers[layer]), self.feature_dtype, where)
+        x = convert_features(frames, (block.n_frames, self.layers[layer]), self.feature_dtype, where)
         chunk = self.chunk_frames(block.split)
         rows = -(-block.n_frames // chunk) * chunk  # up to the chunk boundary where the next block starts
         padded = np.zeros((rows, x.shape[1]), dtype=self.feature_dtype)
@@ -725,127 +725,6 @@ class FeatureStore:
         if index.done[block.index]:
             raise W2VCacheError(f"store {self.path}: {block.split} block {block.index} is already "
                                 f"done; a finished block is never rewritten")
-
-
-class BlockWriter:
-    """Collects a block's utterances in order and writes each layer in whole chunks.
-
-    Memory is one chunk per layer however long the block is. Use as a context manager: leaving
-    the `with` block normally writes the zero-padded last chunk; then call `store.mark_done`.
-    """
-
-    def __init__(self, store: FeatureStore, block: Block):
-        self.store, self.block = store, block
-        self.chunk_frames = store.chunk_frames(block.split)
-        self.layers = store.layers
-        self._arrays = {name: store._array(block.split, name) for name in self.layers}
-        self._scales = {name: store._array(block.split, name + SCALE_SUFFIX) for name in self.layers} \
-            if store.dtype == INT8 else {}
-        self._buffers = {name: np.zeros((self.chunk_frames, dim), dtype=store.feature_dtype)
-                         for name, dim in self.layers.items()}
-        self._filled = 0  # frames in the current chunk buffers
-        self._chunk_start = block.frame_offset
-        self._next = 0  # next utterance, relative to the block
-        self._pool = ThreadPoolExecutor(max_workers=min(8, len(self.layers)))
-        self._closed = False
-
-    def __enter__(self) -> BlockWriter:
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._pool.shutdown()
-
-    def _where(self) -> str:
-        b = self.block
-        return f"store {self.store.path}: {b.split} block {b.index}"
-
-    def append(self, features: Mapping[str, np.ndarray]) -> None:
-        """Add the next utterance: features[layer] is (its n_frames, dim) for every layer."""
-        if self._next >= len(self.block.ids):
-            raise W2VCacheError(f"{self._where()}: all {len(self.block.ids)} utterances are "
-                                f"already written")
-        utt_id, length = self.block.ids[self._next], self.block.lengths[self._next]
-        missing = [name for name in self.layers if name not in features]
-        extra = [name for name in features if name not in self.layers]
-        if missing or extra:
-            raise W2VCacheError(f"{self._where()}: utterance {utt_id}: features lack layers "
-                                f"{missing} / have unknown layers {extra}; the store has {list(self.layers)}")
-        # numpy releases the GIL while casting, so layers convert in parallel
-        converted = dict(zip(self.layers, self._pool.map(
-            lambda name: self._convert(name, utt_id, length, features[name]), self.layers)))
-        pos = 0
-        while pos < length:
-            n = min(length - pos, self.chunk_frames - self._filled)
-            for name, x in converted.items():
-                self._buffers[name][self._filled: self._filled + n] = x[pos: pos + n]
-            self._filled += n
-            pos += n
-            if self._filled == self.chunk_frames:
-                self._flush()
-        self._next += 1
-
-    def _convert(self, layer: str, utt_id: str, length: int, x: Any) -> np.ndarray:
-        return _convert_features(x, (length, self.layers[layer]), self.store.feature_dtype,
-                                 f"{self._where()}: utterance {utt_id}: {layer} features")
-
-    def _flush(self) -> None:
-        """Write the current chunk of every layer: whole chunks only, never read back."""
-        lo, hi = self._chunk_start, self._chunk_start + self.chunk_frames
-
-        def write(name: str) -> None:
-            if name in self._scales:  # int8: quantised here, with the scales of this chunk
-                q, scales = quantise(self._buffers[name], self.chunk_frames)
-                self._scales[name][lo // self.chunk_frames] = scales[0]
-                self._arrays[name][lo:hi] = q
-            else:
-                self._arrays[name][lo:hi] = self._buffers[name]
-
-        list(self._pool.map(write, self.layers))  # layers in parallel; map re-raises errors
-        for buffer in self._buffers.values():
-            buffer[:] = 0  # what the last chunk's padding must hold
-        self._chunk_start, self._filled = hi, 0
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        if self._next != len(self.block.ids):
-            self._pool.shutdown()
-            raise W2VCacheError(f"{self._where()}: only {self._next} of {len(self.block.ids)} "
-                                f"utterances were written; the block stays pending")
-        try:
-            if self._filled:
-                self._flush()
-        finally:
-            self._pool.shutdown()
-        self._closed = True
-        self.store._written.add((self.block.split, self.block.index))
-
-
-def _convert_features(x: Any, shape: tuple[int, int], dtype: str, what: str) -> np.ndarray:
-    """x as `dtype`, refusing a wrong shape, NaN/infinity, and values beyond dtype's range."""
-    x = np.asarray(x)
-    if x.shape != shape:
-        raise W2VCacheError(f"{what} have shape {x.shape}, expected {shape} (frames, dim)")
-    with np.errstate(over="ignore"):  # overflow is detected below, with a better message
-        y = x.astype(dtype, copy=False)
-    if not _all_finite(y):
-        if not np.isfinite(x).all():
-            raise W2VCacheError(f"{what} contain NaN or infinity")
-        raise W2VCacheError(f"{what} reach {np.abs(x).max():.4g}, beyond {dtype}'s range; "
-                            f"create the store with dtype float32")
-    return y
-
-
-def _all_finite(y: np.ndarray) -> bool:
-    """No NaN or infinity in y. numpy emulates float16's isfinite (1.4 GB/s on one core, the
-    largest cost of writing a store); a float16 is finite unless all its exponent bits are set,
-    which integer operations check at 20 GB/s."""
-    if y.dtype == np.float16:
-        return not ((y.view(np.uint16) & 0x7C00) == 0x7C00).any()
-    return bool(np.isfinite(y).all())
 
 
 EXISTS_CONCURRENCY = 10  # chunk-existence checks in flight at once (as zarr's async.concurrency)
