@@ -17,7 +17,7 @@ import hashlib
 import inspect
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -52,6 +52,9 @@ class Backbone:
     revision: str | None  # hub commit hash when known
     normalize: bool  # per-utterance zero-mean unit-variance input normalisation
     run: dict | None = None  # a fine-tuning run's encoder: which run, epoch and base model (describe)
+    # num_frames' answers: extraction asks for every utterance of every batch, and the model's
+    # formula (tensor operations per CNN layer) is slow for what it does.
+    _frames: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def config(self) -> PretrainedConfig:
@@ -90,10 +93,13 @@ class Backbone:
 
     def num_frames(self, num_samples: int) -> int:
         """Frames the encoder produces for `num_samples` of audio, by the model's own formula."""
-        get_lengths = self.model._get_feat_extract_output_lengths
-        # The optional adapter shortens the *output* after the encoder; our layers are taken before it.
-        kwargs = {"add_adapter": False} if "add_adapter" in inspect.signature(get_lengths).parameters else {}
-        return max(0, int(get_lengths(int(num_samples), **kwargs)))
+        num_samples = int(num_samples)
+        if num_samples not in self._frames:
+            get_lengths = self.model._get_feat_extract_output_lengths
+            # The optional adapter shortens the *output* after the encoder; our layers are taken before it.
+            kwargs = {"add_adapter": False} if "add_adapter" in inspect.signature(get_lengths).parameters else {}
+            self._frames[num_samples] = max(0, int(get_lengths(num_samples, **kwargs)))
+        return self._frames[num_samples]
 
     def weight_hash(self) -> str:
         return state_dict_hash(self.model)

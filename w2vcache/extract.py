@@ -43,6 +43,7 @@ PREFETCH_BATCHES = 2  # batches decoded ahead of the model; more only costs memo
 # bundled FLAC files 1.66x as fast as one on 2 cores). One thread decodes about 3,000x real time,
 # about what a GPU's W2V-Base forward takes in; a few keep decoding well ahead of it.
 MAX_DECODERS = 4
+IN_FLIGHT = 2  # batches handed to the writing thread and not yet in the store
 
 
 @dataclass
@@ -211,6 +212,7 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
 STAGES = {
     "waiting_for_audio": "the loop waited for decoded audio",
     "model": "the loop ran the model (on a GPU: queued its work)",
+    "copies": "the loop cast the layers and copied them to the host (on a GPU: queued the copies)",
     "waiting_for_writer": "the loop waited for the writing thread",
     "waiting_for_device": "the writing thread waited for the device's results",
     "store": "the writing thread handed features to the store",
@@ -231,16 +233,21 @@ class _BlockFiller:
             self.writer.__exit__(W2VCacheError, None, None)
 
     def add(self, block, batch: slice, features: dict, frames: list[int], ready=None, peaks=None,
-            failures=()):
+            failures=(), slot: "HostSlot | None" = None):
+        """`slot`: the host buffer `features` and `peaks` lie in, handed back once they are in the store."""
         t = time.perf_counter()
-        if ready is not None:  # a CUDA event: the host copies of this batch have landed
-            ready.synchronize()
-            features = {name: x.numpy() for name, x in features.items()}
-        t = _lap(self.stages, "waiting_for_device", t)
         try:
-            self._add(block, batch, features, frames, peaks, failures)
+            if ready is not None:  # a CUDA event: the host copies of this batch have landed
+                ready.synchronize()
+            features = {name: x.numpy() for name, x in features.items()}
+            t = _lap(self.stages, "waiting_for_device", t)
+            try:
+                self._add(block, batch, features, frames, peaks, failures)
+            finally:
+                _lap(self.stages, "store", t)
         finally:
-            _lap(self.stages, "store", t)
+            if slot is not None:
+                slot.give_back()
 
     def _add(self, block, batch: slice, features: dict, frames: list[int], peaks, failures):
         if peaks is not None:
@@ -274,25 +281,69 @@ def _lap(stages: dict[str, float], stage: str, since: float) -> float:
     return now
 
 
-def _to_host(outputs: dict[str, torch.Tensor], dtype: torch.dtype):
-    """Cast on the device (cheap there) and copy to the host; also each layer's largest magnitude
-    before the cast, so that a float16 overflow is named as such rather than as infinities.
+class HostSlot:
+    """A host buffer that one batch's layers are copied into, then handed to the writing thread,
+    which gives it back once they are in the store: a few of them serve a whole extraction.
+    Pinned on a GPU, so that the copies run without blocking the loop: allocating pinned memory
+    for every batch (page-locking 64 MB for W2V-Base's 13 layers of a 64 s batch) cost more than
+    the copies themselves."""
 
-    On a GPU the copies go to pinned buffers without blocking, so the next batch's forward is
-    queued at once; the writer thread waits on the returned event before touching the data.
+    def __init__(self, free: queue.Queue, dtype: torch.dtype, pinned: bool):
+        self.free, self.dtype, self.pinned = free, dtype, pinned
+        self.values = torch.empty(0, dtype=dtype)
+        self.peaks = torch.empty(0, dtype=torch.float32)
+
+    def views(self, shapes: list[torch.Size]) -> list[torch.Tensor]:
+        """Views of the buffer of these shapes, end to end; it grows (once, for the longest batch)
+        where they need more."""
+        need = sum(math.prod(shape) for shape in shapes)
+        if self.values.numel() < need:
+            self.values = torch.empty(need, dtype=self.dtype, pin_memory=self.pinned)
+        out, start = [], 0
+        for shape in shapes:
+            n = math.prod(shape)
+            out.append(self.values[start: start + n].view(shape))
+            start += n
+        return out
+
+    def peak_view(self, n: int) -> torch.Tensor:
+        if self.peaks.numel() < n:
+            self.peaks = torch.empty(n, dtype=torch.float32, pin_memory=self.pinned)
+        return self.peaks[:n]
+
+    def give_back(self) -> None:
+        self.free.put(self)
+
+
+def host_slots(count: int, dtype: torch.dtype, device: torch.device) -> queue.Queue:
+    """`count` HostSlots, in the queue they go back to."""
+    free: queue.Queue = queue.Queue()
+    for _ in range(count):
+        free.put(HostSlot(free, dtype, pinned=device.type == "cuda"))
+    return free
+
+
+def _to_host(outputs: dict[str, torch.Tensor], slot: HostSlot):
+    """Cast the layers to the slot's dtype and copy them into it; also each layer's largest
+    magnitude before the cast, so that a float16 overflow is named as such rather than as
+    infinities. Returns (layers on the host, a CUDA event or None, peaks on the host).
+
+    On a GPU the cast runs there and the copies go to the pinned slot without blocking, so the
+    next batch's forward is queued at once; the writing thread waits on the returned event before
+    touching the data.
     """
     peaks = torch.stack([_peak(t) for t in outputs.values()])
-    if peaks.device.type != "cuda":
-        return {name: t.to(dtype).numpy() for name, t in outputs.items()}, None, peaks
-    host = {}
-    for name, t in outputs.items():
-        host[name] = torch.empty(t.shape, dtype=dtype, pin_memory=True)
-        host[name].copy_(t.to(dtype), non_blocking=True)
-    host_peaks = torch.empty(peaks.shape, pin_memory=True)
-    host_peaks.copy_(peaks, non_blocking=True)
+    host_peaks = slot.peak_view(len(peaks))
+    views = slot.views([t.shape for t in outputs.values()])
+    cuda = peaks.device.type == "cuda"
+    for view, t in zip(views, outputs.values()):
+        view.copy_(t.to(slot.dtype) if cuda else t, non_blocking=cuda)  # on a CPU, cast as it copies
+    host_peaks.copy_(peaks, non_blocking=cuda)
+    if not cuda:
+        return dict(zip(outputs, views)), None, host_peaks
     ready = torch.cuda.Event()
     ready.record(torch.cuda.current_stream(peaks.device))  # the copies' stream: cuda:N's, not the current device's
-    return host, ready, host_peaks
+    return dict(zip(outputs, views)), ready, host_peaks
 
 
 def _peak(t: torch.Tensor) -> torch.Tensor:
@@ -390,6 +441,8 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                unit_scale=1 / (backbone.frame_rate * 3600), disable=not progress,
                bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}{postfix}]")
     loaded: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    # A slot for each batch the writing thread may hold (IN_FLIGHT) and the one being copied.
+    slots = host_slots(IN_FLIGHT + 1, store_dtype, device)
     stop = threading.Event()
     loader = threading.Thread(target=_load_batches, args=(blocks, backbone, max_frames, loaded, stop),
                               daemon=True)
@@ -409,6 +462,7 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                 block, batch, waves, failures = item
                 if block is not current_block:  # a neighbour may have started or stopped since the last one
                     current_block, used_threads = block, threads.use(config.threads, backbone.model)
+                    t = time.perf_counter()
                 with tf32(config.compute_dtype == "tf32"), \
                         torch.autocast(device.type, dtype=compute, enabled=compute is not torch.float32):
                     outputs, frames = forward_layers(backbone, waves, include_cnn=include_cnn)
@@ -417,11 +471,13 @@ def fill_blocks(store: FeatureStore, blocks, backbone: Backbone, layers: list[st
                     measured.update(measure_compute_error(backbone, waves, kept, frames, include_cnn, config.compute_dtype,
                                                           {"split": block.split, "block": block.index,
                                                            "ids": list(block.ids[batch.start:batch.stop])}))
-                features, ready, peaks = _to_host(kept, store_dtype)
                 t = _lap(stages, "model", t)
-                pending.append(writer.submit(filler.add, block, batch, features, frames, ready, peaks, failures))
-                # At most two batches in flight: bounded memory, and a write error surfaces promptly.
-                while len(pending) > 2:
+                slot = slots.get_nowait()  # never empty: the writing thread holds at most IN_FLIGHT
+                features, ready, peaks = _to_host(kept, slot)
+                t = _lap(stages, "copies", t)
+                pending.append(writer.submit(filler.add, block, batch, features, frames, ready, peaks, failures, slot))
+                # Bounded memory, and a write error surfaces promptly.
+                while len(pending) > IN_FLIGHT:
                     pending.pop(0).result()
                 _lap(stages, "waiting_for_writer", t)
                 seconds_done += sum(len(w) for w in waves) / SAMPLE_RATE
