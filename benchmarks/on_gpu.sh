@@ -36,7 +36,7 @@ run extract extract_overhead.py --device cuda --seconds 6000 --dir "$stores"
 run stand-in extract_overhead.py --stand-in --device cuda --seconds 6000 --dir "$stores"
 run data-wait probe_cost.py --data-wait --device cuda
 run concurrency probe_concurrency.py --device cuda
-run finetune-step finetune_step.py --device cuda
+run finetune-step finetune_step.py --device cuda --steps 20  # 3 steps of 35-50 ms are within their spread
 run compute-dtype compute_dtype.py --device cuda
 run study-time study_time.py --device cuda --repeat 12 --memory-budget 20 --dir "$stores"
 run study-time-bf16 study_time.py --device cuda --repeat 12 --memory-budget 20 --precision bf16 --dir "$stores"
