@@ -319,20 +319,17 @@ class ProbeTask:
         in pinned memory, and become float32 on the device; on the CPU they become float32 here.
         Either way the values are the stored ones exactly: float16 -> float32 is exact."""
         source = self.splits[split]
-        dtype = None if self.device.type == "cuda" else np.float32
-        if self.weighted:
-            per_layer = [source.get(indices, layer) for layer in self.layers]
-            feats = per_layer[0]
-            # Each layer padded in place: no second copy of the largest batch there is.
-            x = np.zeros((len(per_layer), *_padded_shape(feats)), dtype=dtype or feats[0].dtype)
-            for i, layer_feats in enumerate(per_layer):
-                _pad(layer_feats, dtype, out=x[i])
-        else:
-            feats = source.get(indices)
-            x = _pad(feats, dtype)
-        features = torch.from_numpy(x)
-        if self.device.type == "cuda":
-            features = features.pin_memory()  # so that the copy to the device does not block
+        cuda = self.device.type == "cuda"
+        per_layer = [source.get(indices, layer) for layer in self.layers] if self.weighted else [source.get(indices)]
+        feats = per_layer[0]
+        shape = ((len(per_layer),) if self.weighted else ()) + _padded_shape(feats)
+        # Padded straight into the batch's buffer, pinned for a GPU (so that the copy to the device
+        # does not block): no second copy of the batch.
+        dtype = feats[0].dtype if cuda else np.float32
+        features = torch.zeros(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=cuda)
+        x = features.numpy()
+        for i, layer_feats in enumerate(per_layer):
+            _pad(layer_feats, x[i] if self.weighted else x)
         encoded = [text.encode(source.texts[i]) for i in indices]
         return Batch(
             features=features,
@@ -386,14 +383,10 @@ def _padded_shape(feats: list[np.ndarray]) -> tuple[int, int, int]:
     return len(feats), max(len(f) for f in feats), feats[0].shape[1]
 
 
-def _pad(feats: list[np.ndarray], dtype, out: np.ndarray | None = None) -> np.ndarray:
-    """(B, T_max, D) zero-padded, `dtype` None keeping the stored one; written into `out` (zeros
-    of that shape) when given."""
-    if out is None:
-        out = np.zeros(_padded_shape(feats), dtype=dtype or feats[0].dtype)
+def _pad(feats: list[np.ndarray], out: np.ndarray) -> None:
+    """Utterances into `out`, zeros of shape (B, T_max, D), each from its first frame on."""
     for b, f in enumerate(feats):
         out[b, : len(f)] = f
-    return out
 
 
 class _Lazy:
