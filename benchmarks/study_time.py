@@ -9,8 +9,13 @@ The study (DESIGN.md, README "The real experiments"): every layer of W2V-Base ex
 3x1024 BiLSTM) and 12 fine-tunes (4 re-init sets x 3 seeds), 10 epochs each, the dev split
 evaluated after every epoch and the best epoch tested. Target: under 2 h on one H100.
 
-Measured with w2vcache's own functions on the bundled corpus, each split repeated --repeat times
-under new ids (train 307 s, dev 83 s, test 131 s of speech per repeat):
+Measured with w2vcache's own functions on the bundled corpus, each split's utterances (3.2 s on
+average) joined end to end into utterances as long as LibriSpeech's on average (train 12.7 s, dev
+6.9 s, test 7.0 s: MEAN_SECONDS; --no-join keeps them as they are), then repeated --repeat times
+under new ids (train 307 s, dev 83 s, test 131 s of speech per repeat). The lengths matter: a
+probe's batch holds --batch-frames frames, so 4 times shorter utterances make 4 times more of
+them per batch and a quarter of the LSTM's steps one after another, which on a GPU ran the
+paper's probe at twice the frames per second that LibriSpeech-long utterances get:
 - extraction: `extract()` of every split into a fresh store, until on disk;
 - reading a layer: the three splits of layer 8 (the last, in a smaller model), read and
   checksummed as a probe sweep does once per layer;
@@ -38,6 +43,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import soundfile
+
 from w2vcache.audio import SAMPLE_RATE, load_audio
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract
@@ -51,6 +59,9 @@ HOURS = {"train": 10.0, "dev": 10.7, "test": 10.7}  # the study's splits (LibriS
 LAYERS, SEEDS, REINITS, EPOCHS, FROZEN = 13, 3, 4, 10, 3
 PROBE_LAYER = 8  # the study's best layer; the last one where a model has fewer
 TESTS = ("test-clean", "test-other")
+# LibriSpeech's mean utterance lengths, seconds: train-clean-100, dev-clean + dev-other,
+# test-clean + test-other.
+MEAN_SECONDS = {"train": 12.7, "dev": 6.9, "test-clean": 7.0, "test-other": 7.0}
 
 
 def main():
@@ -58,6 +69,8 @@ def main():
     parser.add_argument("--model", default="builtin:base")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=1, help="each bundled split repeated this many times")
+    parser.add_argument("--no-join", action="store_true", help="keep the bundled utterances' own lengths "
+                        "(3.2 s on average) rather than joining them to LibriSpeech's")
     parser.add_argument("--dir", help="where the store and runs go (default: a temporary folder)")
     parser.add_argument("--compute-dtype", default="float32", help="extraction's (extract --compute-dtype)")
     parser.add_argument("--precision", default="fp32", help="fine-tuning's (finetune --precision)")
@@ -66,13 +79,17 @@ def main():
     budget = int(args.memory_budget * 1e9)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        corpus = repeated(build_corpus(), args.repeat, Path(tmp) / "audio")
+        corpus = build_corpus() if args.no_join else joined(build_corpus(), Path(tmp) / "joined")
+        corpus = repeated(corpus, args.repeat, Path(tmp) / "audio")
         seconds = {split: sum(len(load_audio(u.path)) for u in utterances) / SAMPLE_RATE
                    for split, utterances in corpus.splits.items()}
         bench = {"train": seconds["train"], "dev": seconds["dev"], "test": sum(seconds[s] for s in TESTS)}
         scale = {split: HOURS[split] * 3600 / bench[split] for split in HOURS}  # study seconds per bench second
+        mean = {split: seconds[split] / len(corpus.splits[split]) for split in seconds}
         print(f"model {args.model}, device {args.device}, bench corpus: "
-              + ", ".join(f"{split} {s:.0f} s" for split, s in bench.items()) + f" (bundled x {args.repeat})")
+              + ", ".join(f"{split} {s:.0f} s" for split, s in bench.items()) + f" (bundled x {args.repeat}; "
+              + ("utterances as bundled, " if args.no_join else "utterances joined, ")
+              + "mean " + ", ".join(f"{split} {m:.1f} s" for split, m in mean.items()) + ")")
 
         store = str(Path(tmp) / "bench.zarr")
         t = time.perf_counter()
@@ -147,6 +164,25 @@ def run_costs(run_dir: str, wall: float) -> RunCosts:
     train = [e["train_seconds"] for e in epochs]
     dev = [e["seconds"] - e["train_seconds"] for e in epochs]
     return RunCosts(train, dev, timings["test_s"], max(0.0, wall - timings["total_s"]))
+
+
+def joined(corpus, folder: Path):
+    """`corpus` with each split's consecutive utterances joined end to end (audio and transcripts)
+    into utterances about as long as LibriSpeech's (MEAN_SECONDS), written under `folder`."""
+    splits = {}
+    for split, utterances in corpus.splits.items():
+        waves = [load_audio(u.path) for u in utterances]
+        per = max(1, round(MEAN_SECONDS[split] * SAMPLE_RATE / np.mean([len(w) for w in waves])))
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        splits[split] = []
+        for start in range(0, len(utterances), per):
+            group = utterances[start: start + per]
+            path = folder / split / f"{group[0].id}-joined.wav"
+            soundfile.write(path, np.concatenate(waves[start: start + per]), SAMPLE_RATE, subtype="FLOAT")
+            splits[split].append(replace(group[0], id=f"{group[0].id}-joined", path=str(path),
+                                         text=" ".join(u.text for u in group)))
+    corpus.splits = splits
+    return corpus
 
 
 def repeated(corpus, times: int, folder: Path):
