@@ -96,7 +96,7 @@ def _process(rank: int, device: str, args, barrier, results) -> None:
         trainer.step(i)
     sync(device)
     trainer.frames = 0
-    barrier.wait()
+    barrier.wait(timeout=600)  # a sibling that died before it (out of memory, say) ends this one too
     started = time.perf_counter()
     for i in range(args.steps):
         trainer.step(i)
@@ -107,14 +107,18 @@ def _process(rank: int, device: str, args, barrier, results) -> None:
 def in_processes(k: int, device: str, args) -> float:
     """Frames per second of k probes in k processes, all together (first start to last end)."""
     ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(k), ctx.Manager().dict()
-    workers = [ctx.Process(target=_process, args=(rank, device, args, barrier, results)) for rank in range(k)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    if any(w.exitcode for w in workers) or len(results) != k:
-        raise SystemExit(f"a worker process failed (exit codes {[w.exitcode for w in workers]})")
+    with ctx.Manager() as manager:
+        barrier, results = ctx.Barrier(k), manager.dict()
+        workers = [ctx.Process(target=_process, args=(rank, device, args, barrier, results)) for rank in range(k)]
+        for w in workers:
+            w.start()
+        while any(w.is_alive() for w in workers):
+            if any(w.exitcode for w in workers):  # one failed: the others would wait at the barrier
+                barrier.abort()
+            time.sleep(0.2)
+        if any(w.exitcode for w in workers) or len(results) != k:
+            raise SystemExit(f"a worker process failed (exit codes {[w.exitcode for w in workers]})")
+        results = dict(results)
     frames = sum(r[0] for r in results.values())
     return frames / (max(r[2] for r in results.values()) - min(r[1] for r in results.values()))
 

@@ -153,11 +153,14 @@ class BlockWriter:
         converted = dict(zip(self.layers, self._convert_pool.map(
             lambda name: [self._convert(name, self._next + k, x, checked) for k, x in enumerate(features[name])],
             self.layers)))
-        try:
-            list(self._convert_pool.map(lambda name: self._fill(name, converted[name]), self.layers))
-        except BaseException:
-            self._broken = True
-            raise
+        # Every layer's task ends before this returns, failed or not: none may still be filling
+        # (or reading the caller's arrays) while the caller goes on or the writer is abandoned.
+        fills = [self._convert_pool.submit(self._fill, name, converted[name]) for name in self.layers]
+        wait(fills)
+        for fill in fills:
+            if fill.exception() is not None:
+                self._broken = True
+                raise fill.exception()
         self._next += n
         self._frames += sum(int(self.block.lengths[k]) for k in range(self._next - n, self._next))
 
@@ -205,7 +208,9 @@ class BlockWriter:
                 write_chunk(layer.array, chunk, buffer)
             else:
                 layer.array[lo:hi] = buffer.rows
-        except OSError as err:  # a full disk, a lost mount: the block stays pending, the others are kept
+        except W2VCacheError:
+            raise
+        except Exception as err:  # a full disk, a lost mount: the block stays pending, the others are kept
             raise W2VCacheError(f"{self._where()}: writing {layer.array.basename} chunk {chunk} failed: {err}; "
                                 f"the blocks already done are kept, and running the same command again "
                                 f"resumes from this block") from err
@@ -241,9 +246,10 @@ class BlockWriter:
         """After a failure: let the writes in flight end, start no other; the block stays pending."""
         self._broken = True
         for layer in self._layers.values():
-            for future in layer.writing:
+            writing = list(layer.writing)
+            for future in writing:
                 future.cancel()
-            wait(layer.writing)
+            wait(writing)
         self._shutdown()
 
     def _shutdown(self) -> None:
