@@ -321,6 +321,57 @@ def test_killed_pack_or_export_leaves_nothing_under_the_final_name(source, tmp_p
     assert final.exists() and not list(tmp_path.glob(f".{final.name}.*.partial"))  # the dead run's file is gone
 
 
+def test_a_full_disk_is_one_line_and_leaves_what_can_resume(source, tmp_path, monkeypatch):
+    """A disk that fills while a store is copied, or while HDF5 writes an export (which reports it
+    as a RuntimeError), is one line naming it, never a traceback; the copy resumes afterwards."""
+    import w2vcache.share as share_module
+
+    real = share_module._export_split
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Can't decrement id ref count (file write failed: time = Thu Nov 27, "
+                           "filename = 's.h5', errno = 28, error message = 'No space left on device')")
+
+    monkeypatch.setattr(share_module, "_export_split", full)
+    result = CliRunner().invoke(export_command, [str(source), str(tmp_path / "s.h5")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "no space left on its disk" in result.output and not list(tmp_path.iterdir())
+    monkeypatch.setattr(share_module, "_export_split", real)
+
+    from w2vcache.store.featurestore import FeatureStore
+
+    real_write, calls = FeatureStore.write_layer, []
+
+    def disk_full(self, block, layer, frames):
+        calls.append(layer)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(tmp_path / "c.zarr" / "dev" / layer / "c" / "0" / "0"))
+        return real_write(self, block, layer, frames)
+
+    monkeypatch.setattr(FeatureStore, "write_layer", disk_full)
+    result = CliRunner().invoke(copy_command, [str(source), str(tmp_path / "c.zarr")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "No space left on device: " in result.output and "run the same command again" in result.output
+    monkeypatch.setattr(FeatureStore, "write_layer", real_write)
+    result = CliRunner().invoke(copy_command, [str(source), str(tmp_path / "c.zarr")])
+    assert result.exit_code == 0, result.output
+    assert verify(tmp_path / "c.zarr").ok
+
+
+def test_a_full_disk_outside_chunk_writes_is_one_line(tmp_path, monkeypatch):
+    """A full disk while the store is laid out (zarr's own metadata writes): one line, and what to do."""
+    from w2vcache.store import featurestore
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "s.zarr" / "dev" / "zarr.json"))
+
+    monkeypatch.setattr(featurestore.FeatureStore, "create", full)
+    result = CliRunner().invoke(main, ["extract", "--store", str(tmp_path / "s.zarr"), "--split", "dev=dev-clean"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "No space left on device: " in result.output and "s.zarr/dev/zarr.json" in result.output
+    assert "run the same command again" in result.output
+
+
 # -- HDF5 ---------------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from .errors import W2VCacheError
 from .layers import choose_layers, layer_name
 from .space import StoreSize, check_space, plan_size
 from .spread import parse_shard, rank_device
-from .store import FeatureStore, SplitPlan, local_root
+from .store import FeatureStore, SplitPlan, local_root, open_store
 from .store.layout import DTYPES, FAILED_REASON, float_dtype
 from .store.records import write_run_record
 
@@ -532,8 +532,34 @@ def _prepare(corpus: Corpus, config: ExtractConfig, progress: bool, backbone: Ba
 
 
 def _size(prepared: _Prepared, config: ExtractConfig) -> StoreSize:
-    return plan_size(config.store, prepared.plans, prepared.dims, config.dtype, prepared.backbone.frame_rate,
+    size = plan_size(config.store, prepared.plans, prepared.dims, config.dtype, prepared.backbone.frame_rate,
                      config.chunk_frames, config.block_chunks)
+    # What a store already there has done needs no more room: counted as done by its own record,
+    # not by its bytes on disk, which the planned size (an estimate) can exceed by its index.
+    done = _done_shares(config.store, prepared.plans)
+    planned_done = sum(split.bytes * done.get(name, 0.0) for name, split in size.splits.items())
+    size.existing = max(size.existing, int(planned_done))
+    return size
+
+
+def _done_shares(store: str, plans: dict) -> dict[str, float]:
+    """Of each planned split a store already at `store` holds, the share of utterances done; {} if
+    there is none (or none that opens: extract's own checks say why)."""
+    if not local_root(store).exists():
+        return {}
+    try:
+        opened = open_store(store)
+    except Exception:
+        return {}
+    try:
+        shares = {}
+        for split in plans:
+            if split in opened.splits:
+                status = opened.status(split)
+                shares[split] = status.utterances_done / status.n_utterances if status.n_utterances else 1.0
+        return shares
+    finally:
+        opened.close()
 
 
 def plan_store(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: bool = True,

@@ -20,6 +20,7 @@ never leaves a half file under the final name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -524,6 +525,14 @@ def export_hdf5(store: Any, file_h5: str | os.PathLike, layers: str | Sequence[s
                     n, frames = _export_split(source, split, keep_layers, f.create_group(split), bar)
                     n_utts, n_frames = n_utts + n, n_frames + frames
             os.replace(tmp, final)
+        except (OSError, RuntimeError) as err:
+            # HDF5 reports a full disk as a RuntimeError naming the errno; either way the partial
+            # file goes, so nothing of the export is kept.
+            full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "errno = 28" in str(err)
+            if not full:
+                raise
+            raise W2VCacheError(f"export to {final}: no space left on its disk; the partial file is removed: "
+                                f"make room (or choose another disk) and run the export again") from err
         finally:
             bar.close()
             tmp.unlink(missing_ok=True)
