@@ -262,6 +262,8 @@ def test_other_settings_on_an_existing_store_are_refused(reference):
         result = run_cli("extract", "--store", str(reference), *SPLITS, *LAYOUT, *option)
         assert result.exit_code == 1
         assert named in result.output, result.output
+        if option[0] == "--dtype":  # one setting, named once: not again as the provenance's copy of it
+            assert "differ" not in result.output and "provenance dtype" not in result.output, result.output
 
 
 def test_bad_audio_stops_with_its_path_or_is_skipped(tmp_path):

@@ -169,8 +169,10 @@ def _differences(meta: dict, read_split: Callable, asked: dict,
     config keys and layer dims that differ with it."""
     have_prov = {k: v for k, v in meta["provenance"].items() if k not in VOLATILE_PROVENANCE}
     want_prov = {k: v for k, v in asked["provenance"].items() if k not in VOLATILE_PROVENANCE}
+    # The store's dtype and compression, where asked for, are compared (and named) below.
+    restated = _RESTATED + tuple(key for key in ("dtype", "compression") if asked[key] is not None)
     prov_diffs = sorted((d for d in _dict_diff(have_prov, want_prov)
-                         if not any(d[0] == k or d[0].startswith(k + ".") for k in _RESTATED)),
+                         if not any(d[0] == k or d[0].startswith(k + ".") for k in restated)),
                         key=lambda d: d[0].count("."))
     prov_diffs = [(key, f"provenance {key}: store has {have}, asked for {want}") for key, have, want in prov_diffs]
     diffs = [text for key, text in prov_diffs if key in MODEL_IDENTITY]
