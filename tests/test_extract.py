@@ -21,7 +21,7 @@ from w2vcache.cli import main
 from w2vcache.corpus import build_corpus
 from w2vcache.extract import ExtractConfig, extract, plan_splits, provenance, select_layers
 from w2vcache.errors import W2VCacheError
-from w2vcache.store import FeatureStore, open_store
+from w2vcache.store import FeatureStore, open_store, verify
 
 # A small corpus from the bundled one: 34 utterances, 80 s of audio, two splits.
 SPLITS = ["--split", "dev=dev-clean", "--split", "test=test-other"]
@@ -225,6 +225,21 @@ def test_a_store_named_by_a_file_url_is_written_whole(tmp_path, reference):
     assert result.exit_code == 0, result.output
     assert_same_store(path, reference)
     assert [p.name.split("-")[0] for p in (path / "_runs").iterdir() if p.is_dir()] == ["extract"]
+
+
+def test_a_compressed_store_holds_the_same_features(tmp_path, reference):
+    """--compression zstd: the same arrays as the uncompressed store, its chunks zarr's zstd; a
+    resume with another compression is refused."""
+    path = tmp_path / "zstd.zarr"
+    result = run_cli("extract", "--store", path, *SPLITS, *LAYOUT, "--compression", "zstd")
+    assert result.exit_code == 0, result.output
+    assert_same_store(path, reference)
+    layer = zarr.open_group(str(path), mode="r")["dev"]["layer01"]
+    assert [type(c).__name__ for c in layer.compressors] == ["ZstdCodec", "Crc32cCodec"]
+    assert verify(path).ok
+    result = run_cli("extract", "--store", path, *SPLITS, *LAYOUT, "--compression", "none")
+    assert result.exit_code == 1 and "compression: store has zstd, asked for none" in result.output, result.output
+    assert run_cli("extract", "--store", path, *SPLITS, *LAYOUT).exit_code == 0  # unnamed: the store's
 
 
 def test_unlabelled_audio_is_extracted_and_read(tmp_path):

@@ -128,6 +128,9 @@ def corpus_command(librispeech, librilight, splits, as_json, skip_bad):
 @click.option("--dtype", type=click.Choice(["float16", "float32", "int8"]), default="float16", show_default=True,
               help="How features are stored. int8: half of float16's size, per-channel scales per chunk, "
               "read back as float32 (docs/STORE.md).")
+@click.option("--compression", type=click.Choice(["none", "zstd"]), default=None,
+              help="Layer arrays zstd-compressed (level 1): about 5 % smaller, read at half the speed "
+              "(docs/STORE.md)  [default: none, or an existing store's]")
 @click.option("--batch-seconds", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Padded audio per forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
