@@ -241,3 +241,26 @@ def test_corpus_lists_the_files_extract_would_refuse(tmp_path):
     assert "2 audio file(s) cannot be used" in result.output
     assert f"unusable     train/slow: {slow}: sample rate is 8000 Hz" in result.output
     assert f"unusable     train/broken: {broken}: not a readable audio file" in result.output
+
+
+def test_corpus_checks_lengths_against_the_model_named(tmp_path):
+    """200 samples are too few for W2V's 400-sample receptive field (the default check), enough
+    for a model whose CNN sees fewer: `corpus --model` checks as `extract --model` would."""
+    from click.testing import CliRunner
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from w2vcache.checkpoints import BUILTIN_MODELS
+    from w2vcache.cli import main
+
+    short = write_wave(tmp_path / "short.flac", seconds=200 / 16000)
+    manifest = tmp_path / "short.tsv"
+    manifest.write_text("short.flac\tWORDS\n")
+    result = CliRunner().invoke(main, ["corpus", "--split", f"dev={manifest}"])
+    assert "unusable     dev/short" in result.output and "at least 400" in result.output, result.output
+    small = {**BUILTIN_MODELS["builtin:tiny"]().to_diff_dict(), "conv_kernel": [10, 3], "conv_stride": [5, 2],
+             "conv_dim": [32, 32], "num_feat_extract_layers": 2}
+    Wav2Vec2Model(Wav2Vec2Config(**small)).save_pretrained(tmp_path / "small-model")
+    result = CliRunner().invoke(main, ["corpus", "--split", f"dev={manifest}", "--model", str(tmp_path / "small-model")])
+    assert result.exit_code == 0, result.output
+    assert "unusable" not in result.output
+    assert [line.split()[:2] for line in result.output.splitlines() if line.startswith("dev ")] == [["dev", "1"]]

@@ -82,8 +82,10 @@ def read_corpus(librispeech, librilight, splits, skip_bad=False):
 @corpus_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--skip-bad", is_flag=True, help="Leave out utterances without audio or transcript (listed) instead of stopping.")
+@click.option("--model", default=None, help="Check lengths against this model's receptive field (as extract "
+              "--model takes it)  [default: W2V's, 400 samples]")
 @user_errors
-def corpus_command(librispeech, librilight, splits, as_json, skip_bad):
+def corpus_command(librispeech, librilight, splits, as_json, skip_bad, model):
     """List a corpus: splits, sources, utterances, speakers, hours.
 
     Every audio file is checked as extract and finetune check it before any compute (header,
@@ -91,10 +93,15 @@ def corpus_command(librispeech, librilight, splits, as_json, skip_bad):
     counts). A file corrupt in its middle is found only when decoded. With no corpus named, the mini corpus bundled in
     data/.
     """
-    from .corpus import summarize
+    from .corpus import W2V_MIN_SAMPLES, summarize
 
     corpus = read_corpus(librispeech, librilight, splits, skip_bad)
-    rows = summarize(corpus, progress=not as_json and sys.stderr.isatty())
+    min_samples = W2V_MIN_SAMPLES
+    if model is not None:
+        from .checkpoints import load_backbone
+
+        min_samples = load_backbone(model, device="cpu").receptive_field
+    rows = summarize(corpus, progress=not as_json and sys.stderr.isatty(), min_samples=min_samples)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -111,8 +118,9 @@ def corpus_command(librispeech, librilight, splits, as_json, skip_bad):
             click.echo(f"skipped      {split}/{u['id']}: {u['path']}: {u['reason']}")
     unusable = [(r["split"], u) for r in rows for u in r["unusable"]]
     if unusable:
-        click.echo(f"{len(unusable)} audio file(s) cannot be used (extract and finetune refuse them, or leave them "
-                   "out with --skip-bad):")
+        which = f"with {model}" if model else "with a W2V-Base-like model (--model names another)"
+        click.echo(f"{len(unusable)} audio file(s) cannot be used (extract and finetune {which} refuse them, "
+                   "or leave them out with --skip-bad):")
         for split, u in unusable:
             click.echo(f"unusable     {split}/{u['id']}: {u['path']}: {u['reason']}")
 

@@ -386,10 +386,10 @@ def build_corpus(librispeech=None, librilight=None, splits: list[str] = (), skip
 W2V_MIN_SAMPLES = 400
 
 
-def summarize(corpus: Corpus, progress: bool = False) -> list[dict]:
+def summarize(corpus: Corpus, progress: bool = False, min_samples: int = W2V_MIN_SAMPLES) -> list[dict]:
     """Per split: sources, usable utterances, speakers (LibriSpeech ids SPK-CH-NNNN) and hours of
     audio, and the files extract and finetune would refuse (audio.check_corpus), with why."""
-    usable, bad = check_corpus(corpus.splits, W2V_MIN_SAMPLES, progress)
+    usable, bad = check_corpus(corpus.splits, min_samples, progress)
     rows = []
     for name, checked in usable.items():
         rows.append(
