@@ -326,8 +326,8 @@ class ProbeTask:
         # Padded straight into the batch's buffer, pinned for a GPU (so that the copy to the device
         # does not block): no second copy of the batch.
         dtype = feats[0].dtype if cuda else np.float32
-        features = torch.zeros(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=cuda)
-        x = features.numpy()
+        features = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=cuda)
+        x = features.numpy()  # filled by numpy, whose copies use none of torch's threads
         for i, layer_feats in enumerate(per_layer):
             _pad(layer_feats, x[i] if self.weighted else x)
         encoded = [text.encode(source.texts[i]) for i in indices]
@@ -384,9 +384,10 @@ def _padded_shape(feats: list[np.ndarray]) -> tuple[int, int, int]:
 
 
 def _pad(feats: list[np.ndarray], out: np.ndarray) -> None:
-    """Utterances into `out`, zeros of shape (B, T_max, D), each from its first frame on."""
+    """Utterances into `out` (B, T_max, D), each from its first frame on, zeros after it."""
     for b, f in enumerate(feats):
         out[b, : len(f)] = f
+        out[b, len(f):] = 0
 
 
 class _Lazy:
@@ -449,7 +450,9 @@ class _Prefetched:
         self._made = 0  # the next index to build
         self._taken = 0  # the next index to hand out
         self._cond = threading.Condition()
-        self._worker: threading.Thread | None = None
+        # Started workers not known to have ended: one that has just said it stops may still be
+        # on its way out when the next starts, and close() waits for both.
+        self._workers: list[threading.Thread] = []
         self._working = self._closed = False
         # Batches handed out, kept so that the worker, not the loop, frees their memory: freeing a
         # large buffer while the worker faults in the next one stalls the loop's thread (measured:
@@ -489,8 +492,9 @@ class _Prefetched:
         """Start a worker if none runs and there is a batch to build (the lock held)."""
         if not self._working and not self._closed and self._room():
             self._working = True
-            self._worker = threading.Thread(target=self._work, name=PREFETCH_THREAD, daemon=True)
-            self._worker.start()
+            worker = threading.Thread(target=self._work, name=PREFETCH_THREAD, daemon=True)
+            self._workers = [w for w in self._workers if w.is_alive()] + [worker]
+            worker.start()
 
     def _room(self) -> bool:
         return self._made < len(self._makers) and self._made - self._taken < self._depth
@@ -525,9 +529,10 @@ class _Prefetched:
         with self._cond:
             self._closed = True
             self._cond.notify_all()  # a lingering worker ends now
-            worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join()
+            workers = list(self._workers)
+        for worker in workers:
+            if worker is not threading.current_thread():
+                worker.join()
         with self._cond:
             self._ready.clear()
             self._handed.clear()
