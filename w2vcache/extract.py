@@ -244,11 +244,9 @@ class _BlockFiller:
                 ready.synchronize()
             features = {name: x.numpy() for name, x in features.items()}
             t = _lap(self.stages, "waiting_for_device", t)
-            try:
-                self._add(block, batch, features, frames, peaks, failures)
-            finally:
-                _lap(self.stages, "store", t)
+            self._add(block, batch, features, frames, peaks, failures)
         finally:
+            _lap(self.stages, "store", t)
             if slot is not None:
                 slot.give_back()
 

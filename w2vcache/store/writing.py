@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 CONVERT_THREADS = 8  # layers cast, checked and copied in parallel (numpy releases the GIL)
 WRITE_THREADS = 8  # chunks being written at once, all layers together
-IN_FLIGHT = 2  # a layer's chunks queued or being written before its next one waits: memory is bounded
+CHUNKS_IN_FLIGHT = 2  # a layer's chunks queued or being written before its next one waits: memory is bounded
 
 
 def writes_directly(array: zarr.Array) -> bool:
@@ -188,8 +188,8 @@ class BlockWriter:
 
     def _send(self, layer: _Layer, chunk: int) -> None:
         """Hand the layer's full chunk to a writing thread, and take an empty one; wait first if
-        the layer already has IN_FLIGHT chunks on their way (a write error surfaces here)."""
-        while len(layer.writing) >= IN_FLIGHT:
+        the layer already has CHUNKS_IN_FLIGHT chunks on their way (a write error surfaces here)."""
+        while len(layer.writing) >= CHUNKS_IN_FLIGHT:
             done = layer.writing.popleft().result()
             if layer.reuse:
                 layer.spare.append(done)
