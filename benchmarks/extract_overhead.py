@@ -28,6 +28,8 @@ The stores go under --dir (default: a temporary folder; name a folder on the dis
 import argparse
 import copy
 import os
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -41,7 +43,9 @@ from w2vcache.checkpoints import load_backbone
 from w2vcache.batching import length_batches
 from w2vcache.corpus import build_corpus
 import w2vcache.extract
+from w2vcache.backbone import forward_layers
 from w2vcache.extract import ExtractConfig, extract, plan_splits, tf32
+from w2vcache.store import writing
 from w2vcache.store import info
 
 
@@ -57,6 +61,8 @@ def main():
     parser.add_argument("--dir", help="where the store is written (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=2, help="--stand-in: alternated runs of the raw write and "
                         "the pipeline, each side's best compared")
+    parser.add_argument("--variants", action="store_true", help="also time the extraction with fewer writing "
+                        "threads and with a shorter GIL switch interval (what bounds the loop's thread)")
     args = parser.parse_args()
     if args.stand_in:
         return stand_in(args)
@@ -83,10 +89,20 @@ def main():
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    bare()  # warm-up: allocator, kernels
-    t = time.perf_counter()
-    bare()
-    bare_s = time.perf_counter() - t
+    def exact():  # w2vcache's own forward: every utterance exactly as alone, all layers kept on the device
+        with tf32(False):
+            for b in batches:
+                forward_layers(backbone, waves[b])
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    timings = {}
+    for name, run in (("bare", bare), ("exact", exact)):
+        run()  # warm-up: allocator, kernels
+        t = time.perf_counter()
+        run()
+        timings[name] = time.perf_counter() - t
+    bare_s, exact_s = timings["bare"], timings["exact"]
     waves.clear()  # the extractions read the files themselves
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -99,6 +115,7 @@ def main():
         ceiling_s, _, ceiling_stages = timed_extraction(corpus, replace(config, store=str(Path(tmp) / "stand-in.zarr")), backbone,
                                         forward=stand_in_forward)
         extract_s, written, stages = timed_extraction(corpus, config, backbone)
+        variants = run_variants(corpus, config, backbone, Path(tmp)) if args.variants else []
         about = info(store)
         frames = about["splits"]["bench"]["frames"]
         per_layer = sum(about["bytes"]["layers"].values()) / len(about["layers"]) / frames
@@ -108,18 +125,45 @@ def main():
         steady = (chunk * backbone.hidden_size * 2 + 4) / chunk
 
     print(f"bare forward   {bare_s:8.2f} s  ({total / bare_s:7.1f} s audio / s)")
+    print(f"exact forward  {exact_s:8.2f} s  ({total / exact_s:7.1f} s audio / s: w2vcache's forward, each utterance "
+          f"exactly as alone, layers left on the device)")
     print(f"pipeline alone {ceiling_s:8.2f} s  ({total / ceiling_s:7.1f} s audio / s: the same extraction with an "
           f"instant stand-in model)")
     print(f"extraction     {extract_s:8.2f} s  ({total / extract_s:7.1f} s audio / s, {written / extract_s / 1e6:.0f} MB/s; "
           f"audio checks and decoding included, model loaded before, fsync'ed)")
     print(f"  where its time went: {stages_line(stages)}")
     print(f"  (pipeline alone: {stages_line(ceiling_stages)})")
+    for label, seconds, spent in variants:
+        print(f"extraction, {label}: {seconds:.2f} s ({total / seconds:.1f} s audio / s); {stages_line(spent)}")
+    print(f"ratio exact forward / bare forward: {exact_s / bare_s:.3f}")
     print(f"ratio extraction / bare forward: {extract_s / bare_s:.3f}")
+    print(f"ratio extraction / max(exact forward, pipeline alone): {extract_s / max(exact_s, ceiling_s):.3f}")
     print(f"ratio extraction / max(bare forward, pipeline alone): {extract_s / max(bare_s, ceiling_s):.3f}  "
           f"(target <= 1.10; the slower of the two is {'the model' if bare_s >= ceiling_s else 'the pipeline'})")
     print(f"bytes on disk per frame per layer: {steady:.1f} in full chunks "
           f"({steady * backbone.frame_rate * 3600 / 1e6:.1f} MB per hour of audio per layer); "
           f"{per_layer:.1f} in this small store, whose last chunk is mostly padding")
+
+
+def run_variants(corpus, config: ExtractConfig, backbone, tmp: Path) -> list[tuple[str, float, dict]]:
+    """The same extraction with the store's writing threads cut, and with the interpreter switching
+    threads ten times as often: does the loop's thread wait for the GIL the writing threads hold?"""
+    threads_before, interval_before = (writing.CONVERT_THREADS, writing.WRITE_THREADS), sys.getswitchinterval()
+    variants = [("2 convert + 2 write threads", lambda: setattr(writing, "CONVERT_THREADS", 2) or
+                 setattr(writing, "WRITE_THREADS", 2)),
+                ("GIL switch interval 0.5 ms", lambda: sys.setswitchinterval(0.0005))]
+    results = []
+    for i, (label, setup) in enumerate(variants):
+        setup()
+        try:
+            where = replace(config, store=str(tmp / f"variant-{i}.zarr"))
+            seconds, _, spent = timed_extraction(corpus, where, backbone)
+            results.append((label, seconds, spent))
+            shutil.rmtree(where.store)
+        finally:
+            writing.CONVERT_THREADS, writing.WRITE_THREADS = threads_before
+            sys.setswitchinterval(interval_before)
+    return results
 
 
 def warm_up(corpus, config: ExtractConfig, backbone, forward=None) -> None:

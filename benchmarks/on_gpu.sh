@@ -32,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "${PYTHON:-python3}" -c "import os, torch, transformers; print('cpus', os.cpu_count(), 'torch', torch.__version__, \
 'transformers', transformers.__version__)" | tee -a "$dir/gpu.txt"
 df -hT "$stores" | tee -a "$dir/gpu.txt"
-run extract extract_overhead.py --device cuda --seconds 6000 --dir "$stores"
+run extract extract_overhead.py --device cuda --seconds 6000 --variants --dir "$stores"
 run stand-in extract_overhead.py --stand-in --device cuda --seconds 6000 --dir "$stores"
 run data-wait probe_cost.py --data-wait --device cuda
 run concurrency probe_concurrency.py --device cuda
