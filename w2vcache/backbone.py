@@ -172,7 +172,7 @@ def forward_layers(
     if len(waves) == 0:
         raise ValueError("forward_layers needs at least one wave")
     param = next(model.parameters())
-    tensors = [_as_wave(w, i, param.device, param.dtype) for i, w in enumerate(waves)]
+    tensors = _to_device([_as_wave(w, i) for i, w in enumerate(waves)], param.device, param.dtype)
     lengths = [backbone.num_frames(t.shape[0]) for t in tensors]
     for i, (t, n) in enumerate(zip(tensors, lengths)):
         if n < 1:
@@ -249,15 +249,41 @@ def _encoder_layers(model: nn.Module, cnn: torch.Tensor, mask: torch.Tensor | No
     return layers
 
 
-def _as_wave(wave: np.ndarray | torch.Tensor, index: int, device, dtype) -> torch.Tensor:
+def _as_wave(wave: np.ndarray | torch.Tensor, index: int) -> torch.Tensor:
+    """The wave as a 1-D float tensor where it is, refused with a message naming the utterance."""
     t = wave if isinstance(wave, torch.Tensor) else torch.from_numpy(np.asarray(wave))
     if t.dim() != 1:
         raise W2VCacheError(f"utterance {index}: expected mono audio (1-D samples), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise W2VCacheError(f"utterance {index}: expected float samples in [-1, 1], got {t.dtype}")
-    if not torch.isfinite(t).all():
+    # A CPU wave is checked by numpy: torch's check takes an OpenMP pass over every core for each
+    # utterance, which stalls when the cores are busy decoding and writing (as they are in extraction).
+    finite = (np.isfinite(t.detach().numpy()).all() if t.device.type == "cpu" and t.dtype != torch.bfloat16
+              else torch.isfinite(t).all())
+    if not finite:
         raise W2VCacheError(f"utterance {index}: audio contains NaN or infinite samples")
-    return t.to(device=device, dtype=dtype)
+    return t
+
+
+def _to_device(waves: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The waves on `device` in `dtype`. To a GPU, the host waves go in one copy from pinned memory:
+    CUDA makes a copy from ordinary (pageable) memory wait for all the device's queued work, so a
+    copy per utterance made the loop wait for the device once per utterance."""
+    if device.type != "cuda" or not any(w.device.type == "cpu" for w in waves):
+        return [w.to(device=device, dtype=dtype) for w in waves]
+    host = [w for w in waves if w.device.type == "cpu"]
+    staged = torch.empty(sum(len(w) for w in host), dtype=dtype, pin_memory=True)
+    start = 0
+    for w in host:
+        # numpy casts as it copies, on this thread alone (torch's copy would take every core's
+        # OpenMP thread for each utterance); torch copies what numpy has no type for (bfloat16).
+        if torch.bfloat16 in (w.dtype, dtype):
+            staged[start: start + len(w)].copy_(w)
+        else:
+            staged.numpy()[start: start + len(w)] = w.detach().numpy()
+        start += len(w)
+    moved = iter(staged.to(device, non_blocking=True).split([len(w) for w in host]))
+    return [next(moved) if w.device.type == "cpu" else w.to(device=device, dtype=dtype) for w in waves]
 
 
 def _cnn_features(model: nn.Module, waves: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
