@@ -120,8 +120,11 @@ def _pinned() -> bool:
 
 
 def use(requested: int | None, model: torch.nn.Module) -> int:
-    """Set torch's thread count for running `model` (see `choose`) and return it."""
-    n = choose(requested, sum(p.numel() for p in model.parameters()))
+    """Set torch's thread count for running `model` (see `choose`) and return it. A model on a GPU
+    gets one unless asked: the CPU's share is small tensors (lengths, checks), for which a parallel
+    region over every core only adds its start-up, and the cores are busy decoding and writing."""
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    n = choose(requested, sum(p.numel() for p in model.parameters())) if on_cpu or requested else 1
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
