@@ -15,7 +15,7 @@ the two others; target: extraction / max(bare forward, pipeline alone) at most 1
 extraction / bare forward, and bytes on disk per frame per layer.
 
 --stand-in: the pipeline's own ceiling, on any machine. The model is replaced by an instant
-stand-in with the same output shapes (every layer a slice of one random float16 tensor made
+stand-in with the same output shapes (every layer a view of one random float32 tensor made
 beforehand: no compute, and no easier to compress than real features), so extraction is bound by
 decoding, copies, checksums and writes alone. Printed beside the raw write speed of the same file
 system (a file as large as the store written in 64 MB pieces and fsync'ed, as dd with fdatasync),
@@ -146,17 +146,19 @@ def main():
 
 
 def run_variants(corpus, config: ExtractConfig, backbone, tmp: Path) -> list[tuple[str, float, dict]]:
-    """The same extraction with the store's writing threads cut, and with the interpreter switching
-    threads ten times as often: does the loop's thread wait for the GIL the writing threads hold?"""
+    """The same extraction with the store's writing threads cut, with the interpreter switching
+    threads ten times as often, and with torch's CPU threads on every core: does the loop's
+    thread wait for the GIL, or for OpenMP threads, while the others decode and write?"""
     threads_before, interval_before = (writing.CONVERT_THREADS, writing.WRITE_THREADS), sys.getswitchinterval()
-    variants = [("2 convert + 2 write threads", lambda: setattr(writing, "CONVERT_THREADS", 2) or
+    variants = [("2 convert + 2 write threads", config, lambda: setattr(writing, "CONVERT_THREADS", 2) or
                  setattr(writing, "WRITE_THREADS", 2)),
-                ("GIL switch interval 0.5 ms", lambda: sys.setswitchinterval(0.0005))]
+                ("GIL switch interval 0.5 ms", config, lambda: sys.setswitchinterval(0.0005)),
+                (f"torch threads {os.cpu_count()}", replace(config, threads=os.cpu_count()), lambda: None)]
     results = []
-    for i, (label, setup) in enumerate(variants):
+    for i, (label, changed, setup) in enumerate(variants):
         setup()
         try:
-            where = replace(config, store=str(tmp / f"variant-{i}.zarr"))
+            where = replace(changed, store=str(tmp / f"variant-{i}.zarr"))
             seconds, _, spent = timed_extraction(corpus, where, backbone)
             results.append((label, seconds, spent))
             shutil.rmtree(where.store)
@@ -199,20 +201,21 @@ def stages_line(stages: dict) -> str:
 
 
 def instant_forward(backbone, corpus, batch_seconds: float):
-    """forward_layers' stand-in for `corpus`'s batches: every layer a slice of one random float16
-    tensor made beforehand on the model's device (no compute, and no easier to compress than real
-    features), so that the device's path (its casts, copies to pinned memory and events) is the real
-    one. It holds a batch, or the longest utterance (one longer than a batch is a batch of its own)."""
+    """forward_layers' stand-in for `corpus`'s batches: every layer a (batch, frames, dim) float32
+    view of one random tensor made beforehand on the model's device (no compute, and no easier to
+    compress than real features), contiguous as the model's outputs are, so that the device's path
+    (casts, copies to pinned memory, events) is the real one. It holds a padded batch, or the
+    longest utterance (one longer than a batch is a batch of its own)."""
     longest = max(frames for plan in plan_splits(corpus, backbone, progress=False).values()
                   for _, _, _, frames in plan.utterances)
     names = backbone.layer_names()
     device = next(backbone.model.parameters()).device
     rows = int(max(longest, batch_seconds * backbone.frame_rate)) + 1
-    pool = torch.randn(rows, backbone.hidden_size, device=device).half()
+    pool = torch.randn(rows, backbone.hidden_size, device=device)
 
     def forward(backbone, waves, include_cnn=False):
         lengths = [backbone.num_frames(len(w)) for w in waves]
-        x = pool[: max(lengths)].expand(len(waves), -1, -1)
+        x = pool[: len(waves) * max(lengths)].view(len(waves), max(lengths), -1)
         return [x] * len(names), lengths
 
     return forward

@@ -1,0 +1,44 @@
+"""The GPU's own paths (waves staged in pinned memory, layers copied back without blocking, peaks
+checked on the device), against the CPU's forward: skipped where there is no CUDA GPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from w2vcache.audio import load_audio
+from w2vcache.backbone import forward_layers
+from w2vcache.checkpoints import load_backbone
+from w2vcache.corpus import build_corpus
+from w2vcache.extract import ExtractConfig, extract
+from w2vcache.store import open_store
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-ln"])
+def test_extraction_on_a_gpu_equals_each_utterance_alone_on_the_cpu(tmp_path, model):
+    corpus = build_corpus(splits=["dev=dev-clean"])
+    path = tmp_path / "gpu.zarr"
+    result = extract(corpus, ExtractConfig(model=model, store=str(path), dtype="float32", include_cnn=True,
+                                           device="cuda", batch_seconds=12, chunk_frames=64, block_chunks=4),
+                     progress=False)
+    assert result.utterances_written == len(corpus.splits["dev"])
+    store, backbone = open_store(path), load_backbone(model)
+    for u in corpus.splits["dev"]:
+        outputs, frames = forward_layers(backbone, [load_audio(u.path)], include_cnn=True)
+        for name, alone in zip(store.layers, outputs):
+            # float32 on both, TF32 off on the GPU: what differs is the order of the sums
+            np.testing.assert_allclose(store.read("dev", name, u.id), alone[0, : frames[0]].numpy(),
+                                       atol=1e-4, rtol=1e-4, err_msg=f"{u.id} {name}")
+
+
+def test_a_batch_mixing_host_and_device_waves_keeps_its_order():
+    backbone = load_backbone("builtin:tiny", device="cuda")
+    rng = np.random.default_rng(0)
+    waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (4000, 7000, 5000)]
+    mixed = [waves[0], torch.from_numpy(waves[1]).cuda(), torch.from_numpy(waves[2])]
+    got, frames = forward_layers(backbone, mixed)
+    want, _ = forward_layers(backbone, waves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert frames == [backbone.num_frames(len(w)) for w in waves]
