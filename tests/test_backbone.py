@@ -10,6 +10,7 @@ import torch
 from transformers import HubertConfig, HubertForCTC, Wav2Vec2ForCTC, Wav2Vec2Model
 
 from w2vcache.audio import SAMPLE_RATE
+from w2vcache import backbone as backbone_module
 from w2vcache.backbone import forward_layers, reinit_layers, state_dict_hash
 from w2vcache.checkpoints import BUILTIN_MODELS, load_backbone
 from w2vcache.errors import W2VCacheError
@@ -120,7 +121,13 @@ def test_too_short_for_one_frame():
 
 @pytest.mark.parametrize("name", ["builtin:tiny", "builtin:tiny-ln"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_batched_equals_alone(name, normalize):
+@pytest.mark.parametrize("as_on_a_gpu", [False, True])
+def test_batched_equals_alone(name, normalize, as_on_a_gpu, monkeypatch):
+    """as_on_a_gpu: the CNN batched as on a GPU (a group-norm CNN's statistics masked per utterance)."""
+    if as_on_a_gpu:
+        decide = backbone_module._batches_exactly
+        assert decide(load_backbone(name).model, torch.device("cuda")) == (name == "builtin:tiny")
+        monkeypatch.setattr(backbone_module, "_batches_exactly", lambda model, device: decide(model, torch.device("cuda")))
     bb = load_backbone(name, normalize=normalize)
     batch = waves(MIXED_LENGTHS)
     outputs, frames = forward_layers(bb, batch, include_cnn=True)
@@ -133,6 +140,8 @@ def test_batched_equals_alone(name, normalize):
         reference = alone(bb, wave)
         for layer, got, want in zip(bb.layer_names(include_cnn=True), outputs, reference):
             torch.testing.assert_close(got[i, : frames[i]], want, atol=ATOL, rtol=0, msg=f"{name} {layer} utt {i}")
+        if name == "builtin:tiny":  # group norm: its CNN leaves zeros in padding, alone or masked
+            assert not outputs[0][i, frames[i]:].any()
 
 
 def test_stable_layer_norm_last_layer_is_block_output():

@@ -181,11 +181,12 @@ def forward_layers(
                 f"{backbone.name} needs at least {backbone.receptive_field} samples "
                 f"({1000 * backbone.receptive_field / SAMPLE_RATE:.0f} ms) for one frame"
             )
-    if backbone.normalize:
-        tensors = [normalize_wave(t) for t in tensors]
-
     with torch.inference_mode():
-        cnn = _cnn_features(model, tensors, lengths)  # (B, T_max, C)
+        cnn = _masked_cnn_features(model, tensors, lengths, backbone.normalize) if _batches_exactly(model, param.device) else None
+        if cnn is None:
+            if backbone.normalize:
+                tensors = [normalize_wave(t) for t in tensors]
+            cnn = _cnn_features(model, tensors, lengths)  # (B, T_max, C)
         if model.config.model_type in BATCH_EXACT_MODEL_TYPES:
             layers = _encoder_layers(model, cnn, _frame_mask(lengths, cnn.device))
         else:
@@ -299,6 +300,50 @@ def _cnn_features(model: nn.Module, waves: list[torch.Tensor], lengths: list[int
     # end, so one batched pass over zero-padded audio is exact.
     audio = nn.utils.rnn.pad_sequence(waves, batch_first=True)
     return model.feature_extractor(audio).transpose(1, 2)
+
+
+def _batches_exactly(model: nn.Module, device: torch.device) -> bool:
+    """Whether forward_layers runs the CNN on the whole batch (`_masked_cnn_features`): on a GPU, for
+    a CNN whose only norm over time is a per-channel GroupNorm after its first convolution (W2V-Base,
+    HuBERT-Base). A GPU runs one utterance's small convolutions far below its pace, one kernel
+    launch after another; a CPU computes each alone as fast, and skips the padding."""
+    if device.type != "cuda" or model.config.model_type not in BATCH_EXACT_MODEL_TYPES:
+        return False
+    layers = model.feature_extractor.conv_layers
+    norm = getattr(layers[0], "layer_norm", None)
+    return (isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels
+            and isinstance(getattr(layers[0], "conv", None), nn.Conv1d)
+            and not any(_normalises_over_time(layer) for layer in layers[1:]))
+
+
+def _masked_cnn_features(model: nn.Module, waves: list[torch.Tensor], lengths: list[int], normalize: bool) -> torch.Tensor:
+    """What `_cnn_features` gives (after `normalize_wave` when `normalize`), in one batched pass:
+    the input's and the first layer's statistics are taken over each utterance's own samples and
+    frames, never its padding. The convolutions are otherwise exact on padded input, as in
+    `_cnn_features`' LayerNorm case: a real frame never sees a sample past its utterance's end."""
+    first = model.feature_extractor.conv_layers[0]
+    samples = torch.tensor([len(w) for w in waves], device=waves[0].device)
+    audio = nn.utils.rnn.pad_sequence(waves, batch_first=True)  # (B, S)
+    if normalize:  # normalize_wave's float64 statistics, per utterance
+        real = torch.arange(audio.shape[1], device=audio.device)[None, :] < samples[:, None]
+        x, n = audio.double(), samples[:, None].double()
+        mean = x.sum(1, keepdim=True) / n
+        var = (((x - mean) * real) ** 2).sum(1, keepdim=True) / n
+        audio = ((x - mean) / torch.sqrt(var + NORM_EPS)).to(audio.dtype) * real
+    h = first.conv(audio[:, None])  # (B, C, T0)
+    kernel, stride = first.conv.kernel_size[0], first.conv.stride[0]
+    frames = torch.div(samples - kernel, stride, rounding_mode="floor") + 1
+    real = (torch.arange(h.shape[2], device=h.device)[None, :] < frames[:, None])[:, None, :]
+    count = frames[:, None, None].to(h.dtype)
+    norm = first.layer_norm  # GroupNorm with a group per channel: each channel over its utterance's frames
+    centred = (h - (h * real).sum(2, keepdim=True) / count) * real
+    var = (centred * centred).sum(2, keepdim=True) / count
+    h = first.activation(centred * torch.rsqrt(var + norm.eps) * norm.weight[None, :, None] + norm.bias[None, :, None])
+    for layer in model.feature_extractor.conv_layers[1:]:
+        h = layer(h)
+    out = h.transpose(1, 2)  # (B, T_max, C)
+    assert out.shape[1] == max(lengths), (out.shape, lengths)
+    return out * _frame_mask(lengths, out.device)[:, :, None]  # padding zeros, as pad_sequence leaves
 
 
 def _normalises_over_time(feature_extractor: nn.Module) -> bool:
