@@ -61,7 +61,7 @@ def main():
     parser.add_argument("--dir", help="where the store is written (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=2, help="--stand-in: alternated runs of the raw write and "
                         "the pipeline, each side's best compared")
-    parser.add_argument("--variants", action="store_true", help="also time the extraction with fewer writing "
+    parser.add_argument("--variants", action="store_true", help="also time the extraction with more writing "
                         "threads and with a shorter GIL switch interval (what bounds the loop's thread)")
     args = parser.parse_args()
     if args.stand_in:
@@ -146,12 +146,12 @@ def main():
 
 
 def run_variants(corpus, config: ExtractConfig, backbone, tmp: Path) -> list[tuple[str, float, dict]]:
-    """The same extraction with the store's writing threads cut, with the interpreter switching
+    """The same extraction with more of the store's writing threads, with the interpreter switching
     threads ten times as often, and with torch's CPU threads on every core: does the loop's
     thread wait for the GIL, or for OpenMP threads, while the others decode and write?"""
     threads_before, interval_before = (writing.CONVERT_THREADS, writing.WRITE_THREADS), sys.getswitchinterval()
-    variants = [("2 convert + 2 write threads", config, lambda: setattr(writing, "CONVERT_THREADS", 2) or
-                 setattr(writing, "WRITE_THREADS", 2)),
+    variants = [("8 convert + 8 write threads", config, lambda: setattr(writing, "CONVERT_THREADS", 8) or
+                 setattr(writing, "WRITE_THREADS", 8)),
                 ("GIL switch interval 0.5 ms", config, lambda: sys.setswitchinterval(0.0005)),
                 (f"torch threads {os.cpu_count()}", replace(config, threads=os.cpu_count()), lambda: None)]
     results = []
