@@ -37,8 +37,8 @@ for command in (report_command, copy_command, pack_command, export_command, simi
 def threads_option(command):
     return click.option(
         "--threads", type=click.IntRange(min=1),
-        help="CPU threads for torch.  [default: 1 for small models; for large ones the cores no other "
-        "process keeps busy, looked at again every epoch or block]")(command)
+        help="CPU threads for torch.  [default: 1 for small models and on a GPU; for large ones the cores "
+        "no other process keeps busy, looked at again every epoch or block]")(command)
 
 
 def corpus_options(command):
