@@ -33,7 +33,10 @@ sequences (cuDNN's exact bidirectional kernel), which may be the faster one on a
 """
 
 import argparse
+import contextlib
+import io
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -184,10 +187,13 @@ def data_wait(store_path: Path, layer: str, args) -> None:
             # dev is evaluated on the train split (forward passes over the same batches); as with a
             # real dev split, the next epoch's first batches are built meanwhile.
             train_config = TrainConfig(epochs=args.epochs + 1, dev_split="train", test_splits=())
-            with tempfile.TemporaryDirectory() as out:
+            # The training loop's note that dev is the training split, known here, would cut the table.
+            with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()) as said:
                 run = train_probes(str(store_path), layer, "0", out, config, train_config, progress=False,
                                    num_threads=args.threads, device=args.device).finished[0]
                 metrics = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+            sys.stderr.write("".join(line for line in said.getvalue().splitlines(keepends=True)
+                                     if not line.startswith("note: --dev-split train")))
             first, epochs = metrics[0], metrics[1:]  # the first: warm-up (oneDNN, allocator, page cache)
             train_s, wait = sum(e["train_seconds"] for e in epochs), sum(e["data_wait_seconds"] for e in epochs)
             shares[name, prefetch] = wait / train_s
