@@ -144,6 +144,24 @@ def test_batched_equals_alone(name, normalize, as_on_a_gpu, monkeypatch):
             assert not outputs[0][i, frames[i]:].any()
 
 
+def test_batched_group_norm_keeps_float32_statistics_under_float16_autocast(monkeypatch):
+    """A 21 s utterance's first layer has more frames than float16 counts (65,504): the batched
+    CNN's statistics stay in float32, as autocast keeps GroupNorm's, so it matches the CNN run
+    alone to float16's rounding instead of going to infinity."""
+    bb = load_backbone("builtin:tiny")
+    batch = waves([21 * SAMPLE_RATE, SAMPLE_RATE])
+    with torch.autocast("cpu", dtype=torch.float16):
+        alone, frames = forward_layers(bb, batch, include_cnn=True)
+        decide = backbone_module._batches_exactly
+        monkeypatch.setattr(backbone_module, "_batches_exactly", lambda model, device: decide(model, torch.device("cuda")))
+        batched, _ = forward_layers(bb, batch, include_cnn=True)
+    for layer, got, want in zip(bb.layer_names(include_cnn=True), batched, alone):
+        for i, n in enumerate(frames):
+            want_i = want[i, :n].float()
+            torch.testing.assert_close(got[i, :n].float(), want_i, atol=0.01 * float(want_i.abs().max()), rtol=0,
+                                       msg=f"{layer} utt {i}")
+
+
 def test_stable_layer_norm_last_layer_is_block_output():
     # transformers 5's hidden_states[-1] is the last block's output, before the encoder's final LayerNorm
     # (transformers 4 returned it after); our last layer follows the installed transformers.

@@ -310,9 +310,11 @@ def _batches_exactly(model: nn.Module, device: torch.device) -> bool:
     if device.type != "cuda" or model.config.model_type not in BATCH_EXACT_MODEL_TYPES:
         return False
     layers = model.feature_extractor.conv_layers
-    norm = getattr(layers[0], "layer_norm", None)
-    return (isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels
-            and isinstance(getattr(layers[0], "conv", None), nn.Conv1d)
+    norm, conv = getattr(layers[0], "layer_norm", None), getattr(layers[0], "conv", None)
+    # What _masked_cnn_features assumes of them: the frame count (len - kernel) // stride + 1,
+    # and an affine norm per channel.
+    return (isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels and norm.affine
+            and isinstance(conv, nn.Conv1d) and conv.padding == (0,) and conv.dilation == (1,)
             and not any(_normalises_over_time(layer) for layer in layers[1:]))
 
 
@@ -322,19 +324,22 @@ def _masked_cnn_features(model: nn.Module, waves: list[torch.Tensor], lengths: l
     frames, never its padding. The convolutions are otherwise exact on padded input, as in
     `_cnn_features`' LayerNorm case: a real frame never sees a sample past its utterance's end."""
     first = model.feature_extractor.conv_layers[0]
-    samples = torch.tensor([len(w) for w in waves], device=waves[0].device)
+    kernel, stride = first.conv.kernel_size[0], first.conv.stride[0]
+    device = waves[0].device
+    samples = _ints_on([len(w) for w in waves], device)
+    frames = _ints_on([(len(w) - kernel) // stride + 1 for w in waves], device)
     audio = nn.utils.rnn.pad_sequence(waves, batch_first=True)  # (B, S)
     if normalize:  # normalize_wave's float64 statistics, per utterance
-        real = torch.arange(audio.shape[1], device=audio.device)[None, :] < samples[:, None]
+        real = torch.arange(audio.shape[1], device=device)[None, :] < samples[:, None]
         x, n = audio.double(), samples[:, None].double()
         mean = x.sum(1, keepdim=True) / n
         var = (((x - mean) * real) ** 2).sum(1, keepdim=True) / n
         audio = ((x - mean) / torch.sqrt(var + NORM_EPS)).to(audio.dtype) * real
-    h = first.conv(audio[:, None])  # (B, C, T0)
-    kernel, stride = first.conv.kernel_size[0], first.conv.stride[0]
-    frames = torch.div(samples - kernel, stride, rounding_mode="floor") + 1
-    real = (torch.arange(h.shape[2], device=h.device)[None, :] < frames[:, None])[:, None, :]
-    count = frames[:, None, None].to(h.dtype)
+    # In float32 whatever the autocast, as autocast runs GroupNorm: a float16 frame count is
+    # infinite past 65,504 frames (20 s of audio), a bfloat16 one rounded past 256.
+    h = first.conv(audio[:, None]).float()  # (B, C, T0)
+    real = (torch.arange(h.shape[2], device=device)[None, :] < frames[:, None])[:, None, :]
+    count = frames[:, None, None].float()
     norm = first.layer_norm  # GroupNorm with a group per channel: each channel over its utterance's frames
     centred = (h - (h * real).sum(2, keepdim=True) / count) * real
     var = (centred * centred).sum(2, keepdim=True) / count
@@ -352,7 +357,14 @@ def _normalises_over_time(feature_extractor: nn.Module) -> bool:
 
 def _frame_mask(lengths: list[int], device) -> torch.Tensor:
     frames = torch.arange(max(lengths), device=device)
-    return frames[None, :] < torch.tensor(lengths, device=device)[:, None]
+    return frames[None, :] < _ints_on(lengths, torch.device(device))[:, None]
+
+
+def _ints_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host integers as a tensor on `device`; to a GPU from pinned memory, so that the copy waits
+    for none of the device's queued work (a copy from pageable memory waits for all of it)."""
+    cuda = device.type == "cuda"
+    return torch.tensor(values, pin_memory=cuda).to(device, non_blocking=cuda)
 
 
 @contextlib.contextmanager
