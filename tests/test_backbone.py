@@ -292,6 +292,28 @@ def test_checkpoint_missing_weights_is_refused(tmp_path):
         load_backbone(str(tmp_path))
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("damage", ["garbage", "cut"])
+def test_a_damaged_weights_file_is_named_in_one_line(tmp_path, fmt, damage):
+    from click.testing import CliRunner
+    from w2vcache.cli import main
+
+    model = load_backbone("builtin:tiny").model
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if fmt == "bin":
+        weights.unlink()
+        weights = tmp_path / "pytorch_model.bin"
+        torch.save(model.state_dict(), weights)
+    data = weights.read_bytes()
+    weights.write_bytes(b"garbage\n" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(W2VCacheError, match=rf"^'{tmp_path}': cannot read its .*(corrupt|truncated).*download or copy it again"):
+        load_backbone(str(tmp_path))
+    result = CliRunner().invoke(main, ["corpus", "--split", "dev=dev-clean", "--model", str(tmp_path)])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: '{tmp_path}': cannot read its "), result.output
+    assert "Traceback" not in result.output
+
+
 # --- model directories from elsewhere: data, never code ---------------------------------------------
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, Wav2Vec2Config
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -340,10 +341,19 @@ def _from_pretrained(name: str, config: PretrainedConfig, **kwargs) -> tuple[nn.
         )
     except pickle.UnpicklingError as e:  # torch's weights-only loader refused a .bin checkpoint
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the global it refused
+        if not found:  # not a pickle at all, or a cut one (torch's message is advice for pickles)
+            raise W2VCacheError(f"{name!r}: cannot read its .bin weights: the file is not a torch weights "
+                                "file, or is corrupt or truncated; download or copy it again") from None
         raise W2VCacheError(
-            f"{name!r}: its .bin weights hold more than tensors (a pickled {found[1] if found else 'object'}), "
+            f"{name!r}: its .bin weights hold more than tensors (a pickled {found[1]}), "
             "and unpickling that could run code, so they are refused; use the model's model.safetensors"
         ) from None
+    except (SafetensorError, RuntimeError) as e:  # a damaged weights file, or another failure
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):  # not the file's bytes
+            raise
+        what = (f"model.safetensors: the file is corrupt or truncated ({_first_line(e)})" if isinstance(e, SafetensorError)
+                else ".bin weights: the file is corrupt or truncated (an incomplete zip archive)")
+        raise W2VCacheError(f"{name!r}: cannot read its {what}; download or copy it again") from None
     finally:
         logger.removeFilter(hold)
         head_only = _unused_head(info) if info is not None else None
