@@ -174,10 +174,15 @@ def extract_command(librispeech, librilight, splits, **options):
                    + f"; {human_size(size.free)} free there" + ("" if size.fits else ": NOT ENOUGH"))
         return
     result = extract(corpus, ExtractConfig(**options))
-    click.echo(
-        f"{result.store}: wrote {result.blocks_written} block(s), {result.utterances_written} utterances, "
-        f"{result.audio_seconds / 3600:.3f} h of audio in {result.seconds:.1f} s ({result.speed:.1f}x real time)"
-    )
+    if result.blocks_written == 0:
+        whose = f"of shard {result.shard[0]}/{result.shard[1]} " if result.shard else ""
+        click.echo(f"{result.store}: nothing to extract: every block {whose}is already in the store "
+                   f"(`w2vcache info {result.store}` shows it)")
+    else:
+        click.echo(
+            f"{result.store}: wrote {result.blocks_written} block(s), {result.utterances_written} utterances, "
+            f"{result.audio_seconds / 3600:.3f} h of audio in {result.seconds:.1f} s ({result.speed:.1f}x real time)"
+        )
     for split, skipped in result.skipped.items():
         click.echo(f"skipped {len(skipped)} utterance(s) of split {split}, recorded in the store:")
         for s in skipped[:SHOWN_BAD]:
