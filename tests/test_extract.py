@@ -103,6 +103,24 @@ def test_stored_features_equal_the_model_on_each_utterance_alone(tmp_path, model
                                                err_msg=f"{u.id} {name}")
 
 
+def test_input_normalisation_is_chosen_shown_and_kept(tmp_path):
+    """--no-normalize feeds the waves raw (the default normalises each, as the checkpoint's
+    preprocessor asks); info says which, and a resume with the other setting is refused."""
+    store = tmp_path / "raw.zarr"
+    result = run_cli("extract", "--split", "dev=dev-clean", "--store", str(store), "--no-normalize")
+    assert result.exit_code == 0, result.output
+    raw, normalised = load_backbone("builtin:tiny", normalize=False), load_backbone("builtin:tiny")
+    u = small_corpus().splits["dev"][0]
+    stored = open_store(store).read("dev", "layer04", u.id).astype(np.float32)
+    for backbone, close in ((raw, True), (normalised, False)):
+        outputs, frames = forward_layers(backbone, [load_audio(u.path)])
+        alone = outputs[-1][0, : frames[0]].numpy()
+        assert np.allclose(stored, alone, rtol=2**-11, atol=1e-5) == close
+    assert ", input raw" in run_cli("info", str(store)).output
+    again = run_cli("extract", "--split", "dev=dev-clean", "--store", str(store))
+    assert again.exit_code == 1 and "normalize" in again.output, again.output
+
+
 def test_info_verify_and_provenance(reference):
     result = run_cli("info", str(reference), "--json")
     assert result.exit_code == 0, result.output

@@ -152,6 +152,9 @@ def corpus_command(librispeech, librilight, splits, as_json, skip_bad, model):
 @click.option("--no-space-check", "space_check", is_flag=True, flag_value=False, default=True,
               help="Start even when the store's file system has less free space than the store needs.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of --model.")
+@click.option("--normalize/--no-normalize", default=None,
+              help="Each utterance scaled to zero mean and unit variance before the model, or fed raw.  "
+              "[default: as the checkpoint's preprocessor_config.json says (do_normalize); normalised without one]")
 @click.option("--chunk-frames", type=click.IntRange(min=1), hidden=True, help="Store layout: frames per chunk.")
 @click.option("--block-chunks", type=click.IntRange(min=1), hidden=True, help="Store layout: chunks per block.")
 @threads_option
@@ -207,8 +210,9 @@ def info_command(store, as_json):
     prov, model = about["provenance"], about["provenance"].get("model", {})
     click.echo(f"store      {about['path']} (format {about['format_version']}, {human_size(about['bytes']['total'])} on disk)")
     click.echo(f"model      {model.get('name')}  revision {model.get('revision') or '-'}  weights sha256 {str(model.get('weight_hash'))[:16]}")
+    normalised = {True: ", input normalised per utterance", False: ", input raw"}.get(model.get("normalize"), "")
     click.echo(f"features   {describe_layers(about['layers'])}, {about['dtype']}, {prov.get('frame_rate')} frames/s, "
-               f"compute {prov.get('compute_dtype')}")
+               f"compute {prov.get('compute_dtype')}{normalised}")
     click.echo(f"created    {prov.get('created')}  " + " ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items() if v))
     if about.get("compute_error"):
         click.echo(f"precision  {compute_error_line(about['compute_error'])}")

@@ -61,6 +61,9 @@ class ExtractConfig:
     shard: str | None = None  # "I/N": this worker fills blocks b with b % N == I
     skip_bad: bool = False  # record unusable audio files in the store and go on
     revision: str | None = None  # hub revision of the model
+    # Each utterance to zero mean and unit variance before the model (Wav2Vec2FeatureExtractor's
+    # do_normalize); None: as the checkpoint's preprocessor_config.json says, True without one.
+    normalize: bool | None = None
     # Layer arrays "none" or "zstd" (level 1); None: an existing store's, else "none". Features'
     # mantissas are noise: zstd saved 5.5 % on random-weight W2V-Base and halves read speed.
     compression: str | None = None
@@ -545,7 +548,9 @@ def _prepare(corpus: Corpus, config: ExtractConfig, progress: bool, backbone: Ba
     if config.dtype not in DTYPES:
         raise W2VCacheError(f"--dtype {config.dtype!r}: choose one of {', '.join(DTYPES)}")
     if backbone is None:
-        backbone = load_backbone(config.model, device=device, revision=config.revision)
+        backbone = load_backbone(config.model, device=device, revision=config.revision, normalize=config.normalize)
+    elif config.normalize is not None and config.normalize != backbone.normalize:
+        backbone = replace(backbone, normalize=config.normalize)
     layers = select_layers(config.layers, backbone.num_layers)
     if config.include_cnn:
         layers = [CNN_LAYER, *layers]
