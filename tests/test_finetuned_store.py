@@ -154,3 +154,17 @@ def test_runs_without_usable_weights_are_refused(made, tmp_path):
     # A revision only applies to Hub ids.
     with pytest.raises(W2VCacheError, match="a revision"):
         load_backbone(str(run), revision="main")
+
+
+def test_a_run_whose_best_epoch_trained_the_head_alone_says_its_encoder_is_the_base(made, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(made["run"], run)
+    best_epoch = json.loads((run / "result.json").read_text())["best_epoch"]
+    load_backbone(str(run))
+    assert "trained the CTC head alone" not in capsys.readouterr().err  # --freeze-epochs 0
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["freeze_epochs"] = best_epoch  # as if the encoder had been frozen until then
+    (run / "config.json").write_text(json.dumps(config))
+    load_backbone(str(run))
+    assert (f"its best epoch ({best_epoch}) trained the CTC head alone (the encoder was frozen for {best_epoch}): "
+            "its encoder is the model it started from") in capsys.readouterr().err

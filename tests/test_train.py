@@ -311,3 +311,29 @@ def test_a_dev_split_that_is_also_tested_is_pointed_out(capsys):
     test_splits_for(TrainConfig(), splits, "store s")
     test_splits_for(TrainConfig(dev_split="test-clean", test_splits=("test-other",)), splits, "store s")
     assert capsys.readouterr().err == ""
+
+
+class ScriptedDev(OneWeight):
+    """Dev hypotheses scripted per epoch: WER stays 100 % (one word, never right) while CER moves."""
+
+    HYPOTHESES = ["axxx", "abcx", "abxx"]  # CER 75 %, 25 %, 50 % against "abcd"
+
+    def start_epoch(self, epoch):
+        self.epoch = epoch
+
+    def decode(self, batch):
+        return ["abcd"], [self.HYPOTHESES[self.epoch]]
+
+
+def test_a_tie_in_the_chosen_rate_goes_to_the_other_one(tmp_path):
+    """The first epochs of a fine-tune often share a WER of 100 %: the best epoch is then the one
+    with the lowest CER (epoch 2 here), not the first, in the loop and in what an unfinished run's
+    best.pt is read to hold."""
+    from w2vcache.checkpoints import _best_so_far
+    from w2vcache.runs import RunRecord, read_run
+    from w2vcache.train import train
+
+    record = RunRecord(kind="finetune", experiment="x", layer=None, reinit=[], seed=0, model={}, data={}, device="cpu")
+    result = train(ScriptedDev(2), TrainConfig(epochs=3, test_splits=()), tmp_path, record, progress=False)
+    assert result["best_epoch"] == 2 and result["dev"]["wer_percent"] == 100.0
+    assert _best_so_far(str(tmp_path), read_run(tmp_path)) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -223,6 +224,11 @@ def _load_run(path: str, device, normalize: bool | None) -> Backbone:
     except W2VCacheError as e:
         raise W2VCacheError(f"fine-tuning run {path!r}: cannot load the model it fine-tuned ({_first_line(e)})") from None
     _load_encoder_weights(backbone.model, best, base["name"])
+    best_epoch = run.best_epoch if run.status == "finished" else _best_so_far(path, run)
+    frozen = (run.config.get("model") or {}).get("freeze_epochs")
+    if isinstance(best_epoch, int) and isinstance(frozen, int) and best_epoch <= frozen:
+        print(f"note: {path}: its best epoch ({best_epoch}) trained the CTC head alone (the encoder was frozen "
+              f"for {frozen}): its encoder is the model it started from", file=sys.stderr)
     # Fine-tuning trained on what this base's normalisation gave it, so that (or the caller's) stays.
     return Backbone(
         model=backbone.model,
@@ -235,7 +241,7 @@ def _load_run(path: str, device, normalize: bool | None) -> Backbone:
             "seed": run.seed,
             "reinit": run.reinit,
             "status": run.status,
-            "best_epoch": run.best_epoch if run.status == "finished" else _best_so_far(path, run),
+            "best_epoch": best_epoch,
             # As the run recorded it: the weights fine-tuning started from, after any re-initialisation.
             "base_model": {k: base.get(k) for k in ("name", "revision", "weight_hash")},
         },
@@ -244,11 +250,13 @@ def _load_run(path: str, device, normalize: bool | None) -> Backbone:
 
 def _best_so_far(path: str, run) -> int | None:
     """The epoch an unfinished run's best.pt holds: the best dev rate (the one the run selects by,
-    first of ties) in metrics.jsonl. The loop saves best.pt just before the epoch's metrics line:
-    a run killed between the two (a second's window) holds a best.pt one epoch newer than this."""
-    key = f"dev_{(run.config.get('train') or {}).get('select_by', 'wer')}_percent"
+    ties going to the other rate, then to the first) in metrics.jsonl, as the training loop chooses.
+    The loop saves best.pt just before the epoch's metrics line: a run killed between the two (a
+    second's window) holds a best.pt one epoch newer than this."""
+    selected = (run.config.get("train") or {}).get("select_by", "wer")
+    key, other = f"dev_{selected}_percent", f"dev_{'cer' if selected == 'wer' else 'wer'}_percent"
     epochs = [m for m in read_metrics(Path(path) / METRICS) if isinstance(m.get(key), (int, float))]
-    return min(epochs, key=lambda m: (m[key], m["epoch"]))["epoch"] if epochs else None
+    return min(epochs, key=lambda m: (m[key], m.get(other, math.inf), m["epoch"]))["epoch"] if epochs else None
 
 
 def _load_encoder_weights(model: nn.Module, best: str, base_name: str) -> None:

@@ -452,7 +452,11 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
         task = FinetuneTask(backbone, corpus, config, tc, train_split, device, cnn_cache)
         if progress and main_rank:
             print(f"finetune {run_record.experiment} seed {seed} -> {directory}")
-        train(task, tc, directory, run_record, progress=progress and main_rank, num_threads=num_threads)
+        result = train(task, tc, directory, run_record, progress=progress and main_rank, num_threads=num_threads)
+        if main_rank and (result.get("best_epoch") or 0) <= config.freeze_epochs < tc.epochs:
+            print(f"note: {directory}: its best dev epoch ({result['best_epoch']}) trained the CTC head alone "
+                  f"(--freeze-epochs {config.freeze_epochs}), so its encoder is the one it started from",
+                  file=sys.stderr)
 
     # A finished run's settings are checked against the model as it is now (its weights' hash
     # after the re-init), so the model is loaded for it: seconds, against a wrong table.

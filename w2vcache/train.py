@@ -451,9 +451,11 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
             tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
                        f"dev WER {dev.wer_percent:.2f} %, CER {dev.cer_percent:.2f} % ({entry['seconds']:.1f} s)")
         check_still_held(run_dir, together=distributed)
-        rate = getattr(dev, config.select_by)
-        if rate < best[selected] or best["epoch"] is None:
-            best = {"epoch": epoch + 1, selected: rate}
+        # Ties (a WER stuck at 100 % early on) go to the other rate, then to the earlier epoch.
+        other = "cer" if config.select_by == "wer" else "wer"
+        rate, tie_break = getattr(dev, config.select_by), getattr(dev, other)
+        if best["epoch"] is None or (rate, tie_break) < (best[selected], best.get(f"dev_{other}", math.inf)):
+            best = {"epoch": epoch + 1, selected: rate, f"dev_{other}": tie_break}
             if writer:
                 _save(model.state_dict(), run_dir / BEST)
         if writer:
