@@ -148,6 +148,13 @@ def test_manifests(tmp_path):
     # a manifest as a split source
     corpus = build_corpus(splits=[f"dev={tsv}"])
     assert len(corpus.splits["dev"]) == 2
+    # a link farm: ids from the links' names, audio read through them
+    (tmp_path / "farm").mkdir()
+    (tmp_path / "farm" / "spk1-utt1.wav").symlink_to(audio / "x.wav")
+    farm = tmp_path / "farm.tsv"
+    farm.write_text("farm/spk1-utt1.wav\tHI\n")
+    [linked] = read_manifest(farm, "d")
+    assert (linked.id, linked.path) == ("spk1-utt1", str((audio / "x.wav").resolve()))
 
 
 def test_bundled_mini_corpus():

@@ -218,7 +218,8 @@ def read_manifest(path, split: str, skipped: list | None = None) -> list[Utteran
     utterances, missing = [], []
     for n, audio, text, uid in rows:
         audio_path = (path.parent / audio).resolve()
-        uid = str(uid) if uid else audio_path.name.split(".")[0]
+        # The id from the name as the manifest writes it: a link farm's names, not its targets'.
+        uid = str(uid) if uid else Path(audio).name.split(".")[0]
         if not audio_path.is_file():
             missing.append(f"{audio} (line {n})")
             if skipped is not None:
