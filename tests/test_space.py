@@ -57,3 +57,20 @@ def test_extraction_refuses_to_start_without_the_space_unless_told(tmp_path, mon
 
 def test_sizes_in_words():
     assert [space.human_size(n) for n in (None, 999, 1536, 113 * 10**9)] == ["?", "999 B", "1.5 KB", "113.0 GB"]
+
+
+def test_a_store_where_this_process_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A read-only mount (or another user's folder): the dry run says so, and extraction stops
+    before loading the model or reading audio, naming the folder."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    store = folder / "s.zarr"
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(folder) and mode == os.W_OK
+                        else real_access(path, mode))
+    result = run_cli("extract", "--dry-run", "--store", store, *SPLITS)
+    assert result.exit_code == 0 and result.output.rstrip().endswith(f"; cannot write in {folder}"), result.output
+    result = run_cli("extract", "--store", store, *SPLITS)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith(f"Error: store {store}: cannot write in {folder} (a read-only file system"), result.output
+    assert not store.exists()

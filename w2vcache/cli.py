@@ -174,7 +174,8 @@ def extract_command(librispeech, librilight, splits, **options):
                    f"{sum(s.hours for s in size.splits.values()):>8.3f} {human_size(size.bytes):>10}")
         click.echo(f"{size.store}: needs {human_size(size.needed)}"
                    + (f" more ({human_size(size.existing)} already written)" if size.existing else "")
-                   + f"; {human_size(size.free)} free there" + ("" if size.fits else ": NOT ENOUGH"))
+                   + f"; {human_size(size.free)} free there" + ("" if size.fits else ": NOT ENOUGH")
+                   + (f"; cannot write in {size.unwritable}" if size.unwritable else ""))
         return
     result = extract(corpus, ExtractConfig(**options))
     if result.blocks_written == 0:

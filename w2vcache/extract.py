@@ -28,7 +28,7 @@ from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .layers import choose_layers, layer_name
-from .space import StoreSize, check_space, plan_size
+from .space import StoreSize, check_space, check_writable, plan_size
 from .spread import parse_shard, rank_device
 from .store import FeatureStore, SplitPlan, local_root, open_store
 from .store.layout import DTYPES, FAILED_REASON, float_dtype
@@ -612,6 +612,7 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
     unless `config.space_check` is off.
     """
     started = time.perf_counter()
+    check_writable(config.store)
     prepared = _prepare(corpus, config, progress, backbone)
     if config.space_check:
         check_space(_size(prepared, config))

@@ -38,6 +38,9 @@ class StoreSize:
     splits: dict[str, SplitSize] = field(default_factory=dict)
     existing: int = 0  # bytes already under the store: a resumed extraction needs only the rest
     free: int | None = None  # free bytes on the store's file system
+    # The folder the store is (or will be made) in, when this process may not write there (a
+    # read-only mount, another user's folder); None when it may.
+    unwritable: str | None = None
 
     @property
     def bytes(self) -> int:
@@ -72,6 +75,7 @@ def plan_size(store: str, plans: dict[str, SplitPlan], layers: dict[str, int], d
     root = local_root(store)
     size.existing = _bytes_under(root)
     size.free = _free_bytes(root)
+    size.unwritable = unwritable_folder(store)
     return size
 
 
@@ -84,6 +88,21 @@ def check_space(size: StoreSize) -> None:
             + f", and its file system has {human_size(size.free)} free; make room, choose fewer layers "
             "(--layers) or another disk, or pass --no-space-check to start anyway"
         )
+
+
+def unwritable_folder(store: str) -> str | None:
+    """The folder a local store is (or would be made) in, if this process may not write there (a
+    read-only mount, another user's folder); else None."""
+    folder = _nearest_folder(local_root(store))
+    return str(folder) if folder is not None and not os.access(folder, os.W_OK) else None
+
+
+def check_writable(store: str) -> None:
+    """Refuse, before any work, a store this process cannot write."""
+    folder = unwritable_folder(store)
+    if folder:
+        raise W2VCacheError(f"store {store}: cannot write in {folder} (a read-only file system, or no "
+                            "permission); choose another --store")
 
 
 def _bytes_under(root: Path) -> int:
@@ -99,9 +118,15 @@ def _bytes_under(root: Path) -> int:
 
 def _free_bytes(root: Path) -> int | None:
     """Free bytes of the file system the store is (or will be) on: its nearest existing folder's."""
+    folder = _nearest_folder(root)
+    return shutil.disk_usage(folder).free if folder is not None else None
+
+
+def _nearest_folder(root: Path) -> Path | None:
+    """The store's folder, or the nearest existing one above it (where it will be made)."""
     for folder in (root, *root.absolute().parents):
         if folder.exists():
-            return shutil.disk_usage(folder).free
+            return folder
     return None
 
 
