@@ -426,7 +426,7 @@ def test_docs_h5py_snippet_reads_the_export(source, tmp_path):
     export_hdf5(source, h5, layers="2", progress=False)
     utt = open_store(source).utterances("dev")[5].id
     x = run_without_w2vcache(doc_snippet("### Reading the HDF5 export with h5py"), {
-        '"features.h5"': repr(str(h5)), '"dev-clean"': '"dev"', '"layer08"': '"layer02"',
+        '"features.h5"': repr(str(h5)), '"layer08"': '"layer02"',
         '"1272-128104-0000"': repr(utt)}, tmp_path / "x.npy", tmp_path)
     np.testing.assert_array_equal(x, open_store(source).read("dev", "layer02", utt))
 
