@@ -453,7 +453,7 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
         if progress and main_rank:
             print(f"finetune {run_record.experiment} seed {seed} -> {directory}")
         result = train(task, tc, directory, run_record, progress=progress and main_rank, num_threads=num_threads)
-        if main_rank and (result.get("best_epoch") or 0) <= config.freeze_epochs < tc.epochs:
+        if main_rank and result and (result.get("best_epoch") or 0) <= config.freeze_epochs < tc.epochs:
             print(f"note: {directory}: its best dev epoch ({result['best_epoch']}) trained the CTC head alone "
                   f"(--freeze-epochs {config.freeze_epochs}), so its encoder is the one it started from",
                   file=sys.stderr)
