@@ -293,7 +293,7 @@ def test_checkpoint_missing_weights_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-@pytest.mark.parametrize("damage", ["garbage", "cut"])
+@pytest.mark.parametrize("damage", ["garbage", "cut", "empty"])
 def test_a_damaged_weights_file_is_named_in_one_line(tmp_path, fmt, damage):
     from click.testing import CliRunner
     from w2vcache.cli import main
@@ -306,7 +306,7 @@ def test_a_damaged_weights_file_is_named_in_one_line(tmp_path, fmt, damage):
         weights = tmp_path / "pytorch_model.bin"
         torch.save(model.state_dict(), weights)
     data = weights.read_bytes()
-    weights.write_bytes(b"garbage\n" if damage == "garbage" else data[: len(data) // 2])
+    weights.write_bytes({"garbage": b"garbage\n", "cut": data[: len(data) // 2], "empty": b""}[damage])
     with pytest.raises(W2VCacheError, match=rf"^'{tmp_path}': cannot read its .*(corrupt|truncated).*download or copy it again"):
         load_backbone(str(tmp_path))
     result = CliRunner().invoke(main, ["corpus", "--split", "dev=dev-clean", "--model", str(tmp_path)])

@@ -337,3 +337,31 @@ def test_a_tie_in_the_chosen_rate_goes_to_the_other_one(tmp_path):
     result = train(ScriptedDev(2), TrainConfig(epochs=3, test_splits=()), tmp_path, record, progress=False)
     assert result["best_epoch"] == 2 and result["dev"]["wer_percent"] == 100.0
     assert _best_so_far(str(tmp_path), read_run(tmp_path)) == 2
+
+
+class LaterWorse(ScriptedDev):
+    HYPOTHESES = ["abcx", "abxx"]  # CER 25 %, then 50 %: WER 100 % both times
+
+
+class KilledInEpoch2(LaterWorse):
+    def loss(self, batch):
+        if self.epoch == 1:
+            raise RuntimeError("killed")
+        return super().loss(batch)
+
+
+def test_a_checkpoint_from_before_ties_were_broken_resumes_to_the_same_best(tmp_path):
+    """Its best epoch's other rate is read back from metrics.jsonl: a later tie with a worse CER
+    does not take best.pt over."""
+    from w2vcache.runs import RunRecord
+    from w2vcache.train import CHECKPOINT, load_checkpoint, train
+
+    record = RunRecord(kind="finetune", experiment="x", layer=None, reinit=[], seed=0, model={}, data={}, device="cpu")
+    config = TrainConfig(epochs=2, test_splits=())
+    with pytest.raises(RuntimeError, match="killed"):
+        train(KilledInEpoch2(2), config, tmp_path / "old", record, progress=False)
+    state = load_checkpoint(tmp_path / "old" / CHECKPOINT)
+    assert state["best"].pop("dev_cer") == 0.25
+    torch.save(state, tmp_path / "old" / CHECKPOINT)
+    assert train(LaterWorse(2), config, tmp_path / "old", record, progress=False)["best_epoch"] == 1
+    assert train(LaterWorse(2), config, tmp_path / "new", record, progress=False)["best_epoch"] == 1

@@ -356,11 +356,11 @@ def _from_pretrained(name: str, config: PretrainedConfig, **kwargs) -> tuple[nn.
             f"{name!r}: its .bin weights hold more than tensors (a pickled {found[1]}), "
             "and unpickling that could run code, so they are refused; use the model's model.safetensors"
         ) from None
-    except (SafetensorError, RuntimeError) as e:  # a damaged weights file, or another failure
+    except (SafetensorError, RuntimeError, EOFError) as e:  # a damaged weights file, or another failure
         if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):  # not the file's bytes
             raise
-        what = (f"model.safetensors: the file is corrupt or truncated ({_first_line(e)})" if isinstance(e, SafetensorError)
-                else ".bin weights: the file is corrupt or truncated (an incomplete zip archive)")
+        what = (f".safetensors weights: a file is corrupt or truncated ({_first_line(e)})" if isinstance(e, SafetensorError)
+                else ".bin weights: the file is empty, corrupt or truncated")
         raise W2VCacheError(f"{name!r}: cannot read its {what}; download or copy it again") from None
     finally:
         logger.removeFilter(hold)

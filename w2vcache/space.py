@@ -102,7 +102,8 @@ def check_writable(store: str) -> None:
     folder = unwritable_folder(store)
     if folder:
         raise W2VCacheError(f"store {store}: cannot write in {folder} (a read-only file system, or no "
-                            "permission); choose another --store")
+                            "permission), where extraction keeps its locks and features; choose another --store "
+                            "(a finished store there is read as it is: info, probe)")
 
 
 def _bytes_under(root: Path) -> int:

@@ -358,7 +358,8 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
     # The checkpoint keeps the best dev rate as the fraction compared here, under "dev_wer" or
     # "dev_cer"; metrics.jsonl and result.json give it in percent.
     selected = f"dev_{config.select_by}"
-    first_epoch, best = 0, {"epoch": None, selected: math.inf}
+    tie_break = "dev_cer" if config.select_by == "wer" else "dev_wer"  # what decides between equal rates
+    first_epoch, best = 0, {"epoch": None, selected: math.inf, tie_break: math.inf}
     if (run_dir / CHECKPOINT).exists():
         state = load_checkpoint(run_dir / CHECKPOINT)
         model.load_state_dict(state["model"])
@@ -370,6 +371,10 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
             for index, rng in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(rng, index)
         first_epoch, best = state["epoch"], state["best"]
+        if tie_break not in best and best["epoch"] is not None:  # a checkpoint from before ties were broken
+            line = next((m for m in _read_metrics(run_dir, first_epoch) if m["epoch"] == best["epoch"]), {})
+            value = line.get(f"{tie_break}_percent")
+            best[tie_break] = value / 100 if isinstance(value, (int, float)) else math.inf
         if progress and writer and first_epoch < config.epochs:
             tqdm.write(f"resuming {run_dir} after epoch {first_epoch} of {config.epochs} (its checkpoint)")
     if writer:  # drop lines of an epoch whose checkpoint a kill prevented
@@ -452,10 +457,9 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
                        f"dev WER {dev.wer_percent:.2f} %, CER {dev.cer_percent:.2f} % ({entry['seconds']:.1f} s)")
         check_still_held(run_dir, together=distributed)
         # Ties (a WER stuck at 100 % early on) go to the other rate, then to the earlier epoch.
-        other = "cer" if config.select_by == "wer" else "wer"
-        rate, tie_break = getattr(dev, config.select_by), getattr(dev, other)
-        if best["epoch"] is None or (rate, tie_break) < (best[selected], best.get(f"dev_{other}", math.inf)):
-            best = {"epoch": epoch + 1, selected: rate, f"dev_{other}": tie_break}
+        rates = (getattr(dev, selected.removeprefix("dev_")), getattr(dev, tie_break.removeprefix("dev_")))
+        if best["epoch"] is None or rates < (best[selected], best[tie_break]):
+            best = {"epoch": epoch + 1, selected: rates[0], tie_break: rates[1]}
             if writer:
                 _save(model.state_dict(), run_dir / BEST)
         if writer:
