@@ -423,17 +423,55 @@ def test_hub_id_offline_fails_fast_and_clearly(monkeypatch, tmp_path):
     assert "network" in str(error.value) and "download" in str(error.value)
 
 
-def test_hub_id_from_cache_records_commit(monkeypatch, tmp_path):
-    import huggingface_hub.constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "models--someone--tiny-w2v"
+def cached_hub_model(cache, name="someone/tiny-w2v", commit="0123456789abcdef0123456789abcdef01234567"):
+    """builtin:tiny saved in a Hugging Face cache folder as if downloaded from the Hub as `name`."""
+    repo = cache / ("models--" + name.replace("/", "--"))
     snapshot_dir = repo / "snapshots" / commit
     bb = load_backbone("builtin:tiny")
     bb.model.save_pretrained(snapshot_dir)
     (snapshot_dir / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    return bb, commit
+
+
+def test_an_unreachable_hub_is_found_in_seconds_and_the_cache_used(monkeypatch, tmp_path):
+    """Not in offline mode, but no way to the Hub (no name resolution): one quick look, then the
+    cache alone, instead of half a minute of retries per file."""
+    import huggingface_hub.constants
+
+    from w2vcache import checkpoints
+
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    attempts = []
+
+    def no_name(*args, **kwargs):
+        attempts.append(args[:2])
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for what in ("getaddrinfo", "create_connection"):
+        monkeypatch.setattr(socket, what, no_name)
+    monkeypatch.setattr(socket.socket, "connect", no_name)
+    bb, commit = cached_hub_model(tmp_path)
+    hub = load_backbone("someone/tiny-w2v")
+    assert (hub.revision, hub.normalize, hub.weight_hash()) == (commit, False, bb.weight_hash())
+    assert len(attempts) == 1  # the look itself; nothing retried
+    with pytest.raises(W2VCacheError, match=r"the Hub cannot be reached from here \(huggingface.co: Name or service "
+                       r"not known\) and the model is not in the cache.*download"):
+        load_backbone("someone/not-downloaded")
+    assert len(attempts) == 2
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the libraries go through it: no look
+    assert checkpoints._hub_unreachable() is None and len(attempts) == 2
+
+
+def test_hub_id_from_cache_records_commit(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    bb, commit = cached_hub_model(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))

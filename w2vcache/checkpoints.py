@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import re
+import socket
 import sys
 from pathlib import Path
 from typing import Callable
@@ -285,23 +286,52 @@ def _load_encoder_weights(model: nn.Module, best: str, base_name: str) -> None:
 
 
 def _load_hub(name: str, revision: str | None) -> tuple[nn.Module, str | None, bool | None]:
+    # Without a way to the Hub, huggingface_hub retries each request for half a minute before
+    # transformers falls back on the cache or gives up: look once, quickly, and go to the cache.
+    unreachable = _hub_unreachable()
+    local = {"local_files_only": True} if unreachable else {}
     try:
-        config = _read_config(name, revision=revision)
+        config = _read_config(name, revision=revision, **local)
         _check_architecture(config, name)
-        model, info = _from_pretrained(name, config, revision=revision)
+        model, info = _from_pretrained(name, config, revision=revision, **local)
     except W2VCacheError:
         raise
     except (OSError, ValueError, _ConfigValidationError) as e:  # offline, not cached, no such repo/revision
         at = f" at revision {revision!r}" if revision else ""
+        why = f"the Hub cannot be reached from here ({unreachable}) and the model is not in the cache" if unreachable \
+            else _first_line(e)
         raise W2VCacheError(
-            f"could not load model {name!r}{at} from the Hugging Face Hub ({_first_line(e)}). "
+            f"could not load model {name!r}{at} from the Hugging Face Hub ({why}). "
             "This machine may have no network access. Download the model where there is network, e.g. "
             f"`hf download {name}` (older: `huggingface-cli download {name}`; then set HF_HUB_OFFLINE=1 here), "
             f"or save it with `AutoModel.from_pretrained('{name}').save_pretrained('DIR')`, "
             "and pass the directory as the model."
         ) from None
     _check_loaded(info, name)
-    return model, _hub_commit(name, revision), _read_do_normalize(name, revision=revision)
+    return model, _hub_commit(name, revision), _read_do_normalize(name, revision=revision, **local)
+
+
+HUB_TIMEOUT = 5.0  # seconds to wait for a connection to the Hub before using the cache alone
+
+
+def _hub_unreachable() -> str | None:
+    """Why no connection to the Hub opens from here (no name resolution, refused, timed out), or
+    None when one does, when offline mode (HF_HUB_OFFLINE) already keeps the libraries off it, or
+    when a proxy is set (the libraries go through it; a direct connection says nothing)."""
+    from urllib.parse import urlparse
+    from urllib.request import getproxies
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or getproxies():
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_TIMEOUT).close()
+    except OSError as e:
+        return f"{endpoint.hostname}: {e.strerror or e}"
+    return None
 
 
 def _read_config(name: str, **kwargs) -> PretrainedConfig:
@@ -421,7 +451,7 @@ def _check_loaded(info: dict, where: str) -> None:
         )
 
 
-def _read_do_normalize(name: str, revision: str | None = None) -> bool | None:
+def _read_do_normalize(name: str, revision: str | None = None, local_files_only: bool = False) -> bool | None:
     """`do_normalize` from preprocessor_config.json, or None when the checkpoint has no such file."""
     if os.path.isdir(name):
         path = os.path.join(name, "preprocessor_config.json")
@@ -434,6 +464,7 @@ def _read_do_normalize(name: str, revision: str | None = None) -> bool | None:
             name,
             "preprocessor_config.json",
             revision=revision,
+            local_files_only=local_files_only,
             _raise_exceptions_for_missing_entries=False,
             _raise_exceptions_for_connection_errors=False,
         )
