@@ -770,6 +770,7 @@ def test_one_dev_utterance_is_shown_as_each_experiment_decodes_it(tmp_path):
         ("probe", 4, 1): {"a": (2, 0, "hello world"), "b": (5, 0, "the cat sat on it"), "c": (9, 0, "y")},
         ("probe", 8, 1): {"b": (5, 1, "the cat sat in it"), "c": (9, 0, "z")},
         ("finetune", (), 0): {"b": (5, 0, "the cat sat on it"), "c": (9, 9, "")},
+        ("probe", 12, 0): {"b": (5, 5, "e" * 500), "c": (9, 9, "e")},  # a symbol at every frame
     }
     references = {"a": "hello world", "b": "The cat sat on it.", "c": "nine words of reference text go here now ok"}
     for (kind, what, seed), rows in decoded.items():
@@ -784,9 +785,11 @@ def test_one_dev_utterance_is_shown_as_each_experiment_decodes_it(tmp_path):
     assert markdown_tables(text)["One dev utterance, decoded"] == {
         "BiLSTM 4": {"word edits": "2", "decoded": "the cat sat on"},  # seed 0, the lowest
         "BiLSTM 8": {"word edits": "1", "decoded": "the cat sat in it"},
+        "BiLSTM 12": {"word edits": "5", "decoded": "e" * 74 + " ... (500 characters)"},  # 3x the reference, + 20
         "re-init none": {"word edits": "0", "decoded": "the cat sat on it"}}
     example = json.loads(written["json"].read_text())["decoded_example"]
-    assert (example["split"], example["id"]) == ("dev", "b") and [d["seed"] for d in example["decoded"]] == [0, 1, 0]
+    assert (example["split"], example["id"]) == ("dev", "b") and [d["seed"] for d in example["decoded"]] == [0, 1, 0, 0]
+    assert example["decoded"][2]["hypothesis"] == "e" * 500
 
 
 def test_runs_that_chose_their_best_epoch_on_different_splits_are_pointed_out(tmp_path):

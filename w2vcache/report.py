@@ -562,9 +562,16 @@ def _decoded_section(example: dict | None) -> list[str]:
            f"Utterance {example['id']} ({example['words']} words), as the lowest seed of each experiment decodes it "
            f"at its best epoch (every utterance: decoded/{example['split']}.tsv in each run).", "",
            f"reference: {example['reference']}", ""]
-    lines = [[d["label"], str(d["word_edits"]), d["hypothesis"].replace("|", "\\|") or "(nothing)"]
-             for d in example["decoded"]]
+    lines = [[d["label"], str(d["word_edits"]), _shortened(d["hypothesis"], 3 * len(example["reference"]) + 20)
+              .replace("|", "\\|") or "(nothing)"] for d in example["decoded"]]
     return out + _markdown_table(["", "word edits", "decoded"], ["---", "---:", "---"], lines)
+
+
+def _shortened(text: str, limit: int) -> str:
+    """At most `limit` characters: a model that has learnt nothing may emit a symbol at every frame
+    (thousands for a few seconds of a high frame rate), which would swamp the table. The whole
+    hypothesis stays in the run's decoded TSV and in report.json."""
+    return text if len(text) <= limit else f"{text[:limit]} ... ({len(text)} characters)"
 
 
 def _weights_table(rows: list[Row]) -> list[str]:
