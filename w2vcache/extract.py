@@ -369,7 +369,8 @@ def _same_shape_runs(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 def _peaks(stacked: torch.Tensor) -> torch.Tensor:
-    """_peak of each of the stacked tensors (along the first dimension), in one pass."""
+    """_peak of each of the stacked tensors (along the first dimension), in one pass: for a GPU.
+    A CPU reduces along a dimension 15x slower than over a whole tensor (_peak's)."""
     flat = stacked.detach().reshape(len(stacked), -1)
     try:
         lo, hi = torch.aminmax(flat, dim=1)
