@@ -48,6 +48,8 @@ def test_a_ctc_checkpoint_loads_with_one_line_about_its_head(tmp_path, capfd, ca
     assert load_reports(caplog) == [] and "UNEXPECTED" not in out + err
     assert lines_of(out + err, "lm_head") == [f"{tmp_path}: a CTC checkpoint; its CTC head (lm_head.*) is not "
                                               f"used, only its encoder"]
+    load_backbone(str(tmp_path))  # as a fine-tuning sweep does for each run: said once is enough
+    assert lines_of("".join(capfd.readouterr()), "lm_head") == []
 
 
 def test_a_pre_training_checkpoint_loads_with_one_line_about_its_heads(tmp_path, capfd, caplog):

@@ -219,7 +219,7 @@ def _load_run(path: str, device, normalize: bool | None) -> Backbone:
     if not isinstance(base, dict) or not base.get("name"):
         raise W2VCacheError(f"fine-tuning run {path!r}: its {CONFIG} does not name the model it fine-tuned")
     if run.status != "finished":  # still usable, but best.pt may yet change
-        print(f"{path}: the run is {run.status}; its {BEST} holds its best epoch so far", file=sys.stderr)
+        _say_once(f"{path}: the run is {run.status}; its {BEST} holds its best epoch so far")
     try:
         backbone = load_backbone(base["name"], device=device, revision=base.get("revision"), normalize=normalize)
     except W2VCacheError as e:
@@ -228,8 +228,8 @@ def _load_run(path: str, device, normalize: bool | None) -> Backbone:
     best_epoch = run.best_epoch if run.status == "finished" else _best_so_far(path, run)
     frozen = (run.config.get("model") or {}).get("freeze_epochs")
     if isinstance(best_epoch, int) and isinstance(frozen, int) and best_epoch <= frozen:
-        print(f"note: {path}: its best epoch ({best_epoch}) trained the CTC head alone (the encoder was frozen "
-              f"for {frozen}): its encoder is the model it started from", file=sys.stderr)
+        _say_once(f"note: {path}: its best epoch ({best_epoch}) trained the CTC head alone (the encoder was "
+                  f"frozen for {frozen}): its encoder is the model it started from")
     # Fine-tuning trained on what this base's normalisation gave it, so that (or the caller's) stays.
     return Backbone(
         model=backbone.model,
@@ -400,7 +400,7 @@ def _from_pretrained(name: str, config: PretrainedConfig, **kwargs) -> tuple[nn.
                 logger.handle(record)
     if head_only:
         line, prefixes = head_only
-        print(f"{name}: " + line.format(", ".join(p + "*" for p in prefixes)), file=sys.stderr)
+        _say_once(f"{name}: " + line.format(", ".join(p + "*" for p in prefixes)))
     return model, info
 
 
@@ -488,6 +488,17 @@ def _hub_commit(name: str, revision: str | None) -> str | None:
     except OSError:
         return revision
     return extract_commit_hash(path, None) or revision
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    """A note about a model on stderr, once per process: a fine-tuning sweep loads its model for
+    every run, and the note would come again each time."""
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, file=sys.stderr)
 
 
 def _first_line(error: BaseException) -> str:
