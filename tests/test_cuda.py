@@ -1,5 +1,6 @@
-"""The GPU's own paths (waves staged in pinned memory, layers copied back without blocking, peaks
-checked on the device), against the CPU's forward: skipped where there is no CUDA GPU."""
+"""The GPU's own paths (waves staged in pinned memory, the group-norm CNN batched, layers copied
+back without blocking), against the CPU's forward: skipped where there is no CUDA GPU. The
+device's overflow check runs in test_extract's float16 overflow test, on both devices."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,6 @@ from w2vcache.audio import load_audio
 from w2vcache.backbone import forward_layers
 from w2vcache.checkpoints import load_backbone
 from w2vcache.corpus import build_corpus
-from w2vcache.errors import W2VCacheError
 from w2vcache.extract import ExtractConfig, extract
 from w2vcache.store import open_store
 
@@ -44,17 +44,3 @@ def test_a_batch_mixing_host_and_device_waves_keeps_its_order():
         torch.testing.assert_close(g, w)
     assert frames == [backbone.num_frames(len(w)) for w in waves]
 
-
-@pytest.mark.parametrize("aminmax", ["torch's", "missing"])
-def test_float16_overflow_on_a_gpu_is_named_as_such(tmp_path, monkeypatch, aminmax):
-    """The device's peaks (stacked layers, one pass) name the layer that leaves float16's range."""
-    if aminmax == "missing":
-        def refuse(*args, **kwargs):
-            raise RuntimeError('"aminmax_cuda" not implemented for \'Float\'')
-        monkeypatch.setattr(torch, "aminmax", refuse)
-    backbone = load_backbone("builtin:tiny", device="cuda")
-    with torch.no_grad():
-        backbone.model.feature_extractor.conv_layers[-1].conv.weight.mul_(1e6)  # CNN outputs far beyond 65504
-    with pytest.raises(W2VCacheError, match=r"cnn features reach .* beyond float16's range .* --dtype float32"):
-        extract(build_corpus(splits=["dev=dev-clean"]), ExtractConfig(store=str(tmp_path / "s.zarr"), include_cnn=True,
-                                                                   device="cuda"), progress=False, backbone=backbone)

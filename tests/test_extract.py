@@ -319,18 +319,20 @@ def test_bad_audio_stops_with_its_path_or_is_skipped(tmp_path):
     assert [u.id for u in open_store(store).utterances("dev")] == [p.stem for p in good]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (there, the layers' peaks are taken stacked)"))])
 @pytest.mark.parametrize("aminmax", ["torch's", "missing"])
-def test_float16_overflow_is_named_as_such(tmp_path, monkeypatch, aminmax):
+def test_float16_overflow_is_named_as_such(tmp_path, monkeypatch, aminmax, device):
     if aminmax == "missing":  # a torch without aminmax for the dtype: the peaks are taken another way
         def refuse(*args, **kwargs):
             raise RuntimeError('"aminmax_cpu" not implemented for \'Half\'')
         monkeypatch.setattr(torch, "aminmax", refuse)
-    backbone = load_backbone("builtin:tiny")
+    backbone = load_backbone("builtin:tiny", device=device)
     with torch.no_grad():
         backbone.model.feature_extractor.conv_layers[-1].conv.weight.mul_(1e6)  # CNN outputs far beyond 65504
     with pytest.raises(W2VCacheError, match=r"cnn features reach .* beyond float16's range .* --dtype float32"):
-        extract(small_corpus(), ExtractConfig(store=str(tmp_path / "s.zarr"), include_cnn=True), progress=False,
-                backbone=backbone)
+        extract(small_corpus(), ExtractConfig(store=str(tmp_path / "s.zarr"), include_cnn=True, device=device),
+                progress=False, backbone=backbone)
 
 
 def test_torchrun_variables_must_be_integers(monkeypatch):
