@@ -21,7 +21,8 @@ GFLOP/s: the floor of cached / on-the-fly for a probe that costs what it costs.
 
 --data-wait instead measures where a fast probe waits for its data: a linear probe and a small
 BiLSTM (1x128), each trained by the training loop itself (`w2vcache probe`'s) with batches
-assembled in the loop (prefetch 0) and ahead by a thread (prefetch 2), over --epochs epochs after
+assembled in the loop (prefetch 0) and ahead by a thread (prefetch 2), and on a GPU also gathered
+there from the features copied once (resident, the default there), over --epochs epochs after
 a warm-up one; the share is the loop's own record (metrics.jsonl: data_wait_seconds, the time spent
 in next() on the epoch's batches, over train_seconds). The bundled train split holds 5 minutes of
 speech, so its batches are cut smaller (--batch-frames 2000 unless given) to make more than a
@@ -178,12 +179,17 @@ def data_wait(store_path: Path, layer: str, args) -> None:
     kinds = {"linear": dict(probe="linear"), "bilstm 1x128": dict(probe="bilstm", hidden=128, lstm_layers=1)}
     if args.device != "cpu":  # the paper's probe, too slow for a CPU's few epochs here, fast on a GPU
         kinds["bilstm 3x1024"] = dict(probe="bilstm", hidden=1024, lstm_layers=3)
+    # Batches padded on the host in the loop (prefetch 0) and ahead by a thread (2); on a GPU also
+    # gathered there from the features copied once (resident, its default where they fit).
+    paths = {"0": dict(prefetch=0, resident=False), "2": dict(prefetch=2, resident=False)}
+    if args.device != "cpu":
+        paths["resident"] = dict(resident=True)
     shares = {}
-    print(f"\n{'probe':<14} {'threads':>7} {'prefetch':>8} {'batches':>8} {'epoch s':>8} {'frames/s':>9} "
+    print(f"\n{'probe':<14} {'threads':>7} {'batches':>8} {'prefetch':>8} {'epoch s':>8} {'frames/s':>9} "
           f"{'data wait s':>11} {'share':>8} {'1st epoch':>10}")
     for name, options in kinds.items():
-        for prefetch in (0, 2):
-            config = ProbeConfig(batch_frames=args.batch_frames, prefetch=prefetch, **options)
+        for path, data_options in paths.items():
+            config = ProbeConfig(batch_frames=args.batch_frames, **data_options, **options)
             # dev is evaluated on the train split (forward passes over the same batches); as with a
             # real dev split, the next epoch's first batches are built meanwhile.
             train_config = TrainConfig(epochs=args.epochs + 1, dev_split="train", test_splits=())
@@ -196,15 +202,16 @@ def data_wait(store_path: Path, layer: str, args) -> None:
                                      if not line.startswith("note: --dev-split train")))
             first, epochs = metrics[0], metrics[1:]  # the first: warm-up (oneDNN, allocator, page cache)
             train_s, wait = sum(e["train_seconds"] for e in epochs), sum(e["data_wait_seconds"] for e in epochs)
-            shares[name, prefetch] = wait / train_s
+            shares[name, path] = wait / train_s
             batches = epochs[0]["updates"] - first["updates"]  # one update a batch (grad_accum 1)
             fps = sum(e["frames_per_second"] * e["train_seconds"] for e in epochs) / train_s
-            print(f"{name:<14} {first['threads']:>7} {prefetch:>8} {batches:>8} {train_s / len(epochs):>8.3f} "
+            print(f"{name:<14} {first['threads']:>7} {batches:>8} {path:>8} {train_s / len(epochs):>8.3f} "
                   f"{fps:>9.0f} {wait / len(epochs):>11.4f} {100 * wait / train_s:>7.2f} % "
                   f"{100 * first['data_wait_seconds'] / first['train_seconds']:>8.2f} %")
     for name in kinds:
-        print(f"{name}: data-wait share with prefetch / without: {shares[name, 2] / shares[name, 0]:.3f} "
-              f"({100 * shares[name, 0]:.2f} % -> {100 * shares[name, 2]:.2f} %; target < 2 %)")
+        print(f"{name}: data-wait share with prefetch / without: {shares[name, '2'] / shares[name, '0']:.3f} "
+              f"({100 * shares[name, '0']:.2f} % -> {100 * shares[name, '2']:.2f} %"
+              + (f", resident {100 * shares[name, 'resident']:.2f} %" if "resident" in paths else "") + "; target < 2 %)")
     if args.device != "cpu":
         lstm_kernels(store_path, layer, args)
 

@@ -191,3 +191,48 @@ def test_each_epoch_after_the_first_starts_with_batches_built_while_dev_was_eval
     assert len(trained) == epochs * per_epoch
     assert trained == [tuple(make.args[1]) for e in range(epochs) for make in probe_task.train_batches(e).makers]
     assert no_prefetch_thread_left()
+
+
+def resident_task(store, resident: bool, layer: str = "layer02", probe_kind: str = "bilstm") -> ProbeTask:
+    seed_everything(0)
+    config = ProbeConfig(**SMALL, probe=probe_kind, resident=resident)
+    return ProbeTask(open_store(store), layer, config, TrainConfig(seed=3))
+
+
+@pytest.mark.parametrize("layer", ["layer02", "weighted"])
+def test_batches_gathered_from_the_device_copy_equal_the_assembled_ones(bundled_store, layer):
+    """On a GPU the features are copied there once and each batch is gathered there (forced on
+    the CPU here, which is the same code on another device): the same values, padding included."""
+    assembled, gathered = resident_task(bundled_store, False, layer), resident_task(bundled_store, True, layer)
+    assert gathered.resident and not assembled.resident
+    for epoch in (0, 1):
+        expected, got = list(assembled.train_batches(epoch)), list(gathered.train_batches(epoch))
+        assert len(expected) == len(got) > 2
+        for a, b in zip(expected, got):
+            same_batch(a, b)
+            assert a.ids == b.ids and a.without_ctc_path == b.without_ctc_path
+    for split in ("dev", "test-clean"):
+        for a, b in zip(assembled.eval_batches(split), gathered.eval_batches(split), strict=True):
+            same_batch(a, b)
+    assert no_prefetch_thread_left(timeout=0)  # nothing is built ahead for a resident task
+
+
+def test_a_run_on_resident_features_equals_one_on_assembled_batches(bundled_store, tmp_path):
+    record = RunRecord(kind="probe", experiment="x", layer=2, reinit=[], seed=0, model={}, data={}, store="s",
+                       device="cpu", threads=1)
+    runs = {}
+    for resident in (False, True):
+        run = tmp_path / f"resident-{resident}"
+        train(resident_task(bundled_store, resident, probe_kind="linear"), TrainConfig(epochs=2, lr=2e-3, seed=3),
+              run, record, progress=False, num_threads=1)
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        runs[resident] = ([{k: m[k] for k in ("train_loss", "dev_wer_percent", "dev_cer_percent")} for m in metrics],
+                          torch.load(run / "best.pt"))
+    assert runs[False][0] == runs[True][0]
+    assert all(torch.equal(runs[False][1][k], runs[True][1][k]) for k in runs[False][1])
+
+
+def test_features_stay_on_the_host_on_a_cpu_or_when_streamed(bundled_store):
+    assert not resident_task(bundled_store, None).resident  # a CPU: nothing to copy anywhere
+    streamed = ProbeTask(open_store(bundled_store), "layer02", ProbeConfig(**SMALL), TrainConfig(), memory_budget=0)
+    assert not streamed.resident

@@ -7,7 +7,9 @@ a layer larger than the memory budget is read from the store batch by batch inst
 being a run of neighbouring utterances (the store keeps them sorted by length), so a read touches
 few chunks. A weighted probe reads every numbered layer, the budget covering them all.
 A thread assembles the next batches while the model steps (`ProbeConfig.prefetch`), so the loop
-never waits on the data path; the batches and their order are those of a loop without it.
+never waits on the data path; the batches and their order are those of a loop without it. On a
+GPU the features held in memory are copied there once instead (`ProbeConfig.resident`) and each
+batch is one gather on the device: a fast probe steps faster than a host thread pads batches.
 
 Kinds of probe:
 - "bilstm": the paper's, a bidirectional LSTM and a linear layer to the symbols.
@@ -57,6 +59,10 @@ class ProbeConfig:
     # Batches assembled ahead by a thread while the model steps; 0: in the loop. The batches, their
     # order and so every metric are the same either way, so it is not part of the run's record.
     prefetch: int = 2
+    # The features copied to the device once, each batch gathered there (no host work per batch,
+    # nothing to prefetch); None: on a GPU, where the splits are in memory and fit a quarter of its
+    # free memory. The same batches again, so not recorded either.
+    resident: bool | None = None
 
     def __post_init__(self):
         if self.probe not in PROBES:
@@ -254,6 +260,23 @@ class SplitFeatures:
             if not status.complete:
                 raise W2VCacheError(store.incomplete_message(split))
 
+    def on_device(self, device: torch.device) -> torch.Tensor:
+        """The layers in memory, copied once to `device`: (layers, frames + 1, dim), as stored, the
+        last frame zeros (what padding gathers). Kept for the next run on the same features."""
+        if getattr(self, "_device_frames", None) is None or self._device_frames.device != device:
+            self._device_frames = None  # a copy on another device is released before this one is made
+            n, dim = self.frames[self.layer].shape
+            flat = torch.empty((len(self.layers), n + 1, dim), dtype=_torch_dtype(self.frames[self.layer].dtype),
+                               device=device)
+            for i, layer in enumerate(self.layers):
+                flat[i, :n] = torch.from_numpy(self.frames[layer])
+            flat[:, n] = 0
+            self._device_frames = flat
+        return self._device_frames
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.frames.values()) if self.in_memory else 0
+
     def get(self, indices: list[int], layer: str | None = None) -> list[np.ndarray]:
         """The utterances' frames of `layer` (the first layer where None), as stored."""
         layer = layer or self.layer
@@ -298,6 +321,13 @@ class ProbeTask:
         self.splits = {split: features(split) for split in (train_split, train_config.dev_split, *train_config.test_splits)}
         self.train_split = train_split
         self.batches = {name: batches_by_length(s.lengths, config.batch_frames) for name, s in self.splits.items()}
+        # A fast probe on a GPU steps faster than a host thread pads its batches (a linear probe
+        # waited 10 % of its epoch on an H100 with prefetch): on the device, a batch is one gather.
+        self.resident = config.resident
+        if self.resident is None:
+            self.resident = all(s.in_memory for s in self.splits.values()) and _fits_on_device(
+                self.device, sum(s.nbytes() for s in self.splits.values()))
+        self._skeletons: dict[tuple[str, tuple[int, ...]], tuple[Batch, torch.Tensor]] = {}
         dim = store.layers[self.layers[0]]
         model = Probe(dim, config) if config.probe == "bilstm" else LinearProbe(dim)
         if self.weighted:
@@ -309,7 +339,46 @@ class ProbeTask:
 
     def _batch(self, split: str, indices: list[int]) -> Batch:
         """One batch, assembled and on the device."""
+        if self.resident:
+            return self._gather(split, self._skeleton(split, indices))
         return self._to_device(self._assemble(split, indices))
+
+    def _skeleton(self, split: str, indices: list[int]) -> tuple[Batch, torch.Tensor]:
+        """A resident batch's all but its features, and where on the device its frames are: made
+        once, as the batches are the same in every epoch (only their order changes)."""
+        key = (split, tuple(indices))
+        if key not in self._skeletons:
+            source = self.splits[split]
+            lengths = source.lengths[indices]
+            starts = np.array([source.offsets[source.positions[i]] for i in indices], dtype=np.int64)
+            steps = np.arange(int(lengths.max()), dtype=np.int64)
+            # Frame t of utterance b, or the zero frame after the last one where b has ended.
+            where = np.where(steps < lengths[:, None], starts[:, None] + steps, source.frames[source.layer].shape[0])
+            self._skeletons[key] = (self._labels(split, indices), torch.from_numpy(where).to(self.device))
+        return self._skeletons[key]
+
+    def _gather(self, split: str, skeleton: tuple[Batch, torch.Tensor]) -> Batch:
+        """In the loop's thread: the batch's frames gathered from the device's copy, zeros as padding
+        (the values of _assemble's, exactly), then float32."""
+        batch, where = skeleton
+        flat = self.splits[split].on_device(self.device)
+        features = flat.index_select(1, where.view(-1)).view(flat.shape[0], *where.shape, flat.shape[2])
+        return replace(batch, features=(features if self.weighted else features[0]).float())
+
+    def _labels(self, split: str, indices: list[int]) -> Batch:
+        """A batch without its features (an empty tensor in their place): lengths, targets, texts."""
+        source = self.splits[split]
+        encoded = [text.encode(source.texts[i]) for i in indices]
+        lengths = [int(source.lengths[i]) for i in indices]
+        return Batch(
+            features=torch.empty(0),
+            lengths=torch.tensor(lengths),
+            targets=torch.tensor([i for e in encoded for i in e.ids], dtype=torch.long),
+            target_lengths=torch.tensor([len(e.ids) for e in encoded]),
+            references=[source.texts[i] for i in indices],
+            without_ctc_path=sum(text.ctc_frames_needed(e.ids) > n for e, n in zip(encoded, lengths)),
+            ids=tuple(source.ids[i] for i in indices),
+        )
 
     def _assemble(self, split: str, indices: list[int]) -> Batch:
         """One batch on the host, as the prefetching thread builds it: padded in numpy (whose copies
@@ -326,20 +395,11 @@ class ProbeTask:
         # Padded straight into the batch's buffer, pinned for a GPU (so that the copy to the device
         # does not block): no second copy of the batch.
         dtype = feats[0].dtype if cuda else np.float32
-        features = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=cuda)
+        features = torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=cuda)
         x = features.numpy()  # filled by numpy, whose copies use none of torch's threads
         for i, layer_feats in enumerate(per_layer):
             _pad(layer_feats, x[i] if self.weighted else x)
-        encoded = [text.encode(source.texts[i]) for i in indices]
-        return Batch(
-            features=features,
-            lengths=torch.tensor([len(f) for f in feats]),
-            targets=torch.tensor([i for e in encoded for i in e.ids], dtype=torch.long),
-            target_lengths=torch.tensor([len(e.ids) for e in encoded]),
-            references=[source.texts[i] for i in indices],
-            without_ctc_path=sum(text.ctc_frames_needed(e.ids) > len(f) for e, f in zip(encoded, feats)),
-            ids=tuple(source.ids[i] for i in indices),
-        )
+        return replace(self._labels(split, indices), features=features)
 
     def _to_device(self, batch: Batch) -> Batch:
         """In the loop's thread: the copy is queued on its CUDA stream, ahead of the step's kernels."""
@@ -349,6 +409,9 @@ class ProbeTask:
         return replace(batch, features=features)
 
     def _batches(self, split: str, order: list[list[int]]) -> "_Lazy":
+        if self.resident:  # nothing left to build ahead: each batch's gather is queued by the loop
+            makers = [functools.partial(self._skeleton, split, indices) for indices in order]
+            return _Lazy(makers, 0, functools.partial(self._gather, split))
         makers = [functools.partial(self._assemble, split, indices) for indices in order]
         return _Lazy(makers, self.config.prefetch, self._to_device)
 
@@ -377,6 +440,16 @@ class ProbeTask:
     def decode(self, batch: Batch) -> tuple[list[str], list[str]]:
         log_probs = self.model(batch.features, batch.lengths)
         return batch.references, text.greedy_decode(log_probs.cpu(), batch.lengths)
+
+
+def _fits_on_device(device: torch.device, nbytes: int) -> bool:
+    """A GPU's copy of the features may take a quarter of its free memory: the rest is the
+    model's, and that of other probes sharing the GPU (`--shard`)."""
+    return device.type == "cuda" and 0 < nbytes <= torch.cuda.mem_get_info(device)[0] // 4
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
 def _padded_shape(feats: list[np.ndarray]) -> tuple[int, int, int]:
