@@ -169,24 +169,8 @@ def forward_layers(
     shares the batch.
     """
     model = backbone.model
-    if len(waves) == 0:
-        raise ValueError("forward_layers needs at least one wave")
-    param = next(model.parameters())
-    tensors = _to_device([_as_wave(w, i) for i, w in enumerate(waves)], param.device, param.dtype)
-    lengths = [backbone.num_frames(t.shape[0]) for t in tensors]
-    for i, (t, n) in enumerate(zip(tensors, lengths)):
-        if n < 1:
-            raise W2VCacheError(
-                f"utterance {i} has {t.shape[0]} samples ({1000 * t.shape[0] / SAMPLE_RATE:.1f} ms); "
-                f"{backbone.name} needs at least {backbone.receptive_field} samples "
-                f"({1000 * backbone.receptive_field / SAMPLE_RATE:.0f} ms) for one frame"
-            )
     with torch.inference_mode():
-        cnn = _masked_cnn_features(model, tensors, lengths, backbone.normalize) if _batches_exactly(model, param.device) else None
-        if cnn is None:
-            if backbone.normalize:
-                tensors = [normalize_wave(t) for t in tensors]
-            cnn = _cnn_features(model, tensors, lengths)  # (B, T_max, C)
+        cnn, lengths = cnn_features(backbone, waves)
         if model.config.model_type in BATCH_EXACT_MODEL_TYPES:
             layers = _encoder_layers(model, cnn, _frame_mask(lengths, cnn.device))
         else:
@@ -198,13 +182,28 @@ def forward_layers(
     return outputs, lengths
 
 
-def cnn_features(backbone: Backbone, waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """The CNN feature encoder's output for a batch of waves, as `encode` computes it (input
-    normalised, exact batching): (B, T_max, C), and each utterance's frame count."""
-    lengths = [backbone.num_frames(w.shape[0]) for w in waves]
+def cnn_features(backbone: Backbone, waves: Sequence[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The CNN feature encoder's output for a batch of waves (numpy or torch, anywhere), input
+    normalised, each utterance as alone: (B, T_max, C) on the model's device, and each utterance's
+    frame count. Extraction and fine-tuning both start here."""
+    if len(waves) == 0:
+        raise ValueError("a batch needs at least one wave")
+    model = backbone.model
+    param = next(model.parameters())
+    tensors = _to_device([_as_wave(w, i) for i, w in enumerate(waves)], param.device, param.dtype)
+    lengths = [backbone.num_frames(t.shape[0]) for t in tensors]
+    for i, (t, n) in enumerate(zip(tensors, lengths)):
+        if n < 1:
+            raise W2VCacheError(
+                f"utterance {i} has {t.shape[0]} samples ({1000 * t.shape[0] / SAMPLE_RATE:.1f} ms); "
+                f"{backbone.name} needs at least {backbone.receptive_field} samples "
+                f"({1000 * backbone.receptive_field / SAMPLE_RATE:.0f} ms) for one frame"
+            )
+    if _batches_exactly(model, param.device):
+        return _masked_cnn_features(model, tensors, lengths, backbone.normalize), lengths
     if backbone.normalize:
-        waves = [normalize_wave(w) for w in waves]
-    return _cnn_features(backbone.model, list(waves), lengths), lengths
+        tensors = [normalize_wave(t) for t in tensors]
+    return _cnn_features(model, tensors, lengths), lengths  # (B, T_max, C)
 
 
 def encode(
@@ -326,8 +325,8 @@ def _masked_cnn_features(model: nn.Module, waves: list[torch.Tensor], lengths: l
     first = model.feature_extractor.conv_layers[0]
     kernel, stride = first.conv.kernel_size[0], first.conv.stride[0]
     device = waves[0].device
-    samples = _ints_on([len(w) for w in waves], device)
-    frames = _ints_on([(len(w) - kernel) // stride + 1 for w in waves], device)
+    samples = ints_on([len(w) for w in waves], device)
+    frames = ints_on([(len(w) - kernel) // stride + 1 for w in waves], device)
     audio = nn.utils.rnn.pad_sequence(waves, batch_first=True)  # (B, S)
     if normalize:  # normalize_wave's float64 statistics, per utterance
         real = torch.arange(audio.shape[1], device=device)[None, :] < samples[:, None]
@@ -357,10 +356,10 @@ def _normalises_over_time(feature_extractor: nn.Module) -> bool:
 
 def _frame_mask(lengths: list[int], device) -> torch.Tensor:
     frames = torch.arange(max(lengths), device=device)
-    return frames[None, :] < _ints_on(lengths, torch.device(device))[:, None]
+    return frames[None, :] < ints_on(lengths, torch.device(device))[:, None]
 
 
-def _ints_on(values: list[int], device: torch.device) -> torch.Tensor:
+def ints_on(values: list[int], device: torch.device) -> torch.Tensor:
     """Host integers as a tensor on `device`; to a GPU from pinned memory, so that the copy waits
     for none of the device's queued work (a copy from pageable memory waits for all of it)."""
     cuda = device.type == "cuda"

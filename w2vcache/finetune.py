@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import text
 from .audio import SAMPLE_RATE, SHOWN_BAD, AudioError, BadAudioError, audio_info, check_corpus, load_audio
-from .backbone import Backbone, check_block_numbers, cnn_features, encode, reinit_layers, state_dict_hash
+from .backbone import Backbone, check_block_numbers, cnn_features, encode, ints_on, reinit_layers, state_dict_hash
 from .batching import length_batches
 from .checkpoints import load_backbone
 from .corpus import Corpus
@@ -71,14 +71,17 @@ class CNNCache:
         """`cnn_features` of the batch `key` names: kept ones, else computed (and kept if they fit)."""
         if key in self.held:
             cnn, lengths = self.held[key]
-            cnn = cnn.to(waves[0].device)
+            device = next(backbone.model.parameters()).device
+            cnn = cnn.to(device, non_blocking=cnn.is_pinned())
             if cnn.is_inference() and not torch.is_inference_mode_enabled():
                 cnn = cnn.clone()  # kept during an evaluation (the train split's, as dev): usable in training
             return cnn, lengths
         cnn, lengths = cnn_features(backbone, waves)
         size = cnn.numel() * cnn.element_size()
         if self.used + size <= self.budget:
-            self.held[key] = (cnn.detach().to("cpu"), lengths)
+            # From a GPU into pinned memory, so that bringing it back later waits for no queued work.
+            held = torch.empty(cnn.shape, dtype=cnn.dtype, pin_memory=cnn.is_cuda).copy_(cnn.detach())
+            self.held[key] = (held, lengths)
             self.used += size
         return cnn, lengths
 
@@ -116,7 +119,8 @@ class CTCModel(nn.Module):
             count = int(p * n / span + torch.rand(()).item())
             for start in torch.randint(0, n - span + 1, (count,)).tolist():
                 mask[b, start: start + span] = True
-        mask = mask.to(hidden.device)
+        cuda = hidden.is_cuda  # from pinned memory, the copy waits for none of the device's queued work
+        mask = (mask.pin_memory() if cuda else mask).to(hidden.device, non_blocking=cuda)
         return torch.where(mask[..., None], self.mask_vector.to(hidden.dtype), hidden)
 
     def forward(self, waves: list[torch.Tensor], key=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,22 +296,23 @@ class FinetuneTask:
 
     def loss(self, batch: AudioBatch) -> torch.Tensor:
         model = self.ddp if self.ddp is not None else self.model
-        waves = [torch.from_numpy(w).to(self.device) for w in batch.waves]
         encoded = [text.encode(t).ids for t in batch.texts]
         # While the backbone is frozen none of its parameters requires grad, so autograd records
-        # nothing through it and the frozen epochs cost a forward pass only.
+        # nothing through it and the frozen epochs cost a forward pass only. The waves go to the
+        # device in one copy (backbone.cnn_features), as do the targets: on a GPU nothing in the
+        # step waits for the device until the loss is read.
         with self._autocast():
-            log_probs, lengths = model(waves, batch.key)
-        targets = torch.tensor([i for ids in encoded for i in ids], dtype=torch.long)
+            log_probs, lengths = model(batch.waves, batch.key)
+        targets = ints_on([i for ids in encoded for i in ids], log_probs.device)
         per_utt = self.ctc(log_probs.transpose(0, 1), targets, lengths, torch.tensor([len(ids) for ids in encoded]))
-        per_utt = per_utt / torch.tensor([max(len(ids), 1) for ids in encoded], device=per_utt.device)
+        per_utt = per_utt / ints_on([max(len(ids), 1) for ids in encoded], per_utt.device)
         # Sum over this rank's utterances / global batch size, times world size: DDP averages the
         # gradients over ranks, which then equal those of the mean over the whole global batch.
         return per_utt.sum() * (batch.weight * self.world / batch.global_count)
 
     def decode(self, batch: AudioBatch) -> tuple[list[str], list[str]]:
         with self._autocast():
-            log_probs, lengths = self.model([torch.from_numpy(w).to(self.device) for w in batch.waves], batch.key)
+            log_probs, lengths = self.model(batch.waves, batch.key)
         return batch.texts, text.greedy_decode(log_probs.float().cpu(), lengths)
 
 
