@@ -74,3 +74,20 @@ def test_a_store_where_this_process_cannot_write_is_refused_before_any_work(tmp_
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith(f"Error: store {store}: cannot write in {folder} (a read-only file system"), result.output
     assert not store.exists()
+
+
+def test_a_complete_store_on_a_read_only_mount_is_named_complete_when_extracted_again(tmp_path, monkeypatch):
+    store = tmp_path / "s.zarr"
+    assert run_cli("extract", "--store", store, *SPLITS, "--layers", "0-1").exit_code == 0
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(store) and mode == os.W_OK
+                        else real_access(path, mode))
+    result = run_cli("extract", "--store", store, *SPLITS, "--layers", "0-1")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"cannot write in {store}" in result.output and "the store there is complete" in result.output, result.output
+    # One with a block left to write is refused as before, without the word
+    from w2vcache.store import open_store
+    opened = open_store(store)
+    monkeypatch.setattr(type(opened), "status", lambda self, split, refresh=False: type("S", (), {"complete": False})())
+    result = run_cli("extract", "--store", store, *SPLITS, "--layers", "0-1")
+    assert result.exit_code == 1 and "the store there is complete" not in result.output, result.output

@@ -613,7 +613,13 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
     unless `config.space_check` is off.
     """
     started = time.perf_counter()
-    check_writable(config.store)
+    try:
+        check_writable(config.store)
+    except W2VCacheError as error:
+        if _complete(config.store):  # a finished store on a read-only mount, extracted again by mistake
+            raise W2VCacheError(f"{error}; the store there is complete, every block written: "
+                                f"`w2vcache info {config.store}` shows what it holds") from None
+        raise
     prepared = _prepare(corpus, config, progress, backbone)
     if config.space_check:
         check_space(_size(prepared, config))
@@ -656,6 +662,15 @@ def extract(corpus: Corpus, config: ExtractConfig = ExtractConfig(), progress: b
     )
     _write_run_record(config, device, result)
     return result
+
+
+def _complete(store_url: str) -> bool:
+    """Whether a store is there with every block of every split written."""
+    try:
+        store = open_store(store_url)
+    except W2VCacheError:
+        return False
+    return bool(store.splits) and all(store.status(split).complete for split in store.splits)
 
 
 def _write_run_record(config: ExtractConfig, device: str, result: ExtractResult) -> None:
