@@ -392,7 +392,10 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
         # build a DataLoader's workers twice and take the batches begun for this epoch.
         with tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
                   leave=False) as bar:
-            loss_sum, loss_n, frames, data_wait, skipped, unreachable = 0.0, 0, 0, 0.0, 0, 0
+            loss_n, frames, data_wait, skipped, unreachable = 0, 0, 0.0, 0, 0
+            # Summed where the loss is, in float64 (what adding Python floats gives), and read once a
+            # second for the bar: on a GPU each read waits for every queued kernel.
+            loss_total, shown = None, 0.0
             optimizer.zero_grad(set_to_none=True)
             iterator, step = iter(batches), 0
             while True:
@@ -412,7 +415,8 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
                         del loss  # its graph would otherwise live on through the next forward
                     else:
                         (loss / group).backward()
-                        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+                        value = loss.detach().double()
+                        loss_total, loss_n = value if loss_total is None else loss_total + value, loss_n + 1
                 step += 1
                 if step % config.grad_accum == 0 or step == len(batches):
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
@@ -422,8 +426,11 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
                 frames += batch.frames
                 unreachable += getattr(batch, "without_ctc_path", 0)
                 elapsed = time.perf_counter() - epoch_started
-                bar.set_postfix(loss=f"{loss_sum / max(loss_n, 1):.3f}", fps=f"{frames / elapsed:.0f}", refresh=False)
+                if progress and elapsed - shown >= 1.0 and loss_total is not None:
+                    shown = elapsed
+                    bar.set_postfix(loss=f"{float(loss_total) / loss_n:.3f}", fps=f"{frames / elapsed:.0f}", refresh=False)
                 bar.update()
+        loss_sum = float(loss_total) if loss_total is not None else 0.0  # the epoch's queued work done
         train_seconds = time.perf_counter() - epoch_started
         if distributed:  # the run's figures, not rank 0's share of them (batches are skipped by all ranks at once)
             loss_sum, loss_n, frames, unreachable = _summed_over_ranks(model, loss_sum, loss_n, frames, unreachable)
