@@ -335,3 +335,39 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(comma
         result = CliRunner().invoke(main, [*base, "--device", device])
         assert result.exit_code == 1 and message in result.output, (device, result.output)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "s.zarr").exists()
+
+
+def test_jobs_train_each_run_once_as_alone_and_leave_another_commands_run_to_it(bundled_store, tmp_path, alone):
+    """`--jobs 2`: two processes take the runs between them; each run trained once, to the numbers
+    it gets alone; a run locked by another command is left to it and said once, by the command."""
+    held = tmp_path / "probe/layer01/seed1"
+    lock = try_lock(held, RUN_LOCK)  # this process plays the other command, still alive
+    try:
+        job = w2vcache("w2vcache", "probe", "--store", str(bundled_store), *TINY, "--jobs", "2", "--out", str(tmp_path))
+        output, _ = job.communicate(timeout=180)
+    finally:
+        lock.release()
+    assert job.returncode == 0, output
+    assert "this job: 3 run(s) trained, 0 already finished, 1 being trained by another job" in output
+    assert "held by another job: probe/layer01/seed1" in output and output.count("being trained by pid") == 0
+    for name in RUNS[:3]:
+        assert len((tmp_path / name / "metrics.jsonl").read_text().splitlines()) == 1, name
+        result = json.loads((tmp_path / name / "result.json").read_text())
+        assert {k: result[k] for k in COMPARED} == {k: alone[name][k] for k in COMPARED}, name
+        assert f"{name.split('/', 1)[1]}: epoch 1/1: loss" in output  # lines name their run
+    assert not (held / "result.json").exists()
+    again = w2vcache("w2vcache", "probe", "--store", str(bundled_store), *TINY, "--jobs", "2", "--out", str(tmp_path))
+    output, _ = again.communicate(timeout=180)
+    assert again.returncode == 0 and "1 run(s) trained, 3 already finished" in output, output
+    assert [r.name for r in find_runs(tmp_path) if r.status == "finished"] == RUNS
+
+
+def test_an_error_in_the_jobs_reaches_the_command_as_one_message(bundled_store, tmp_path):
+    run = tmp_path / "probe/layer00/seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{ not json")
+    (run / "checkpoint.pt").write_bytes(b"")
+    job = w2vcache("w2vcache", "probe", "--store", str(bundled_store), *TINY, "--jobs", "2", "--out", str(tmp_path))
+    output, _ = job.communicate(timeout=180)
+    assert job.returncode == 1 and "Traceback" not in output, output
+    assert output.count("Error: ") == 1 and "config.json" in output, output

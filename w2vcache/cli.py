@@ -41,6 +41,14 @@ def threads_option(command):
         "no other process keeps busy, looked at again every epoch or block]")(command)
 
 
+def jobs_option(command):
+    return click.option(
+        "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+        help="Runs trained at once, each by its own process on this machine, taking the next run no other "
+        "holds: a small model's run uses one core, and a GPU is not filled by one probe. Each run's "
+        "results are those it gets alone.")(command)
+
+
 def corpus_options(command):
     """The options that name a corpus; shared by every command that reads audio."""
     options = [
@@ -361,11 +369,12 @@ def training_options(command):
 @click.option("--shard", metavar="I/N",
               help="Train only this job's share of the (layer, seed) runs, e.g. one task of a Slurm array "
               "(torchrun ranks share the runs by themselves).")
+@jobs_option
 @threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 @user_errors
 def probe_command(store, layers, seeds, train_config, train_split, probe_kind, lstm_layers, hidden, dropout,
-                  layer_norm, batch_frames, memory_budget, prefetch, device, shard, threads, out):
+                  layer_norm, batch_frames, memory_budget, prefetch, device, shard, jobs, threads, out):
     """Train BiLSTM-CTC (or linear-CTC) probes on cached layers, or on their learnt weighted sum;
     finished runs are skipped, killed ones resume, and runs another job is training are left to it."""
     from .probe import ProbeConfig, probe
@@ -375,7 +384,7 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
         ProbeConfig(lstm_layers=lstm_layers, hidden=hidden, dropout=dropout, batch_frames=batch_frames,
                     probe=probe_kind, layer_norm=layer_norm, prefetch=prefetch),
         train_config, train_split=train_split, memory_budget=int(memory_budget * 2**30), device=device,
-        num_threads=threads, shard=shard,
+        num_threads=threads, shard=shard, jobs=jobs,
     )
     for line in result.summary(out, "probe"):
         click.echo(line)

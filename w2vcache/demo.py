@@ -21,6 +21,7 @@ from .probe import ProbeConfig, probe
 from .report import SIMILARITY_DIR, best_probe, find_similarities, summarize, write_report
 from .runs import find_runs, finetune_experiment, run_dir
 from .similarity import similarity
+from .threads import available_cores
 from .train import TrainConfig
 
 RANDOM_WEIGHTS_NOTE = (
@@ -56,6 +57,9 @@ class DemoConfig:
     finetune_batch_seconds: float = 8.0
     finetune_reinit: tuple[int, ...] = (4,)  # the built-in tiny model's top block
     seed: int = 0
+    # Probes trained at once (`probe --jobs`): a probe this small runs on one core; None: two
+    # where this process may use two cores or more.
+    jobs: int | None = None
 
 
 def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, num_threads: int | None = None) -> dict:
@@ -90,7 +94,7 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, n
                        ProbeConfig(hidden=config.probe_hidden, lstm_layers=config.probe_lstm_layers,
                                    batch_frames=config.probe_batch_frames, dropout=config.probe_dropout),
                        TrainConfig(epochs=config.probe_epochs, lr=config.probe_lr, **schedule),
-                       progress=progress, num_threads=num_threads))
+                       progress=progress, num_threads=num_threads, jobs=config.jobs or min(2, available_cores())))
     step(f"finetune: baseline and re-initialised block(s) {','.join(map(str, config.finetune_reinit))}",
          lambda: finetune(corpus, config.model, [(), config.finetune_reinit], [config.seed], runs,
                           FinetuneConfig(freeze_epochs=config.finetune_freeze_epochs,

@@ -37,7 +37,7 @@ from .batching import length_batches
 from .errors import W2VCacheError
 from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
 from .runs import LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, probe_experiment, run_dir
-from .spread import rank_device, share_of
+from .spread import in_job, in_processes, rank_device, share_of
 from .store import open_store, public_url
 from .train import TrainConfig, check_config, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
@@ -652,13 +652,16 @@ def choose_sources(spec, available: list[str]) -> list[str]:
 def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: ProbeConfig = ProbeConfig(),
           train_config: TrainConfig = TrainConfig(), train_split: str = "train",
           memory_budget: int = DEFAULT_MEMORY_BUDGET, device: str = "cpu", progress: bool = True,
-          num_threads: int | None = None, shard: str | None = None) -> SweepResult:
+          num_threads: int | None = None, shard: str | None = None, jobs: int = 1) -> SweepResult:
     """Train a probe on each (layer, seed); runs already finished are skipped, killed ones resume.
 
     `layers`: see choose_sources ("weighted" for the learnt weighted sum of every numbered layer).
     `num_threads`: torch's CPU threads; None chooses them (threads.py).
     `shard`: "I/N", this job's share of the runs (spread.py); under torchrun each rank takes its
-    share of that (or of all), on cuda:LOCAL_RANK with device "cuda". No process group is needed."""
+    share of that (or of all), on cuda:LOCAL_RANK with device "cuda". No process group is needed.
+    `jobs`: runs trained at once, by that many processes on this machine (spread.in_processes)."""
+    if jobs < 1:
+        raise W2VCacheError(f"--jobs {jobs}: needs 1 or more")
     share = share_of(shard)
     device = rank_device(device)
     store = open_store(store_url)
@@ -666,13 +669,16 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     chosen, seed_list = choose_sources(layers, list(store.layers)), parse_seeds(seeds)
     if config.layer_norm and WEIGHTED not in chosen:
         raise W2VCacheError("--layer-norm normalises the layers of a weighted sum: it goes with --layer weighted")
-    train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress else None)
+    train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress and not in_job() else None)
     check_splits(store.splits, train_split, train_config.dev_split, f"store {store_url}")
     check_config(train_config)
-    if progress:
+    if progress and not in_job():  # said once, by the command, not by each of its --jobs
         splits = dict.fromkeys((train_split, train_config.dev_split, *train_config.test_splits))
         for note in text.transcript_notes({s: [u.text for u in store.utterances(s)] for s in splits}):
             print(f"note: {note}", file=sys.stderr)
+    if jobs > 1:
+        return in_processes(functools.partial(probe, store_url, layers, seeds, out, config, train_config, train_split,
+                                              memory_budget, device, progress, num_threads, shard), jobs)
     # The features of the layer being probed, by split: its seeds' runs follow one another in the
     # sweep's order, so each layer is read (and its checksums checked) once, not once per seed.
     held: dict[tuple[str, str], SplitFeatures] = {}

@@ -8,12 +8,20 @@ shares overlap never train one run at once: the second skips it, saying who hold
 
 Where a process group *is* initialised (fine-tuning's DDP: every rank trains the same run), the
 ranks act as one: rank 0 alone looks at each run and locks it, and tells the others what to do.
+
+`--jobs N` (`in_processes`) trains N runs at once on one machine: N processes each walk the whole
+share and take the next run no other holds, so a fast one takes more, and a run is trained as it
+would be alone (each is seeded on its own), to the same numbers.
 """
 
 import contextlib
 import json
 import contextvars
+import multiprocessing
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import W2VCacheError
-from .runs import RESULT
+from .runs import RESULT, SweepResult
 from .store.locks import LOCK_DIR, SILENT_AFTER_S, Lock, held_by_another, try_lock
 
 RUN_LOCK = "run"  # RUNS/probe/layer08/seed0/.locks/run.lock while a process trains that run
@@ -97,11 +105,103 @@ def rank_device(device: str) -> str:
 
 
 def local_processes() -> int:
-    """torchrun's processes on this machine (LOCAL_WORLD_SIZE); 1 outside torchrun."""
+    """The processes of this command on this machine, which share its cores and memory:
+    torchrun's (LOCAL_WORLD_SIZE) times `--jobs`; 1 for a lone process."""
     try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
-        return 1
+        ranks = 1
+    return ranks * _jobs
+
+
+# In a process `in_processes` started: how many of them share this machine's runs (1: none).
+_jobs = 1
+
+
+def in_job() -> bool:
+    """Whether this process is one of `--jobs`: it trains runs beside sibling processes, so a run
+    another holds is not news, and progress is said in lines that name their run, not in bars."""
+    return _jobs > 1
+
+
+def in_processes(sweep, jobs: int) -> SweepResult:
+    """`sweep()` (a probe or fine-tuning sweep, picklable: a functools.partial) run by `jobs`
+    processes at once, each taking the next run none of the others holds; their results as one.
+
+    Processes, not threads: each run seeds torch's global generators and sets its thread count,
+    which threads would share. Spawned, not forked: a fork would copy zarr's and torch's threads'
+    locks mid-use. Ctrl-C reaches them all (one terminal); SIGTERM to this process is passed on,
+    so each releases its run's lock."""
+    context = multiprocessing.get_context("spawn")
+    outcomes = context.SimpleQueue()
+    started = time.perf_counter()
+    processes = [context.Process(target=_job, args=(jobs, sweep, outcomes), name=f"w2vcache-job{j}")
+                 for j in range(jobs)]
+    for process in processes:
+        process.start()
+    try:
+        with terminate_as_exit():
+            for process in processes:
+                process.join()
+    except SystemExit:
+        for process in processes:
+            process.terminate()
+            process.join()
+        raise
+    except KeyboardInterrupt:
+        for process in processes:
+            process.join()  # interrupted too: each releases its run on the way out
+        raise
+    results = []
+    while not outcomes.empty():
+        results.append(outcomes.get())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]  # the same refusal from each process is said once
+    if len(results) < jobs:
+        raise W2VCacheError(f"one of the --jobs {jobs} processes ended without finishing (killed, or out of "
+                            "memory?); what it was training resumes when the command is run again")
+    finished = {d for r in results for d in r.finished}
+    # A run one process found held or finished may be one its sibling trained meanwhile.
+    return SweepResult(finished=sorted(finished),
+                       skipped=sorted({d for r in results for d in r.skipped} - finished),
+                       held=sorted({d for r in results for d in r.held} - finished),
+                       seconds=time.perf_counter() - started, share=results[0].share, elsewhere=results[0].elsewhere)
+
+
+def _job(jobs: int, sweep, outcomes) -> None:
+    """One of in_processes' processes: its result, or what stopped it, handed back to the command."""
+    global _jobs
+    _jobs = jobs
+    try:
+        outcome = sweep()
+    except BaseException as error:  # SystemExit and Ctrl-C too: the command says it, once
+        outcome = error
+    try:
+        outcomes.put(outcome)
+    except Exception:  # an exception that cannot be pickled: its words
+        outcomes.put(RuntimeError(f"{type(outcome).__name__}: {outcome}"))
+
+
+@contextlib.contextmanager
+def terminate_as_exit():
+    """SIGTERM (a scheduler's time limit, scancel, preemption) ends a process without running its
+    `finally` blocks, which would leave a run's lock behind for jobs on other hosts to skip; raised
+    as SystemExit instead, the lock is released on the way out. A handler someone else installed
+    is left alone, as is a sweep run outside the main thread (signals go to the main thread)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
 
 
 def check_device(device: str) -> None:

@@ -14,9 +14,7 @@ import math
 import pickle
 import random
 import re
-import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -33,8 +31,8 @@ from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates, utterance_rows
 from .runs import (BEST, CHECKPOINT, CONFIG, DECODED, METRICS, RESULT, RunRecord, SweepResult, read_json,
                    read_metrics, upgrade_record)
-from .spread import (FINISHED, HELD, Share, check_still_held, claim_run, held_elsewhere, is_finished, still_held,
-                     training_under)
+from .spread import (FINISHED, HELD, Share, check_still_held, claim_run, held_elsewhere, in_job, is_finished,
+                     still_held, terminate_as_exit, training_under)
 
 _END = object()  # end of an epoch's batches
 
@@ -85,7 +83,7 @@ def check_splits(available, train_split: str, dev_split: str, what: str) -> None
         if split not in available:
             raise W2VCacheError(f"{option} {split}: {what} has no split {split!r}; it has "
                                 f"{', '.join(available)}: name one with {option}")
-    if dev_split == train_split:
+    if dev_split == train_split and not in_job():  # the command said it before starting its --jobs
         print(f"note: --dev-split {dev_split} is the training split: the best epoch is chosen on what it "
               "trained on", file=sys.stderr)
 
@@ -250,7 +248,7 @@ def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepRe
     (DDP); default, whether one is initialised."""
     together = dist.is_initialized() if together is None else together
     started, result = time.perf_counter(), SweepResult(share=share.describe())
-    with _terminate_as_exit():
+    with terminate_as_exit():
         _sweep(runs, share, together, result)
     result.seconds = time.perf_counter() - started
     return result
@@ -278,7 +276,7 @@ def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
             result.skipped.append(str(directory))
             continue
         if claim.state == HELD:
-            if not together or dist.get_rank() == 0:
+            if (not together or dist.get_rank() == 0) and not in_job():  # a sibling's: its own lines say so
                 print(claim.message, flush=True)
             result.held.append(str(directory))
             continue
@@ -288,26 +286,6 @@ def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
         finally:
             claim.release()  # a run that stopped, for whatever reason, is not held: the next job resumes it
         result.finished.append(str(directory))
-
-
-@contextlib.contextmanager
-def _terminate_as_exit():
-    """SIGTERM (a scheduler's time limit, scancel, preemption) ends a process without running its
-    `finally` blocks, which would leave a run's lock behind for jobs on other hosts to skip; raised
-    as SystemExit instead, the lock is released on the way out. A handler someone else installed
-    is left alone, as is a sweep run outside the main thread (signals go to the main thread)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def exit_(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, exit_)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def train(task: Task, config: TrainConfig, run_dir, run_record: RunRecord, progress: bool = True,
@@ -390,7 +368,7 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
         batches = upcoming if upcoming is not None else task.train_batches(epoch)
         # The bar only counts: tqdm.auto iterates what it wraps once more on its own, which would
         # build a DataLoader's workers twice and take the batches begun for this epoch.
-        with tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress,
+        with tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress or in_job(),
                   leave=False) as bar:
             loss_n, frames, data_wait, skipped, unreachable = 0, 0, 0.0, 0, 0
             # Summed where the loss is, in float64 (what adding Python floats gives), and read once a
@@ -457,10 +435,10 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
             "threads": epoch_threads,
         }
         if unreachable and writer and epoch == first_epoch:
-            tqdm.write(f"note: {unreachable} training utterance(s) have transcripts longer than their frames allow "
+            _say(run_dir, f"note: {unreachable} training utterance(s) have transcripts longer than their frames allow "
                        "(CTC has no path through them): they teach nothing (metrics.jsonl: utterances_without_ctc_path)")
         if progress and writer:
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
+            _say(run_dir, f"epoch {epoch + 1}/{config.epochs}: loss {entry['train_loss']:.3f}, "
                        f"dev WER {dev.wer_percent:.2f} %, CER {dev.cer_percent:.2f} % ({entry['seconds']:.1f} s)")
         check_still_held(run_dir, together=distributed)
         # Ties (a WER stuck at 100 % early on) go to the other rate, then to the earlier epoch.
@@ -505,6 +483,11 @@ def _train(task: Task, config: TrainConfig, run_dir: Path, run_record: RunRecord
     if distributed:
         dist.barrier()  # nobody moves on to the next run before this one's result exists
     return result
+
+
+def _say(run_dir: Path, line: str) -> None:
+    """A line of a run's progress; beside other --jobs' runs, it names its run."""
+    tqdm.write(f"{run_dir.parent.name}/{run_dir.name}: {line}" if in_job() else line)
 
 
 def _finite_everywhere(loss: torch.Tensor, distributed: bool) -> bool:
