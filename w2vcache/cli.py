@@ -45,7 +45,7 @@ def jobs_option(command):
     return click.option(
         "--jobs", type=click.IntRange(min=1), default=1, show_default=True,
         help="Runs trained at once, each by its own process on this machine, taking the next run no other "
-        "holds: a small model's run uses one core, and a GPU is not filled by one probe. Each run's "
+        "holds: a small model's run uses one core, and one probe does not fill a GPU. Each run's "
         "results are those it gets alone.")(command)
 
 
@@ -423,13 +423,14 @@ def probe_command(store, layers, seeds, train_config, train_split, probe_kind, l
 @click.option("--skip-bad", is_flag=True, help="Leave out unusable audio files and utterances without a "
               "transcript (listed, and recorded in each run's config.json) instead of stopping; every file is "
               "decoded first, so that one corrupt in its middle is left out too.")
+@jobs_option
 @threads_option
 @click.option("--out", default="runs", show_default=True, help="Runs directory.")
 @user_errors
 def finetune_command(model, librispeech, librilight, splits, reinits, seeds, train_config, train_split,
                      freeze_epochs, train_feature_encoder, mask_time_prob, mask_time_length, final_dropout,
                      batch_seconds, grad_accum, num_workers, precision, memory_budget, device, shard, revision,
-                     skip_bad, threads, out):
+                     skip_bad, jobs, threads, out):
     """Fine-tune W2V with a CTC head, top blocks re-initialised first (torchrun for several GPUs)."""
     from .finetune import FinetuneConfig, finetune, parse_reinit
     from .probe import parse_seeds
@@ -442,7 +443,7 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, tra
                        batch_seconds=batch_seconds, num_workers=num_workers, precision=precision),
         dataclasses.replace(train_config, grad_accum=grad_accum),
         train_split=train_split, device=device, revision=revision, num_threads=threads, shard=shard,
-        cnn_memory=int(memory_budget * 2**30), skip_bad=skip_bad,
+        cnn_memory=int(memory_budget * 2**30), skip_bad=skip_bad, jobs=jobs,
     )
     if shard is not None or int(os.environ.get("RANK", "0")) == 0:  # DDP ranks did one thing: say it once
         for line in result.summary(out, "finetune"):

@@ -57,8 +57,8 @@ class DemoConfig:
     finetune_batch_seconds: float = 8.0
     finetune_reinit: tuple[int, ...] = (4,)  # the built-in tiny model's top block
     seed: int = 0
-    # Probes trained at once (`probe --jobs`): a probe this small runs on one core; None: two
-    # where this process may use two cores or more.
+    # Runs trained at once (`probe --jobs`, `finetune --jobs`): runs this small use one core
+    # each; None: two where this process may use two cores or more.
     jobs: int | None = None
 
 
@@ -83,6 +83,8 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, n
     baseline = run_dir(runs, "finetune", finetune_experiment(()), config.seed)
     schedule = dict(warmup_epochs=1.0, seed=config.seed, select_by="cer")
 
+    jobs = config.jobs or min(2, available_cores())
+
     def extract_from(model, into):
         return extract(corpus, ExtractConfig(model=str(model), store=str(into), threads=num_threads),
                        progress=progress)
@@ -94,13 +96,13 @@ def demo(out="demo", config: DemoConfig = DemoConfig(), progress: bool = True, n
                        ProbeConfig(hidden=config.probe_hidden, lstm_layers=config.probe_lstm_layers,
                                    batch_frames=config.probe_batch_frames, dropout=config.probe_dropout),
                        TrainConfig(epochs=config.probe_epochs, lr=config.probe_lr, **schedule),
-                       progress=progress, num_threads=num_threads, jobs=config.jobs or min(2, available_cores())))
+                       progress=progress, num_threads=num_threads, jobs=jobs))
     step(f"finetune: baseline and re-initialised block(s) {','.join(map(str, config.finetune_reinit))}",
          lambda: finetune(corpus, config.model, [(), config.finetune_reinit], [config.seed], runs,
                           FinetuneConfig(freeze_epochs=config.finetune_freeze_epochs,
                                          batch_seconds=config.finetune_batch_seconds, num_workers=0),
                           TrainConfig(epochs=config.finetune_epochs, lr=config.finetune_lr, **schedule),
-                          progress=progress, num_threads=num_threads))
+                          progress=progress, num_threads=num_threads, jobs=jobs))
     step("extract: every layer of the fine-tuned baseline", lambda: extract_from(baseline, tuned_store))
     # Under RUNS/similarity/, where `w2vcache report` finds it; the fine-tuned layers are the rows.
     step("similarity: each fine-tuned layer against each pre-trained one (linear CKA, dev)",

@@ -29,7 +29,7 @@ from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
-from .spread import Share, local_processes, rank_device, share_of
+from .spread import Share, in_job, in_processes, local_processes, rank_device, share_of
 from .train import TrainConfig, check_config, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
 PRECISIONS = ("fp32", "bf16")
@@ -384,7 +384,7 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
              config: FinetuneConfig = FinetuneConfig(), train_config: TrainConfig = TrainConfig(),
              train_split: str = "train", device: str = "cpu", revision: str | None = None,
              progress: bool = True, num_threads: int | None = None, shard: str | None = None,
-             cnn_memory: int = DEFAULT_CNN_MEMORY, skip_bad: bool = False) -> SweepResult:
+             cnn_memory: int = DEFAULT_CNN_MEMORY, skip_bad: bool = False, jobs: int = 1) -> SweepResult:
     """Fine-tune `model` once per (re-init set, seed); finished runs are skipped, killed ones resume.
 
     `num_threads`: torch's CPU threads; None chooses them (threads.py).
@@ -396,7 +396,10 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     are the same either way.
     Under torchrun, without `shard`, the ranks train each run together (DDP). With `shard` ("I/N",
     this job's share of the runs; "0/1" for all), no process group is made: under torchrun each
-    rank takes its share of the job's runs alone, on cuda:LOCAL_RANK with device "cuda"."""
+    rank takes its share of the job's runs alone, on cuda:LOCAL_RANK with device "cuda".
+    `jobs`: runs trained at once, by that many processes on this machine (spread.in_processes)."""
+    if jobs < 1:
+        raise W2VCacheError(f"--jobs {jobs}: needs 1 or more")
     if config.precision not in PRECISIONS:
         raise W2VCacheError(f"--precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
     reinits = [tuple(blocks) for blocks in reinits]
@@ -413,21 +416,31 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     device = rank_device(device) if shard is not None else init_distributed(device)
     joins = joins and dist.is_initialized()  # the process group is this call's to end
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
-    train_config = test_splits_for(train_config, corpus.splits, "the corpus" if progress and main_rank else None)
+    if jobs > 1 and dist.is_initialized():
+        raise W2VCacheError(f"--jobs {jobs}: under torchrun without --shard the ranks train each run together "
+                            "(DDP); give --shard to spread the runs instead, or drop --jobs")
+    train_config = test_splits_for(train_config, corpus.splits,
+                                   "the corpus" if progress and main_rank and not in_job() else None)
     check_splits(corpus.splits, train_split, train_config.dev_split, "the corpus")
     check_config(train_config)
     # What a run would refuse half-way is refused before the first one: the model, each re-init
-    # set against its blocks, and every audio file trained or tested on.
-    checking = load_backbone(model, revision=revision)
-    for blocks in reinits:
-        check_block_numbers(blocks, checking.num_layers)
-    corpus = usable_corpus(corpus, (train_split, train_config.dev_split, *train_config.test_splits),
-                           checking.receptive_field, skip_bad, progress and main_rank,
-                           Path(out) / "finetune" / "bad-audio.tsv" if main_rank else None)
-    del checking
-    if progress and main_rank:
-        for note in text.transcript_notes({s: [u.text for u in utterances] for s, utterances in corpus.splits.items()}):
-            print(f"note: {note}", file=sys.stderr)
+    # set against its blocks, and every audio file trained or tested on. The command checks; its
+    # --jobs get the corpus checked.
+    if not in_job():
+        checking = load_backbone(model, revision=revision)
+        for blocks in reinits:
+            check_block_numbers(blocks, checking.num_layers)
+        corpus = usable_corpus(corpus, (train_split, train_config.dev_split, *train_config.test_splits),
+                               checking.receptive_field, skip_bad, progress and main_rank,
+                               Path(out) / "finetune" / "bad-audio.tsv" if main_rank else None)
+        del checking
+        if progress and main_rank:
+            for note in text.transcript_notes({s: [u.text for u in utterances] for s, utterances in corpus.splits.items()}):
+                print(f"note: {note}", file=sys.stderr)
+    if jobs > 1:
+        return in_processes(functools.partial(finetune, corpus, model, reinits, seeds, out, config, train_config,
+                                              train_split, device, revision, progress, num_threads, shard, cnn_memory),
+                            jobs)
     # The budget is the machine's: torchrun's ranks on it each keep their part.
     cnn_cache = CNNCache(cnn_memory // local_processes()) if cnn_memory > 0 else None
 
