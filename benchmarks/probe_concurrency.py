@@ -11,7 +11,7 @@ matrix products one after another, which may leave most of a large GPU idle.
 
 Printed: frames per second of one probe alone, then of K probes at once (all K together), each
 way of running them side by side:
-- processes: K processes (what K `w2vcache probe --shard i/K` jobs on one GPU do). Without MPS a
+- processes: K processes (what `w2vcache probe --jobs K`, or K `--shard i/K` jobs, do on one GPU). Without MPS a
   GPU runs one process's kernels at a time, switching between them;
 - threads: K threads of one process, each probe on its own CUDA stream, whose kernels may overlap.
 Ratio: all K together / one alone (K would be perfect; 1, nothing gained). Then one probe's step
