@@ -18,6 +18,7 @@ import contextlib
 import json
 import contextvars
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -141,8 +142,7 @@ def in_processes(sweep, jobs: int) -> SweepResult:
         process.start()
     try:
         with terminate_as_exit():
-            for process in processes:
-                process.join()
+            results = _outcomes(processes, outcomes)
     except SystemExit:
         for process in processes:
             process.terminate()
@@ -152,9 +152,6 @@ def in_processes(sweep, jobs: int) -> SweepResult:
         for process in processes:
             process.join()  # interrupted too: each releases its run on the way out
         raise
-    results = []
-    while not outcomes.empty():
-        results.append(outcomes.get())
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise errors[0]  # the same refusal from each process is said once
@@ -167,6 +164,19 @@ def in_processes(sweep, jobs: int) -> SweepResult:
                        skipped=sorted({d for r in results for d in r.skipped} - finished),
                        held=sorted({d for r in results for d in r.held} - finished),
                        seconds=time.perf_counter() - started, share=results[0].share, elsewhere=results[0].elsewhere)
+
+
+def _outcomes(processes, outcomes) -> list:
+    """What the processes hand back, read while they run: a result waiting in the pipe would keep
+    its process from ending."""
+    results = []
+    while True:
+        alive = [process.sentinel for process in processes if process.is_alive()]
+        while not outcomes.empty():
+            results.append(outcomes.get())
+        if not alive:
+            return results
+        multiprocessing.connection.wait(alive, timeout=1.0)
 
 
 def _job(jobs: int, sweep, outcomes) -> None:
@@ -201,7 +211,6 @@ def terminate_as_exit():
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
 
 
 def check_device(device: str) -> None:
