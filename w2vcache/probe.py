@@ -251,6 +251,7 @@ class SplitFeatures:
         width = sum(store.layers[layer] for layer in self.layers)
         nbytes = sum(u.length for u in utterances) * width * np.dtype(store.feature_dtype).itemsize  # int8 is decoded to float32 on read
         self.in_memory = nbytes <= memory_budget
+        self._device_frames = None  # on_device's copy
         if self.in_memory:
             self.frames = {}
             for layer in self.layers:  # refuses an incomplete split
@@ -263,7 +264,7 @@ class SplitFeatures:
     def on_device(self, device: torch.device) -> torch.Tensor:
         """The layers in memory, copied once to `device`: (layers, frames + 1, dim), as stored, the
         last frame zeros (what padding gathers). Kept for the next run on the same features."""
-        if getattr(self, "_device_frames", None) is None or self._device_frames.device != device:
+        if self._device_frames is None or self._device_frames.device != device:
             self._device_frames = None  # a copy on another device is released before this one is made
             n, dim = self.frames[self.layer].shape
             flat = torch.empty((len(self.layers), n + 1, dim), dtype=_torch_dtype(self.frames[self.layer].dtype),
@@ -444,7 +445,7 @@ class ProbeTask:
 
 def _fits_on_device(device: torch.device, nbytes: int) -> bool:
     """A GPU's copy of the features may take a quarter of its free memory: the rest is the
-    model's, and that of other probes sharing the GPU (`--shard`)."""
+    model's, and that of other probes sharing the GPU (`--jobs`, `--shard`)."""
     return device.type == "cuda" and 0 < nbytes <= torch.cuda.mem_get_info(device)[0] // 4
 
 
