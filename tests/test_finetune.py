@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,16 @@ def test_short_run_lowers_loss_and_writes_a_complete_run(tmp_path, tiny):
     assert other.exit_code == 1
     assert f"{out / 'finetune/reinit-none/seed0'} holds a finished run with other settings (model.backbone.name: " \
            "run has 'builtin:tiny', now 'builtin:tiny-ln'" in other.output
+    # So is a corpus of other utterances (whatever its sources are called): the run names its own
+    fewer = tmp_path / "fewer-train.tsv"
+    train = next(option.split("=", 2)[2] for option in tiny if option.startswith("--split=train="))
+    fewer.write_text("".join(Path(train).read_text().splitlines(keepends=True)[:4]))
+    options = [f"--split=train={fewer}" if option.startswith("--split=train=") else option for option in tiny]
+    other_data = CliRunner().invoke(main, [
+        "finetune", *options, "--epochs", "3", "--freeze-epochs", "1", "--lr", "3e-3", "--batch-seconds", "8",
+        "--num-workers", "0", "--test-splits", "test-clean", "--out", str(out)])
+    assert other_data.exit_code == 1 and "data.utterances.train.utterances: run has 6, now 4" in other_data.output, \
+        other_data.output
 
 
 def test_reinit_option_errors(tmp_path, tiny):

@@ -4,6 +4,7 @@ the sweep, and every refusal."""
 import csv
 import json
 import shutil
+from dataclasses import replace
 
 import jiwer
 import pytest
@@ -272,6 +273,24 @@ def test_refusals(store, tmp_path):
     (run / "result.json").unlink()  # pretend it was killed after epoch 2
     config = json.loads((run / "config.json").read_text())
     del config["train"]["select_by"]  # a run directory written before --select-by existed resumes
+    (run / "config.json").write_text(json.dumps(config))
+    assert cli(*proc_args).exit_code == 0 and (run / "result.json").exists()
+    # ... on the same model's features of other utterances: refused, naming them; finished, not done
+    corpus = build_corpus()
+    fewer = tmp_path / "fewer.zarr"
+    extract(replace(corpus, splits={**corpus.splits, "train": corpus.splits["train"][:40]}), ExtractConfig(store=str(fewer)),
+            progress=False)
+    other_data = cli(*[fewer if a == store else a for a in proc_args])
+    assert other_data.exit_code == 1 and "finished run with other settings (data.utterances.train." in other_data.output
+    assert "run has 96, now 40" in other_data.output, other_data.output
+    # ... from a copy of its store (another path, the same utterances): done
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    assert "0 run(s) trained, 1 already finished" in cli(*[copy if a == store else a for a in proc_args]).output
+    (run / "result.json").unlink()
+    # A run recorded before runs named their utterances resumes as before
+    config = json.loads((run / "config.json").read_text())
+    del config["data"]["utterances"]
     (run / "config.json").write_text(json.dumps(config))
     assert cli(*proc_args).exit_code == 0 and (run / "result.json").exists()
     (run / "result.json").unlink()

@@ -454,6 +454,29 @@ def test_seeds_of_different_models_are_refused(tmp_path):
         write_report(both)
 
 
+def test_seeds_trained_on_different_utterances_are_refused(tmp_path):
+    """Seed 0 of a probe from one corpus's store, seed 1 from another's (same model): refused,
+    each seed's utterances named; seeds recorded before runs named their utterances are averaged."""
+    from w2vcache.runs import data_fingerprint
+
+    corpora = [{"train": [("a", "one"), ("b", "two")], "dev": [("c", "three")]},
+               {"train": [("a", "one"), ("d", "four"), ("e", "five")], "dev": [("c", "three")]}]
+    root = tmp_path / "runs"
+    for seed, corpus in enumerate(corpora):
+        run = write_run(root, "probe", seed, (10.0, 10.0, 20.0, 5.0, 5.0, 10.0), layer=8)
+        config = json.loads((run / "config.json").read_text())
+        config["data"]["utterances"] = data_fingerprint(corpus)
+        (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(W2VCacheError, match=r"probe layer08: its seeds were trained on different utterances \(seed 0: "
+                       r"train 2 \([0-9a-f]{8}\), dev 1 \([0-9a-f]{8}\); seed 1: train 3 .*a mean over them means nothing"):
+        write_report(root)
+    config = json.loads((run / "config.json").read_text())
+    del config["data"]["utterances"]
+    (run / "config.json").write_text(json.dumps(config))
+    table = markdown_tables(write_report(root)["md"].read_text())["Probes (frozen W2V layer, BiLSTM-CTC)"]
+    assert table["8"]["dev WER"] == "10.00 ± 0.00 (n=2)"
+
+
 def test_user_mistakes_name_the_path(tmp_path):
     empty = tmp_path / "empty"
     (empty / "probe" / "layer08").mkdir(parents=True)

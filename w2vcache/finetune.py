@@ -28,7 +28,7 @@ from .batching import length_batches
 from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
-from .runs import RunRecord, SweepResult, finetune_experiment, run_dir
+from .runs import DATA, RunRecord, SweepResult, data_fingerprint, finetune_experiment, run_dir
 from .spread import Share, in_job, in_processes, local_processes, rank_device, share_of
 from .train import TrainConfig, check_config, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
@@ -445,6 +445,8 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     cnn_cache = CNNCache(cnn_memory // local_processes()) if cnn_memory > 0 else None
 
     world = dist.get_world_size() if dist.is_initialized() else 1
+    trained_on = data_fingerprint({split: [(u.id, u.text) for u in corpus.splits[split]]
+                                   for split in dict.fromkeys((train_split, train_config.dev_split))})
 
     def backbone_for(blocks: tuple[int, ...], seed: int) -> Backbone:
         backbone = load_backbone(model, device=device, revision=revision)
@@ -455,7 +457,7 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
         run_record = RunRecord(
             kind="finetune", experiment=finetune_experiment(blocks), layer=None, reinit=list(blocks), seed=seed,
             model=asdict(config) | {"backbone": {k: backbone.describe()[k] for k in ("name", "revision", "weight_hash")}},
-            data={"train_split": train_split, "sources": corpus.sources,
+            data={"train_split": train_split, "sources": corpus.sources, DATA: trained_on,
                   # which utterances were left out (by id: paths change with where a corpus is mounted)
                   **({"skipped": {split: sorted(u["id"] for u in entries) for split, entries in corpus.skipped.items()
                                   if entries}} if any(corpus.skipped.values()) else {})},

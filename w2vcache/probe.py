@@ -36,7 +36,7 @@ from . import text
 from .batching import length_batches
 from .errors import W2VCacheError
 from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
-from .runs import LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, probe_experiment, run_dir
+from .runs import DATA, LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, data_fingerprint, probe_experiment, run_dir
 from .spread import in_job, in_processes, rank_device, share_of
 from .store import open_store, public_url
 from .train import TrainConfig, check_config, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
@@ -680,6 +680,9 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     if jobs > 1:
         return in_processes(functools.partial(probe, store_url, layers, seeds, out, config, train_config, train_split,
                                               memory_budget, device, progress, num_threads, shard), jobs)
+    trained_on = data_fingerprint({split: [(u.id, u.text) for u, usable in zip(store.utterances(split), store.usable(split))
+                                           if usable]
+                                   for split in dict.fromkeys((train_split, train_config.dev_split))})
     # The features of the layer being probed, by split: its seeds' runs follow one another in the
     # sweep's order, so each layer is read (and its checksums checked) once, not once per seed.
     held: dict[tuple[str, str], SplitFeatures] = {}
@@ -704,6 +707,7 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
                 "model": store.model,
                 "dtype": store.dtype,
                 "frame_rate": store.provenance.get("frame_rate"),
+                DATA: trained_on,
             },
         )
         return run_record, TrainConfig(**{**asdict(train_config), "seed": seed})

@@ -19,7 +19,8 @@ ones into experiments and averages over seeds, `write_report` writes the files.
   fine-tuning baseline (no block re-initialised); None where there is no baseline.
 - Failed and unfinished runs are listed, never averaged. Seeds averaged together whose
   config.json differ in train/model/data settings are pointed out in a note; seeds of different
-  models (the store's, or the one fine-tuned) are refused: their mean means nothing.
+  models (the store's, or the one fine-tuned), or trained on different utterances, are refused:
+  their mean means nothing.
 - The best layer is the BiLSTM layer probe with the lowest mean dev WER (test-clean where there is
   no dev); the linear probes' best layer is named apart.
 - Weighted probes carry their softmax layer weights at the best epoch (layer_weights.json), mean
@@ -47,7 +48,7 @@ from pathlib import Path
 
 from . import __version__, record
 from .errors import W2VCacheError
-from .runs import CONFIG, DECODED, MEASURES, RESULT, STATUSES, Run, experiment_key, experiment_name, find_runs
+from .runs import CONFIG, DATA, DECODED, MEASURES, RESULT, STATUSES, Run, experiment_key, experiment_name, find_runs
 
 SPLIT_ORDER = ("dev", "test-clean", "test-other")  # splits shown first; any others follow by name
 CONFIG_SECTIONS = ("train", "model", "data")  # compared across the seeds of one experiment
@@ -254,6 +255,11 @@ def _model_of(run: Run) -> tuple:
     return name, f"{name}"
 
 
+def _utterances(fingerprint: dict) -> str:
+    """A run's data fingerprint for a person: 'train 96 (9f2c...), dev 40 (1ab3...)'."""
+    return ", ".join(f"{split} {f['utterances']} ({f['sha256'][:8]})" for split, f in fingerprint.items())
+
+
 def summarize(runs: list[Run]) -> list[Row]:
     """Group finished runs into experiments and average each measure over seeds.
 
@@ -279,6 +285,12 @@ def summarize(runs: list[Run]) -> list[Row]:
                 f"{finished[0].kind} {finished[0].experiment}: its seeds were trained on different models ("
                 + "; ".join(f"seed {seed}: {label}" for seed, (_, label) in models)
                 + "); a mean over them means nothing: report each model's runs from a runs directory of their own")
+        corpora = {r.seed: r.config["data"][DATA] for r in finished if r.config and DATA in (r.config.get("data") or {})}
+        if len({json.dumps(fingerprint, sort_keys=True) for fingerprint in corpora.values()}) > 1:
+            raise W2VCacheError(
+                f"{finished[0].kind} {finished[0].experiment}: its seeds were trained on different utterances ("
+                + "; ".join(f"seed {seed}: {_utterances(corpora[seed])}" for seed in sorted(corpora))
+                + "); a mean over them means nothing: report each corpus's runs from a runs directory of their own")
         by_seed: dict[int, Run] = {}
         for run in finished:
             if run.seed in by_seed:

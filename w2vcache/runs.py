@@ -5,6 +5,7 @@ probe.py and finetune.py make the records, train.py writes the files, report.py 
 through `find_runs`: the names below are declared here only.
 """
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,21 @@ RESULT = "result.json"  # written last: its presence marks the run finished
 LAYER_WEIGHTS = "layer_weights.json"  # weighted probes: the softmax layer weights after each epoch
 KINDS = ("probe", "finetune")
 PROBES = ("bilstm", "linear")  # the probe's model: a BiLSTM-CTC, or one linear layer per frame
+
+
+DATA = "utterances"  # the record's data.utterances: which utterances the run trained and chose on
+
+
+def data_fingerprint(splits: dict) -> dict:
+    """{split: (id, transcript) pairs} -> {split: {"utterances": n, "sha256": ...}}: which
+    utterances a run trains on and chooses its epoch by, in a few bytes. A run is then never
+    resumed, or counted as done, on another corpus, whatever path or copy its data is read from."""
+    fingerprint = {}
+    for split, pairs in splits.items():
+        pairs = sorted(pairs)
+        digest = hashlib.sha256("".join(f"{uid}\t{text}\n" for uid, text in pairs).encode()).hexdigest()
+        fingerprint[split] = {"utterances": len(pairs), "sha256": digest[:16]}
+    return fingerprint
 
 
 def finetune_experiment(blocks) -> str:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import record, threads
 from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates, utterance_rows
-from .runs import (BEST, CHECKPOINT, CONFIG, DECODED, METRICS, RESULT, RunRecord, SweepResult, read_json,
+from .runs import (BEST, CHECKPOINT, CONFIG, DATA, DECODED, METRICS, RESULT, RunRecord, SweepResult, read_json,
                    read_metrics, upgrade_record)
 from .spread import (FINISHED, HELD, Share, check_still_held, claim_run, held_elsewhere, in_job, is_finished,
                      still_held, terminate_as_exit, training_under)
@@ -537,7 +537,10 @@ def check_same_settings(run_dir: Path, now: dict, finished: bool) -> None:
     # Options added since the run started (select_by) took their defaults then.
     defaults = json.loads(json.dumps(asdict(TrainConfig())))
     saved["train"] = {**defaults, **saved.get("train", {})}
-    _check_same_run(saved, upgrade_record(json.loads(json.dumps(now, default=str))), run_dir, finished)
+    now = upgrade_record(json.loads(json.dumps(now, default=str)))
+    if DATA not in (saved.get("data") or {}):  # recorded before runs named their utterances: not checked
+        now.get("data", {}).pop(DATA, None)
+    _check_same_run(saved, now, run_dir, finished)
 
 
 def _check_same_run(saved: dict, now: dict, run_dir: Path, finished: bool = False) -> None:
