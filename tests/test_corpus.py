@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -171,10 +172,20 @@ def test_bundled_mini_corpus():
 
 
 def test_a_librispeech_root_is_not_read_as_one_split(librispeech):
-    with pytest.raises(W2VCacheError, match=r"holds several LibriSpeech splits \(dev-clean, dev-other, test-clean"):
+    with pytest.raises(W2VCacheError, match=r"is a LibriSpeech root \(dev-clean, dev-other, test-clean.*\): name a split "
+                       rf"of it, --librispeech {librispeech} --split dev=dev-clean$"):
         build_corpus(splits=[f"dev={librispeech}"])
-    with pytest.raises(W2VCacheError, match="holds several LibriSpeech splits"):
-        build_corpus(splits=[f"dev={librispeech.parent}"])  # the folder above LibriSpeech/
+    # The folder above LibriSpeech/, which may hold one split only
+    with pytest.raises(W2VCacheError, match=r"holds a LibriSpeech root \(LibriSpeech/: dev-clean, "):
+        build_corpus(splits=[f"dev={librispeech.parent}"])
+    for split in librispeech.iterdir():
+        if split.name != "test-other":
+            shutil.rmtree(split)
+    with pytest.raises(W2VCacheError, match=r"\(LibriSpeech/: test-other\): name a split of it, .* --split dev=test-other$"):
+        build_corpus(splits=[f"dev={librispeech.parent}"])
+    shutil.rmtree(librispeech / "test-other")
+    with pytest.raises(W2VCacheError, match="holds LibriSpeech/ with no split folder in it"):
+        build_corpus(splits=[f"dev={librispeech.parent}"])
 
 
 def test_manifests_with_a_byte_order_mark_and_short_rows(tmp_path):

@@ -252,13 +252,17 @@ def read_source(source: str, split: str, librispeech=None, librilight=None,
     if path.is_dir():
         if (path / "1h").is_dir() and (path / "9h").is_dir():
             return read_librilight(path, "10h", split, skipped)
-        inside = sorted(p.name for p in path.iterdir() if p.is_dir() and _SPLIT_DIR.fullmatch(p.name))
-        if inside or (path / "LibriSpeech").is_dir():
+        nested = path / "LibriSpeech"
+        folder = path if not nested.is_dir() else nested
+        inside = sorted(p.name for p in folder.iterdir() if p.is_dir() and _SPLIT_DIR.fullmatch(p.name))
+        if inside or nested.is_dir():
             # Read recursively, a LibriSpeech root would merge every split into one (test into train).
-            raise W2VCacheError(
-                f"source {source!r} holds several LibriSpeech splits ({', '.join(inside) or 'LibriSpeech/'}); "
-                f"name one: --librispeech {source} --split {split}={inside[0] if inside else 'dev-clean'}"
-            )
+            if not inside:
+                raise W2VCacheError(f"source {source!r} holds LibriSpeech/ with no split folder in it "
+                                    "(dev-clean, test-clean, train-clean-100, ...)")
+            what = "is a LibriSpeech root (" if folder is path else "holds a LibriSpeech root (LibriSpeech/: "
+            raise W2VCacheError(f"source {source!r} {what}{', '.join(inside)}): name a split of it, "
+                                f"--librispeech {source} --split {split}={inside[0]}")
         return read_transcript_tree(path, split, skipped)
     if path.is_file():
         return read_manifest(path, split, skipped)
