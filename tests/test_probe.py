@@ -318,9 +318,16 @@ def test_incomplete_split_is_refused(tmp_path):
         assert len(s.pending_blocks("dev")) > 1  # so that some are left out
         blocks = [b for split in plans for b in s.pending_blocks(split) if not (split == "dev" and b.index > 0)]
         fill_blocks(s, blocks, backbone, layers, config, progress=False)
-    with pytest.raises(W2VCacheError, match=r"dev.*(incomplete|not extracted|missing)"):
+    with pytest.raises(W2VCacheError, match=r"split dev of store .* is incomplete: \d+ of \d+ blocks .* are not "
+                       r"written yet; re-running the same extract command resumes it$"):
         probe(config.store, "1", "0", tmp_path / "runs", ProbeConfig(hidden=8, lstm_layers=1),
               TrainConfig(epochs=1), progress=False)
+    assert not (tmp_path / "runs").exists()  # refused before any run
+    # An unfinished test split: the message says how to test on the finished ones meanwhile
+    with pytest.raises(W2VCacheError, match=r"split dev of .* resumes it; or test on the finished one\(s\) meanwhile: "
+                       r"--test-splits train$"):
+        probe(config.store, "1", "0", tmp_path / "runs", ProbeConfig(hidden=8, lstm_layers=1),
+              TrainConfig(epochs=1, dev_split="train", test_splits=("dev", "train")), progress=False)
 
 
 def test_utterances_ctc_cannot_align_are_counted_and_named(store, tmp_path, capsys):

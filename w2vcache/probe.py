@@ -641,6 +641,21 @@ def check_store(store) -> None:
         )
 
 
+def _check_complete(store, train_split: str, train_config: TrainConfig) -> None:
+    """Refuse, before any run, a split the runs read that extraction has not finished; for a test
+    split, say how to test on the finished ones meanwhile."""
+    tests = train_config.test_splits
+    for split in dict.fromkeys((train_split, train_config.dev_split, *tests)):
+        if store.status(split, refresh=True).complete:
+            continue
+        hint = ""
+        if split not in (train_split, train_config.dev_split):
+            done = [s for s in tests if s != split and store.status(s).complete]
+            hint = (f"; or test on the finished one(s) meanwhile: --test-splits {','.join(done)}" if done else
+                    "; or test on none meanwhile: --test-splits ''")
+        raise W2VCacheError(store.incomplete_message(split) + hint)
+
+
 def choose_sources(spec, available: list[str]) -> list[str]:
     """--layer for probes: choose_layers' syntax, plus "weighted" (alone or in a list, "0-12,weighted")
     for a probe of the layers' learnt weighted sum; the chosen layers first, "weighted" last."""
@@ -673,6 +688,7 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     train_config = test_splits_for(train_config, store.splits, f"store {store_url}" if progress and not in_job() else None)
     check_splits(store.splits, train_split, train_config.dev_split, f"store {store_url}")
     check_config(train_config)
+    _check_complete(store, train_split, train_config)
     if progress and not in_job():  # said once, by the command, not by each of its --jobs
         splits = dict.fromkeys((train_split, train_config.dev_split, *train_config.test_splits))
         for note in text.transcript_notes({s: [u.text for u in store.utterances(s)] for s in splits}):
