@@ -348,6 +348,20 @@ def test_command_refuses_other_utterances_in_one_line(stores, tmp_path):
     assert not (tmp_path / "sim").exists()
 
 
+def test_an_out_folder_it_cannot_write_is_refused_before_the_work(stores, tmp_path, monkeypatch):
+    import os
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(folder) and mode == os.W_OK
+                        else real_access(path, mode))
+    monkeypatch.setattr(sim, "sample_frames", lambda *a, **k: pytest.fail("the work began"))
+    result = cli(stores["tiny"], "--out", folder / "sim")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"Error: --out {folder / 'sim'}: cannot write in {folder} (a read-only file system" in result.output
+
+
 def test_without_matplotlib_the_tables_are_written_and_the_figure_is_said_missing(stores, tmp_path, monkeypatch):
     for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed

@@ -39,6 +39,7 @@ from .errors import W2VCacheError
 from .figure import can_plot, write_similarity_figure
 from .layers import choose_layers
 from .report import SIMILARITY_LABELS as LABELS, similarity_of
+from .space import unwritable_folder
 from .store import FeatureStore, open_store, public_url
 
 MEASURES = ("cka", "svcca", "pwcca")
@@ -272,6 +273,8 @@ def similarity(store_a, store_b=None, split: str = "dev", layers="all", measure:
         raise W2VCacheError(f"--max-frames {max_frames}: {LABELS[MEASURE_NAMES[measure]]} needs at least 2 frames")
     if out is not None and Path(out).exists() and not Path(out).is_dir():  # say so before the work, not after
         raise W2VCacheError(f"{out}: exists and is not a directory")
+    if out is not None and (folder := unwritable_folder(str(out))):
+        raise W2VCacheError(f"--out {out}: cannot write in {folder} (a read-only file system, or no permission)")
     started = time.perf_counter()
     opened = []
     try:
