@@ -144,7 +144,7 @@ def test_reinit_option_errors(tmp_path, tiny):
     assert not (tmp_path / "finetune").exists()
     # Refused before the baseline trains (it would otherwise first, for hours), and no directory made
     result = CliRunner().invoke(main, ["finetune", *tiny, "--reinit", "none", "--reinit", "9", "--out", str(tmp_path)])
-    assert result.exit_code == 1 and "layer 9 does not exist: the model has 4 transformer blocks" in result.output
+    assert result.exit_code == 1 and "--reinit 9: layer 9 does not exist: the model has 4 transformer blocks" in result.output
     result = CliRunner().invoke(main, ["finetune", *tiny, "--test-splits", "test-nope", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "--test-splits test-nope: the corpus has no split 'test-nope'" in result.output
     assert not (tmp_path / "finetune").exists()

@@ -429,7 +429,10 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     if not in_job():
         checking = load_backbone(model, revision=revision)
         for blocks in reinits:
-            check_block_numbers(blocks, checking.num_layers)
+            try:
+                check_block_numbers(blocks, checking.num_layers)
+            except W2VCacheError as error:
+                raise W2VCacheError(f"--reinit {','.join(map(str, blocks))}: {error}") from None
         corpus = usable_corpus(corpus, (train_split, train_config.dev_split, *train_config.test_splits),
                                checking.receptive_field, skip_bad, progress and main_rank,
                                Path(out) / "finetune" / "bad-audio.tsv" if main_rank else None)
