@@ -608,7 +608,7 @@ def test_share_commands_through_the_w2vcache_group(source, tmp_path):
     args = ["copy", str(source), str(dst), "--layers", "3-4", "--splits", "dev"]
     result = runner.invoke(main, args)
     match = one_line(result, rf"{re.escape(str(dst))}: copied (\d+) block\(s\) of 2 layer\(s\) and 1 split\(s\), "
-                             rf"[\d.]+ [KMG]?B of features, from {re.escape(str(source))} in [\d.]+ s; "
+                             rf"[\d.]+ [KMG]?B of features read from {re.escape(str(source))} in [\d.]+ s; "
                              r"left out: layers layer00, layer01, layer02; splits test")
     assert int(match[1]) == src.status("dev").n_blocks
     report = verify(dst)

@@ -35,7 +35,7 @@ def copy_command(src, dst, layers, splits, dtype):
     resumed = f" ({r.blocks_already_done} already done)" if r.blocks_already_done else ""
     converted = f", as {dtype}" if dtype else ""
     click.echo(f"{r.destination}: copied {r.blocks_copied} block(s){resumed} of {len(r.layers)} layer(s) "
-               f"and {len(r.splits)} split(s), {human_size(r.bytes_copied)} of features, from {r.source} "
+               f"and {len(r.splits)} split(s), {human_size(r.bytes_copied)} of features read from {r.source} "
                f"in {r.seconds:.1f} s{converted}; left out: {left_out}")
 
 
