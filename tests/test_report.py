@@ -825,3 +825,9 @@ def test_runs_that_chose_their_best_epoch_on_different_splits_are_pointed_out(tm
     text = write_report(root, tmp_path / "out", figure=False)["md"].read_text()
     assert ("- note: the runs chose their best epochs on different dev splits (dev: 1 run(s), test-clean: 1 run(s))"
             in text)
+
+
+def test_a_similarity_just_below_one_never_reads_as_one():
+    from w2vcache.report import similarity_text
+
+    assert [similarity_text(v) for v in (0.269, 0.99951, 0.99999987, 1.0)] == ["0.269", "0.9995", "0.9999999", "1.000"]

@@ -18,7 +18,7 @@ from .extract import ExtractConfig, extract
 from .figure import NO_MATPLOTLIB, can_plot
 from .finetune import FinetuneConfig, finetune
 from .probe import ProbeConfig, probe
-from .report import SIMILARITY_DIR, best_probe, find_similarities, summarize, write_report
+from .report import SIMILARITY_DIR, best_probe, find_similarities, similarity_text, summarize, write_report
 from .runs import find_runs, finetune_experiment, run_dir
 from .similarity import similarity
 from .threads import available_cores
@@ -140,7 +140,7 @@ def reached(runs) -> dict:
     lines += [f"reached: fine-tune re-init {row.label}: {rates(row)}" for row in rows if row.kind == "finetune"]
     changed = next((s.changed_most for s in find_similarities(runs) if s.name == SIMILARITY_NAME), None)
     if changed:
-        lines.append(f"reached: fine-tuning changed {changed[0]} most (linear CKA {changed[1]:.3f} with the "
+        lines.append(f"reached: fine-tuning changed {changed[0]} most (linear CKA {similarity_text(changed[1])} with the "
                      f"pre-trained {changed[0]}; 1 is unchanged)")
     weighted = next((r for r in rows if r.weighted and r.layer_weights), None)
     top = max(weighted.layer_weights.items(), key=lambda item: item[1].mean) if weighted else None

@@ -514,7 +514,7 @@ def _similarity_section(similarities: list[Similarity]) -> list[str]:
         return out
     layers = list(dict.fromkeys(layer for s in diagonals for layer in s.layers_a))
     values = [dict(zip(s.layers_a, s.diagonal)) for s in diagonals]
-    lines = [[layer, *("-" if v.get(layer) is None else f"{v[layer]:.3f}" for v in values)] for layer in layers]
+    lines = [[layer, *("-" if v.get(layer) is None else similarity_text(v[layer]) for v in values)] for layer in layers]
     out += ["", f"{labels} of each layer with the same layer of the other store (1: unchanged; lower: changed more):", ""]
     mixed = len({s.measure for s in diagonals}) > 1  # then each column says its measure
     columns = [f"{s.name} ({s.label})" if mixed else s.name for s in diagonals]
@@ -523,8 +523,18 @@ def _similarity_section(similarities: list[Similarity]) -> list[str]:
     for s in diagonals:
         most = s.changed_most
         if most:
-            out.append(f"Changed most in {s.name}: {most[0]} ({s.label} {most[1]:.3f} with itself).")
+            out.append(f"Changed most in {s.name}: {most[0]} ({s.label} {similarity_text(most[1])} with itself).")
     return out
+
+
+def similarity_text(value: float) -> str:
+    """A similarity to 3 decimals, or as many more as it takes not to read as 1.000 when below 1
+    (a layer fine-tuning barely changed is still told apart from an unchanged one)."""
+    for decimals in range(3, 9):
+        text = f"{value:.{decimals}f}"
+        if value >= 1 or text != f"{1:.{decimals}f}":
+            return text
+    return text
 
 
 def decoded_example(rows: list[Row], runs: list[Run]) -> dict | None:
