@@ -329,3 +329,21 @@ def test_damage_outside_any_block_is_named_not_rewritten(reference, tmp_path):
     assert "repairing" not in result.output and layer_files(path) == before
     with pytest.raises(W2VCacheError, match="the store's index is damaged"):
         open_store(path).utterances("dev")
+
+
+def test_a_damaged_store_this_process_cannot_write_is_sent_to_a_writable_copy(reference, tmp_path, monkeypatch):
+    path = tmp_path / "s.zarr"
+    shutil.copytree(reference, path)
+    damage(path, "dev", 2)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(path) and mode == os.W_OK
+                        else real_access(p, mode))  # a read-only mount, say
+    failed = run_cli("verify", path)
+    assert failed.exit_code == 1 and "Traceback" not in failed.output
+    assert f"; {path} cannot be written here (a read-only file system, or no permission): copy the store's folder " \
+           "as it is (cp -r) where you may write and run `w2vcache verify --repair` on the copy" in failed.output
+    monkeypatch.undo()
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(path, copy)
+    assert run_cli("verify", "--repair", copy).exit_code == 0
+    assert_same_store(copy, reference)

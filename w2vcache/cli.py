@@ -15,6 +15,7 @@ import click
 
 from . import __version__
 from .cli_common import human_size, user_errors
+from .space import unwritable_folder
 from .report_cli import report_command
 from .share_cli import copy_command, export_command, pack_command
 from .similarity_cli import similarity_command
@@ -293,6 +294,10 @@ def verify_command(store, repair, device, source, threads):
     if not report.ok:
         if report.damaged_blocks and Path(str(store)).is_file():  # a pack: read-only, one file
             advice = "; repair the store it was packed from (`w2vcache verify --repair`), then pack it again"
+        elif report.damaged_blocks and (folder := unwritable_folder(str(store))):
+            advice = (f"; {folder} cannot be written here (a read-only file system, or no permission): copy the "
+                      f"store's folder as it is (cp -r) where you may write and run `w2vcache verify --repair` on the "
+                      f"copy, or ask whoever may write there to run it on this one")
         elif report.damaged_blocks:
             advice = (f"; run `w2vcache verify --repair {store}` to rewrite the {report.n_damaged} "
                       f"damaged block(s)")
