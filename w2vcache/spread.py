@@ -156,8 +156,10 @@ def in_processes(sweep, jobs: int) -> SweepResult:
     if errors:
         raise errors[0]  # the same refusal from each process is said once
     if len(results) < jobs:
-        raise W2VCacheError(f"one of the --jobs {jobs} processes ended without finishing (killed, or out of "
-                            "memory?); what it was training resumes when the command is run again")
+        codes = ", ".join(str(p.exitcode) for p in processes)
+        raise W2VCacheError(f"one of the --jobs {jobs} processes ended without finishing (exit codes {codes}: "
+                            "killed, out of memory, or what it printed above); what it was training resumes when "
+                            "the command is run again")
     finished = {d for r in results for d in r.finished}
     # A run one process found held or finished may be one its sibling trained meanwhile.
     return SweepResult(finished=sorted(finished),
@@ -183,6 +185,9 @@ def _job(jobs: int, sweep, outcomes) -> None:
     """One of in_processes' processes: its result, or what stopped it, handed back to the command."""
     global _jobs
     _jobs = jobs
+    # A spawned process starts its own (fine-tuning's audio loaders) by spawning too, each importing
+    # torch anew: seconds per epoch. The platform's way, as in the command's own process.
+    multiprocessing.set_start_method(None, force=True)
     try:
         outcome = sweep()
     except BaseException as error:  # SystemExit and Ctrl-C too: the command says it, once

@@ -254,10 +254,11 @@ def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepRe
     return result
 
 
-def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
+def check_runs(runs, share: Share = Share()) -> list:
+    """The sweep's runs already there, finished or begun, checked against this command's settings
+    before any run trains: a refusal at the sweep's tenth run would come after hours of the first
+    nine. Returns the runs, each one's settings() computed once at most."""
     runs = [(directory, start, functools.cache(settings) if settings else None) for directory, start, settings in runs]
-    # Runs already there, finished or begun, are checked against this command's settings before
-    # any run trains: a refusal at the sweep's tenth run would come after hours of the first nine.
     for k, (directory, _, settings) in enumerate(runs):
         directory = Path(directory)
         if share.takes(k) and settings is not None and (directory / CONFIG).exists() and not held_elsewhere(directory):
@@ -265,6 +266,16 @@ def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
                 check_same_settings(directory, settings(), finished=True)
             elif (directory / CHECKPOINT).exists():
                 check_same_settings(directory, settings(), finished=False)
+    return runs
+
+
+def left_to_train(runs, share: Share = Share()) -> int:
+    """How many of the sweep's runs this share takes that are not finished yet."""
+    return sum(share.takes(k) and not is_finished(Path(directory)) for k, (directory, *_) in enumerate(runs))
+
+
+def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
+    runs = check_runs(runs, share)
     for k, (directory, start, settings) in enumerate(runs):
         if not share.takes(k):
             result.elsewhere += 1
