@@ -457,9 +457,11 @@ def finetune_command(model, librispeech, librilight, splits, reinits, seeds, tra
 
 @main.command("demo")
 @click.option("--out", default="demo", show_default=True, help="Where the stores, runs and report go.")
+@click.option("--jobs", type=click.IntRange(min=1),
+              help="Runs trained at once, a process each.  [default: 2 where this process may use two cores]")
 @threads_option
 @user_errors
-def demo_command(out, threads):
+def demo_command(out, jobs, threads):
     """The whole workflow on the bundled corpus with the built-in model, in a few minutes on a CPU.
 
     Extracts every layer, probes each one and their learnt weighted sum, fine-tunes the baseline
@@ -467,6 +469,6 @@ def demo_command(out, threads):
     pre-trained ones (linear CKA on dev), and reports. The built-in model's weights are random:
     the curves show the workflow, not W2V.
     """
-    from .demo import demo
+    from .demo import DemoConfig, demo
 
-    demo(out, num_threads=threads)
+    demo(out, DemoConfig(jobs=jobs), num_threads=threads)
