@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from w2vcache import probe as probe_module
 from w2vcache.cli import main
+from w2vcache.errors import W2VCacheError
 from w2vcache.probe import PREFETCH_THREAD, ProbeConfig, ProbeTask, _Prefetched, probe
 from w2vcache.store import open_store
 from w2vcache.train import TrainConfig, seed_everything, train
@@ -236,3 +237,5 @@ def test_features_stay_on_the_host_on_a_cpu_or_when_streamed(bundled_store):
     assert not resident_task(bundled_store, None).resident  # a CPU: nothing to copy anywhere
     streamed = ProbeTask(open_store(bundled_store), "layer02", ProbeConfig(**SMALL), TrainConfig(), memory_budget=0)
     assert not streamed.resident
+    with pytest.raises(W2VCacheError, match="read from the store batch by batch"):
+        ProbeTask(open_store(bundled_store), "layer02", ProbeConfig(**SMALL, resident=True), TrainConfig(), memory_budget=0)

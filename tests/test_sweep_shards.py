@@ -4,6 +4,7 @@ first, with the metrics it has when trained alone; live locks skipped, dead ones
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -394,3 +395,20 @@ def test_a_jobs_process_starts_its_own_processes_as_the_command_would():
     """Fine-tuning's audio loaders are processes: spawned from a spawned job, each would import
     torch again, seconds per epoch (a 2-run sweep took 46 s instead of 9)."""
     assert in_processes(start_method_sweep, 2).share == multiprocessing.get_start_method()
+
+
+def test_an_error_a_job_cannot_hand_back_as_it_is_reaches_the_command_as_its_words():
+    """BadAudioError pickles but cannot be rebuilt from its message alone: it goes as the one-line
+    error it is; what cannot be pickled at all goes as its words too."""
+    from w2vcache.audio import BadAudioError
+    from w2vcache.spread import _portable
+
+    bad = BadAudioError([("dev", "u1", "/a/u1.flac", "truncated")], total=3)
+    with pytest.raises(TypeError):
+        pickle.loads(pickle.dumps(bad))
+    sent = pickle.loads(pickle.dumps(_portable(bad)))
+    assert isinstance(sent, W2VCacheError) and str(sent) == str(bad)
+    unpicklable = RuntimeError(lambda: None)
+    assert str(pickle.loads(pickle.dumps(_portable(unpicklable)))).startswith("RuntimeError: <function")
+    result = SweepResult(finished=["a"])
+    assert _portable(result) is result

@@ -75,3 +75,19 @@ def test_torchrun_ranks_share_the_cores_of_their_machine(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(threads, "_pinned", lambda: False)
     assert threads.choose(None, parameters=10**8) == 4  # outside torchrun: 16 cores, 12 busy
+
+
+def test_jobs_share_their_commands_cores_even_within_an_affinity_mask(monkeypatch):
+    """`--jobs 4` on 16 cores: 4 threads each, also where a cpuset (Slurm, docker --cpuset-cpus)
+    bounds the command, where each would otherwise see its siblings' cores idle at the start."""
+    from w2vcache import spread
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 16)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(spread, "_jobs", 4)
+    for pinned in (False, True):
+        monkeypatch.setattr(threads, "_pinned", lambda: pinned)
+        assert threads.choose(None, parameters=10**8) == 4
+    monkeypatch.setattr(spread, "_jobs", 1)
+    assert threads.choose(None, parameters=10**8) == 16

@@ -300,8 +300,8 @@ class FinetuneTask:
         encoded = [text.encode(t).ids for t in batch.texts]
         # While the backbone is frozen none of its parameters requires grad, so autograd records
         # nothing through it and the frozen epochs cost a forward pass only. The waves go to the
-        # device in one copy (backbone.cnn_features), as do the targets: on a GPU nothing in the
-        # step waits for the device until the loss is read.
+        # device in one copy (backbone.cnn_features), the targets from pinned memory: on a GPU
+        # nothing here waits for the device's queued work.
         with self._autocast():
             log_probs, lengths = model(batch.waves, batch.key)
         targets = ints_on([i for ids in encoded for i in ids], log_probs.device)
@@ -414,6 +414,7 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     # --shard spreads runs, one process each; without it torchrun's ranks share each run (DDP).
     share = share_of(shard) if shard is not None else Share()
     joins = shard is None and not dist.is_initialized()
+    asked_device = device  # --jobs get it as asked: each resolves it itself
     device = rank_device(device) if shard is not None else init_distributed(device)
     joins = joins and dist.is_initialized()  # the process group is this call's to end
     main_rank = not dist.is_initialized() or dist.get_rank() == 0
@@ -492,7 +493,7 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
         jobs = min(jobs, left_to_train(runs, share))
     if jobs > 1:
         return in_processes(functools.partial(finetune, corpus, model, reinits, seeds, out, config, train_config,
-                                              train_split, device, revision, progress, num_threads, shard, cnn_memory),
+                                              train_split, asked_device, revision, progress, num_threads, shard, cnn_memory),
                             jobs)
     result = sweep(runs, share)
     if joins:

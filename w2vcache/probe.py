@@ -37,7 +37,7 @@ from .batching import length_batches
 from .errors import W2VCacheError
 from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
 from .runs import DATA, LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, data_fingerprint, probe_experiment, run_dir
-from .spread import in_job, in_processes, rank_device, share_of
+from .spread import in_job, in_processes, jobs_here, rank_device, share_of
 from .store import open_store, public_url
 from .train import (TrainConfig, check_config, check_runs, check_splits, left_to_train, run_settings, seed_everything,
                     sweep, test_splits_for, train)
@@ -279,6 +279,9 @@ class SplitFeatures:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.frames.values()) if self.in_memory else 0
 
+    def has_copy_on(self, device: torch.device) -> bool:
+        return self._device_frames is not None and self._device_frames.device == device
+
     def get(self, indices: list[int], layer: str | None = None) -> list[np.ndarray]:
         """The utterances' frames of `layer` (the first layer where None), as stored."""
         layer = layer or self.layer
@@ -325,10 +328,14 @@ class ProbeTask:
         self.batches = {name: batches_by_length(s.lengths, config.batch_frames) for name, s in self.splits.items()}
         # A fast probe on a GPU steps faster than a host thread pads its batches (a linear probe
         # waited 10 % of its epoch on an H100 with prefetch): on the device, a batch is one gather.
+        in_memory = all(s.in_memory for s in self.splits.values())
+        if config.resident and not in_memory:
+            raise W2VCacheError("resident features are the splits held in memory, copied to the device: "
+                                "these are read from the store batch by batch (raise the memory budget)")
         self.resident = config.resident
-        if self.resident is None:
-            self.resident = all(s.in_memory for s in self.splits.values()) and _fits_on_device(
-                self.device, sum(s.nbytes() for s in self.splits.values()))
+        if self.resident is None:  # a seed after the first finds its layer there already
+            needed = sum(s.nbytes() for s in self.splits.values() if not s.has_copy_on(self.device))
+            self.resident = in_memory and self.device.type == "cuda" and (needed == 0 or _fits_on_device(self.device, needed))
         self._skeletons: dict[tuple[str, tuple[int, ...]], tuple[Batch, torch.Tensor]] = {}
         dim = store.layers[self.layers[0]]
         model = Probe(dim, config) if config.probe == "bilstm" else LinearProbe(dim)
@@ -445,9 +452,11 @@ class ProbeTask:
 
 
 def _fits_on_device(device: torch.device, nbytes: int) -> bool:
-    """A GPU's copy of the features may take a quarter of its free memory: the rest is the
-    model's, and that of other probes sharing the GPU (`--jobs`, `--shard`)."""
-    return device.type == "cuda" and 0 < nbytes <= torch.cuda.mem_get_info(device)[0] // 4
+    """A GPU's copy of the features may take a quarter of its free memory (what torch keeps
+    cached but unused counted free), shared with this command's other --jobs: the rest is the
+    model's, and that of other probes on the GPU (`--shard`)."""
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return 0 < nbytes <= free // (4 * jobs_here())
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
@@ -680,7 +689,7 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     if jobs < 1:
         raise W2VCacheError(f"--jobs {jobs}: needs 1 or more")
     share = share_of(shard)
-    device = rank_device(device)
+    asked_device, device = device, rank_device(device)  # --jobs get it as asked: each resolves it itself
     store = open_store(store_url)
     check_store(store)
     chosen, seed_list = choose_sources(layers, list(store.layers)), parse_seeds(seeds)
@@ -743,5 +752,5 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
         jobs = min(jobs, left_to_train(runs, share))
     if jobs > 1:
         return in_processes(functools.partial(probe, store_url, layers, seeds, out, config, train_config, train_split,
-                                              memory_budget, device, progress, num_threads, shard), jobs)
+                                              memory_budget, asked_device, progress, num_threads, shard), jobs)
     return sweep(runs, share)

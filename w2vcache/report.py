@@ -230,6 +230,10 @@ def _config_differences(runs: list[Run]) -> list[str]:
         values = [_comparable(r.config.get(section)) for r in runs if r.config]
         if len(values) < 2:
             continue
+        if section == "data" and not all(isinstance(v, dict) and DATA in v for v in values):
+            # A seed recorded before runs named their utterances: nothing to compare (summarize
+            # compares those that have them).
+            values = [{k: x for k, x in v.items() if k != DATA} if isinstance(v, dict) else v for v in values]
         keys = set().union(*(v.keys() for v in values if isinstance(v, dict)))
         if not all(isinstance(v, dict) for v in values):
             if any(v != values[0] for v in values):

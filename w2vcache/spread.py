@@ -20,9 +20,11 @@ import contextvars
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +121,11 @@ def local_processes() -> int:
 _jobs = 1
 
 
+def jobs_here() -> int:
+    """How many processes of this command's --jobs train runs beside this one (1: none)."""
+    return _jobs
+
+
 def in_job() -> bool:
     """Whether this process is one of `--jobs`: it trains runs beside sibling processes, so a run
     another holds is not news, and progress is said in lines that name their run, not in bars."""
@@ -143,23 +150,21 @@ def in_processes(sweep, jobs: int) -> SweepResult:
     try:
         with terminate_as_exit():
             results = _outcomes(processes, outcomes)
-    except SystemExit:
-        for process in processes:
-            process.terminate()
-            process.join()
-        raise
     except KeyboardInterrupt:
-        for process in processes:
-            process.join()  # interrupted too: each releases its run on the way out
+        _stop(processes, signal.SIGINT, grace=5.0)  # a Ctrl-C at the terminal has reached them too
+        raise
+    except BaseException:  # SIGTERM (as SystemExit), or an outcome that could not be read
+        _stop(processes, signal.SIGTERM, grace=0.0)
         raise
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise errors[0]  # the same refusal from each process is said once
     if len(results) < jobs:
         codes = ", ".join(str(p.exitcode) for p in processes)
-        raise W2VCacheError(f"one of the --jobs {jobs} processes ended without finishing (exit codes {codes}: "
-                            "killed, out of memory, or what it printed above); what it was training resumes when "
-                            "the command is run again")
+        raise W2VCacheError(f"{jobs - len(results)} of the --jobs {jobs} processes ended without finishing (exit "
+                            f"codes {codes}: killed, out of memory, or what they printed above; a Python script "
+                            "that starts them needs its work under `if __name__ == \"__main__\":`); what they were "
+                            "training resumes when the command is run again")
     finished = {d for r in results for d in r.finished}
     # A run one process found held or finished may be one its sibling trained meanwhile.
     return SweepResult(finished=sorted(finished),
@@ -181,6 +186,22 @@ def _outcomes(processes, outcomes) -> list:
         multiprocessing.connection.wait(alive, timeout=1.0)
 
 
+def _stop(processes, sig: int, grace: float) -> None:
+    """Stop the processes still running: after `grace` seconds to end by themselves, `sig`, then
+    SIGTERM; each releases its run's lock on the way out."""
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            os.kill(process.pid, sig)
+    for process in processes:
+        process.join(30)
+        if process.is_alive():
+            process.terminate()
+            process.join()
+
+
 def _job(jobs: int, sweep, outcomes) -> None:
     """One of in_processes' processes: its result, or what stopped it, handed back to the command."""
     global _jobs
@@ -191,11 +212,21 @@ def _job(jobs: int, sweep, outcomes) -> None:
     try:
         outcome = sweep()
     except BaseException as error:  # SystemExit and Ctrl-C too: the command says it, once
+        if not isinstance(error, (W2VCacheError, OSError, KeyboardInterrupt, SystemExit)):
+            traceback.print_exc()  # not the user's doing: where it happened, for a bug report
         outcome = error
+    outcomes.put(_portable(outcome))
+
+
+def _portable(outcome):
+    """`outcome` as the command's process can read it back: an exception that pickles but cannot
+    be rebuilt (its __init__ wants more than its message), or cannot be pickled, goes as its words."""
     try:
-        outcomes.put(outcome)
-    except Exception:  # an exception that cannot be pickled: its words
-        outcomes.put(RuntimeError(f"{type(outcome).__name__}: {outcome}"))
+        pickle.loads(pickle.dumps(outcome))
+        return outcome
+    except Exception:
+        kind = W2VCacheError if isinstance(outcome, W2VCacheError) else RuntimeError
+        return kind(str(outcome) if kind is W2VCacheError else f"{type(outcome).__name__}: {outcome}")
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .spread import local_processes
+from .spread import jobs_here, local_processes
 
 # Models below this many parameters get one thread: measured on 2 cores, a 1x128 BiLSTM probe
 # (0.2 M) and builtin:tiny (0.1 M) gain under 10 % from a second thread, W2V-Base (95 M) and the
@@ -107,6 +107,8 @@ def choose(requested: int | None, parameters: int) -> int:
     siblings = local_processes()
     if siblings > 1 and not _pinned():
         return max(1, available_cores() // siblings)
+    if jobs_here() > 1:  # a launcher bound this rank to cores of its own: its --jobs share them
+        return max(1, available_cores() // jobs_here())
     return max(1, available_cores() - busy_elsewhere())
 
 
