@@ -412,3 +412,28 @@ def test_an_error_a_job_cannot_hand_back_as_it_is_reaches_the_command_as_its_wor
     assert str(pickle.loads(pickle.dumps(_portable(unpicklable)))).startswith("RuntimeError: <function")
     result = SweepResult(finished=["a"])
     assert _portable(result) is result
+
+
+def test_jobs_under_torchrun_get_the_device_as_asked(bundled_store, tmp_path, monkeypatch):
+    """A torchrun rank resolves --device cuda to cuda:LOCAL_RANK; its --jobs must get "cuda" and
+    resolve it themselves (given cuda:1 under torchrun, each would refuse it). No GPU is used:
+    the jobs are caught as they would start."""
+    from w2vcache import finetune as finetune_module
+    from w2vcache import probe as probe_module
+    from w2vcache.corpus import build_corpus
+
+    from w2vcache import spread
+
+    monkeypatch.setattr(spread, "check_device", lambda device: None)  # as if it had two GPUs
+    started = []
+    for module in (probe_module, finetune_module):
+        monkeypatch.setattr(module, "in_processes", lambda sweep, jobs: started.append(sweep) or SweepResult())
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    # Four runs each: this rank takes two of them, one for each job
+    probe(str(bundled_store), "0-3", "0", tmp_path, ProbeConfig(hidden=8, lstm_layers=1), TrainConfig(epochs=1),
+          device="cuda", progress=False, jobs=2)
+    finetune_module.finetune(build_corpus(), "builtin:tiny", [(), (4,)], [0, 1], tmp_path, device="cuda", shard="0/1",
+                             progress=False, jobs=2)
+    assert [sweep.keywords.get("device", sweep.args[8]) for sweep in started] == ["cuda", "cuda"]
