@@ -419,15 +419,14 @@ def test_jobs_under_torchrun_get_the_device_as_asked(bundled_store, tmp_path, mo
     resolve it themselves (given cuda:1 under torchrun, each would refuse it). No GPU is used:
     the jobs are caught as they would start."""
     from w2vcache import finetune as finetune_module
-    from w2vcache import probe as probe_module
+    from w2vcache import train as train_module
     from w2vcache.corpus import build_corpus
 
     from w2vcache import spread
 
     monkeypatch.setattr(spread, "check_device", lambda device: None)  # as if it had two GPUs
     started = []
-    for module in (probe_module, finetune_module):
-        monkeypatch.setattr(module, "in_processes", lambda sweep, jobs: started.append(sweep) or SweepResult())
+    monkeypatch.setattr(train_module, "in_processes", lambda sweep, jobs: started.append(sweep) or SweepResult())
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -29,9 +29,8 @@ from .checkpoints import load_backbone
 from .corpus import Corpus
 from .errors import W2VCacheError
 from .runs import DATA, RunRecord, SweepResult, data_fingerprint, finetune_experiment, run_dir
-from .spread import Share, in_job, in_processes, local_processes, rank_device, share_of
-from .train import (TrainConfig, check_config, check_runs, check_splits, left_to_train, run_settings, seed_everything,
-                    sweep, test_splits_for, train)
+from .spread import Share, in_job, local_processes, rank_device, share_of
+from .train import TrainConfig, check_config, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_CNN_MEMORY = 8 * 2**30  # bytes of the frozen CNN's outputs kept (CNNCache): W2V-Base's, 20 h of audio
@@ -488,14 +487,9 @@ def finetune(corpus: Corpus, model: str = "builtin:tiny", reinits=((),), seeds=(
     runs = ((run_dir(out, "finetune", finetune_experiment(blocks), seed), functools.partial(start, blocks, seed),
              functools.partial(settings_now, blocks, seed))
             for blocks in reinits for seed in seeds)
-    if jobs > 1:  # the runs there are checked here, once, before any process starts
-        runs = check_runs(runs, share)
-        jobs = min(jobs, left_to_train(runs, share))
-    if jobs > 1:
-        return in_processes(functools.partial(finetune, corpus, model, reinits, seeds, out, config, train_config,
-                                              train_split, asked_device, revision, progress, num_threads, shard, cnn_memory),
-                            jobs)
-    result = sweep(runs, share)
+    result = sweep(runs, share, jobs=jobs, job=functools.partial(
+        finetune, corpus, model, reinits, seeds, out, config, train_config, train_split, asked_device, revision,
+        progress, num_threads, shard, cnn_memory))
     if joins:
         # Gloo's threads, left to the interpreter's exit, abort the process (SIGABRT) now and then.
         dist.destroy_process_group()

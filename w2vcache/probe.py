@@ -37,10 +37,9 @@ from .batching import length_batches
 from .errors import W2VCacheError
 from .layers import WEIGHTED, choose_layers, layer_index, weighted_layers
 from .runs import DATA, LAYER_WEIGHTS, PROBES, RunRecord, SweepResult, data_fingerprint, probe_experiment, run_dir
-from .spread import in_job, in_processes, jobs_here, rank_device, share_of
+from .spread import in_job, jobs_here, rank_device, share_of
 from .store import open_store, public_url
-from .train import (TrainConfig, check_config, check_runs, check_splits, left_to_train, run_settings, seed_everything,
-                    sweep, test_splits_for, train)
+from .train import TrainConfig, check_config, check_splits, run_settings, seed_everything, sweep, test_splits_for, train
 
 DEFAULT_MEMORY_BUDGET = 8 * 2**30  # bytes of one split's features (all the layers read) kept in memory; more stream
 # The LSTM computes on every padded frame, so a batch is also cut where padding would pass this share.
@@ -747,10 +746,6 @@ def probe(store_url: str, layers: str = "all", seeds="0", out="runs", config: Pr
     runs = ((run_dir(out, "probe", probe_experiment(layer, config.probe), seed), functools.partial(start, layer, seed),
              lambda layer=layer, seed=seed: run_settings(*settings(layer, seed)))
             for layer in chosen for seed in seed_list)
-    if jobs > 1:  # the runs there are checked here, once, before any process starts
-        runs = check_runs(runs, share)
-        jobs = min(jobs, left_to_train(runs, share))
-    if jobs > 1:
-        return in_processes(functools.partial(probe, store_url, layers, seeds, out, config, train_config, train_split,
-                                              memory_budget, asked_device, progress, num_threads, shard), jobs)
-    return sweep(runs, share)
+    return sweep(runs, share, jobs=jobs, job=functools.partial(
+        probe, store_url, layers, seeds, out, config, train_config, train_split, memory_budget, asked_device, progress,
+        num_threads, shard))

@@ -31,8 +31,8 @@ from .errors import W2VCacheError
 from .evaluate import ErrorRates, error_rates, utterance_rows
 from .runs import (BEST, CHECKPOINT, CONFIG, DATA, DECODED, METRICS, RESULT, RunRecord, SweepResult, read_json,
                    read_metrics, upgrade_record)
-from .spread import (FINISHED, HELD, Share, check_still_held, claim_run, held_elsewhere, in_job, is_finished,
-                     still_held, terminate_as_exit, training_under)
+from .spread import (FINISHED, HELD, Share, check_still_held, claim_run, held_elsewhere, in_job, in_processes,
+                     is_finished, still_held, terminate_as_exit, training_under)
 
 _END = object()  # end of an epoch's batches
 
@@ -236,7 +236,7 @@ def evaluate(task: Task, split: str, decoded: Path | None = None) -> ErrorRates:
     return error_rates(refs, hyps)
 
 
-def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepResult:
+def sweep(runs, share: Share = Share(), together: bool | None = None, jobs: int = 1, job=None) -> SweepResult:
     """Train this process's share of a sweep's runs that are not finished yet. `runs` yields
     (run directory, start, settings) in the sweep's order; start(directory) trains that run there,
     resuming a killed one; settings() gives the run's `run_settings`, which a finished run's must
@@ -245,7 +245,16 @@ def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepRe
     Each run is trained under its lock (spread.py), so jobs with overlapping shares never train
     one run at once: a run another live process holds is left to it with one line saying who,
     not an error. `together`: the ranks of an initialised process group train each run together
-    (DDP); default, whether one is initialised."""
+    (DDP); default, whether one is initialised.
+
+    `jobs` > 1: the runs there are checked here, once, then `job()` (this sweep's command, picklable,
+    with one job) runs in that many processes at once (spread.in_processes), no more than runs are
+    left to train."""
+    if jobs > 1:
+        runs = _check_runs(runs, share)
+        jobs = min(jobs, _left_to_train(runs, share))
+        if jobs > 1:
+            return in_processes(job, jobs)
     together = dist.is_initialized() if together is None else together
     started, result = time.perf_counter(), SweepResult(share=share.describe())
     with terminate_as_exit():
@@ -254,7 +263,7 @@ def sweep(runs, share: Share = Share(), together: bool | None = None) -> SweepRe
     return result
 
 
-def check_runs(runs, share: Share = Share()) -> list:
+def _check_runs(runs, share: Share) -> list:
     """The sweep's runs already there, finished or begun, checked against this command's settings
     before any run trains: a refusal at the sweep's tenth run would come after hours of the first
     nine. Returns the runs, each one's settings() computed once at most."""
@@ -269,13 +278,13 @@ def check_runs(runs, share: Share = Share()) -> list:
     return runs
 
 
-def left_to_train(runs, share: Share = Share()) -> int:
+def _left_to_train(runs, share: Share) -> int:
     """How many of the sweep's runs this share takes that are not finished yet."""
     return sum(share.takes(k) and not is_finished(Path(directory)) for k, (directory, *_) in enumerate(runs))
 
 
 def _sweep(runs, share: Share, together: bool, result: SweepResult) -> None:
-    runs = check_runs(runs, share)
+    runs = _check_runs(runs, share)
     for k, (directory, start, settings) in enumerate(runs):
         if not share.takes(k):
             result.elsewhere += 1
